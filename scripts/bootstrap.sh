@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Builds .venv from a Python 3.9 and installs rexnet-serving into it (editable).
+# Python 3.9 because Paddle Serving 0.9.0 ships client wheels only up to 3.9 and pins grpcio<=1.33.2.
+# Idempotent: when setup.py, this script and the device are unchanged it returns at once.
+#   REXNET_DEVICE=cpu|gpu   which Paddle builds to install (default cpu)
+#   REXNET_PYTHON=/path     use this interpreter (must be 3.9)
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$root/.venv"
+device="${REXNET_DEVICE:-cpu}"
+case "$device" in cpu|gpu) ;; *) echo "bootstrap: REXNET_DEVICE must be cpu or gpu, not '$device'" >&2; exit 2;; esac
+
+is_py39() { [ -n "$1" ] && "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 9))' >/dev/null 2>&1; }
+
+find_python39() {
+  local c v
+  for c in "${REXNET_PYTHON:-}" "$(command -v python3.9 || true)"; do
+    if is_py39 "$c"; then echo "$c"; return 0; fi
+  done
+  if command -v pyenv >/dev/null 2>&1; then
+    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.9(\.[0-9]+)?$' | sort -t. -k3 -n -r); do
+      c="$(pyenv root)/versions/$v/bin/python3.9"
+      if is_py39 "$c"; then echo "$c"; return 0; fi
+    done
+  fi
+  if command -v uv >/dev/null 2>&1; then
+    c=$(uv python find 3.9 2>/dev/null || true)
+    if is_py39 "$c"; then echo "$c"; return 0; fi
+  fi
+  return 1
+}
+
+stamp_of() { cat "$root/setup.py" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1 | sed "s/\$/-$device/"; }
+stamp_file="$venv/.rexnet-installed"
+want=$(stamp_of)
+if [ -x "$venv/bin/python" ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want" ]; then
+  exit 0
+fi
+
+if [ ! -x "$venv/bin/python" ] || ! is_py39 "$venv/bin/python"; then
+  if ! py=$(find_python39); then
+    cat >&2 <<'MSG'
+bootstrap: no Python 3.9 found (looked at $REXNET_PYTHON, python3.9 on PATH, pyenv, uv).
+Paddle Serving 0.9.0 needs Python 3.9. Install one, for example:
+  pyenv install 3.9.18        or    uv python install 3.9
+then run this again (or point REXNET_PYTHON at it).
+MSG
+    exit 3
+  fi
+  echo "bootstrap: creating .venv with $py"
+  rm -rf "$venv"
+  "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
+fi
+
+echo "bootstrap: installing rexnet-serving[$device] into .venv"
+"$venv/bin/python" -m pip install -q -e "$root[$device,test]"
+# paddle-serving-app pins an opencv-python wheel that does not exist; its own code needs none of its deps
+# that we use (LocalPredictor), so it goes in without them.
+"$venv/bin/python" -m pip install -q --no-deps "paddle-serving-app==0.9.0"
+echo "$want" > "$stamp_file"
