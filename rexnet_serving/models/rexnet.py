@@ -47,7 +47,7 @@ VARIANTS: Dict[str, ReXNetVariant] = {
 }
 
 
-def _scaled(channels: float, width_mult: float) -> int:
+def scaled_channels(channels: float, width_mult: float) -> int:
     return int(round(channels * width_mult))
 
 
@@ -108,14 +108,14 @@ class ReXNetV1(nn.Layer):
         num_blocks = len(strides)
 
         features: List[nn.Layer] = []
-        stem = _scaled(STEM_CHANNELS, width_mult)
+        stem = scaled_channels(STEM_CHANNELS, width_mult)
         append_conv_bn(features, 3, stem, kernel_size=3, stride=2, padding=1, act=nn.Swish)
 
         in_channels, planes = stem, float(FIRST_BLOCK_CHANNELS)
         for i in range(num_blocks):
             if i > 0:
                 planes += LAST_BLOCK_CHANNELS / num_blocks
-            out_channels = _scaled(planes, width_mult)
+            out_channels = scaled_channels(planes, width_mult)
             features.append(LinearBottleneck(in_channels, out_channels, expansions[i], strides[i],
                                              use_ses[i]))
             in_channels = out_channels
