@@ -1,0 +1,233 @@
+"""Decoding: PaddleClas's cv2 decode for every accepted format and colour mode, and every refusal code."""
+from __future__ import annotations
+
+import base64
+import io
+import pickle
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from images import FORMATS, encode, make_photo_set, photo
+
+from rexnet_serving import imageio
+from rexnet_serving.imageio import (ERROR_CODES, DecodeLimits, ImageError, check_image, decode_base64_image,
+                                    decode_image, decode_jpeg_on_device, read_header)
+
+from conftest import REPO_ROOT
+
+
+def paddleclas_decode(data: bytes) -> np.ndarray:
+    """ppcls DecodeImage(to_rgb=True): cv2.imdecode(IMREAD_COLOR), then BGR -> RGB."""
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def refusal(data, **limits) -> str:
+    with pytest.raises(ImageError) as err:
+        decode_image(data, DecodeLimits(**limits))
+    assert str(err.value), "an ImageError must say what is wrong"
+    return err.value.code
+
+
+@pytest.fixture(scope="module")
+def photo_set(tmp_path_factory):
+    return make_photo_set(tmp_path_factory.mktemp("photos"))
+
+
+def test_photo_set_decodes_as_paddleclas_does(photo_set):
+    assert len(photo_set) >= 10
+    for path in photo_set:
+        data = path.read_bytes()
+        image = decode_image(data)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, path.name
+        assert image.flags["C_CONTIGUOUS"], path.name
+        header = read_header(data)
+        assert (header.width, header.height) == (image.shape[1], image.shape[0]), path.name
+        np.testing.assert_array_equal(image, paddleclas_decode(data), err_msg=path.name)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_colour_modes_become_rgb_like_cv2(fmt):
+    rgb = photo("flower", (64, 48))
+    data = encode(rgb, fmt, quality=95)
+    image = decode_image(data)
+    np.testing.assert_array_equal(image, paddleclas_decode(data))
+    assert image.shape == (48, 64, 3)
+    if fmt in ("png", "bmp", "png-rgba"):  # lossless, and alpha is dropped rather than blended
+        np.testing.assert_array_equal(image, rgb)
+    if fmt == "png-gray":
+        assert (image[:, :, 0] == image[:, :, 1]).all() and (image[:, :, 1] == image[:, :, 2]).all()
+    if fmt == "png-16bit":  # OpenCV keeps the high byte
+        wide = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert wide.dtype == np.uint16
+        np.testing.assert_array_equal(image, (wide >> 8).astype(np.uint8)[:, :, ::-1])
+
+
+def exif_jpeg(orientation: int) -> bytes:
+    """A JPEG of a 64x48 photo with an EXIF APP1 carrying the given Orientation tag."""
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1)
+    tiff += struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    app1 = b"Exif\x00\x00" + tiff
+    jpeg = encode(photo("china", (64, 48)), "jpeg")
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+def test_exif_orientation_is_applied_like_cv2():
+    data = exif_jpeg(6)  # rotate 90 degrees clockwise
+    assert read_header(data).orientation == 6
+    image = decode_image(data)
+    assert image.shape == (64, 48, 3)
+    np.testing.assert_array_equal(image, paddleclas_decode(data))
+    assert read_header(exif_jpeg(1)).orientation == 1
+
+
+def truncated(data: bytes, keep: float = 0.6) -> bytes:
+    return data[: int(len(data) * keep)]
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header (IHDR, tiny IDAT, IEND) claiming width x height pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + png_chunk(b"IEND", b""))
+
+
+def bomb_jpeg(width: int, height: int) -> bytes:
+    """A real JPEG whose frame header (SOF0) is rewritten to claim width x height pixels."""
+    data = bytearray(encode(photo("china", (64, 48)), "jpeg"))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def pil_encode(fmt: str) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(photo("china", (32, 24))).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+JPEG = encode(photo(), "jpeg", quality=90)
+REFUSALS = [
+    ("empty", lambda: b"", {}),
+    ("not_an_image", lambda: np.random.default_rng(0).bytes(4096), {}),
+    ("not_an_image", lambda: b"%PDF-1.4\n" + b"0" * 100, {}),
+    ("truncated", lambda: truncated(JPEG), {}),
+    ("truncated", lambda: JPEG[:300], {}),  # cut inside the header
+    ("truncated", lambda: JPEG[:-2], {}),  # only the end-of-image marker missing
+    ("truncated", lambda: truncated(encode(photo(), "png")), {}),
+    ("truncated", lambda: truncated(encode(photo(), "bmp")), {}),
+    ("truncated", lambda: truncated(encode(photo(), "webp")), {}),
+    ("unsupported_format", lambda: pil_encode("GIF"), {}),
+    ("unsupported_format", lambda: pil_encode("TIFF"), {}),
+    ("too_many_pixels", lambda: bomb_png(100_000, 100_000), {}),
+    ("too_many_pixels", lambda: bomb_jpeg(60_000, 60_000), {}),
+    ("too_many_pixels", lambda: JPEG, {"max_pixels": 640 * 427 - 1}),
+    ("too_large", lambda: JPEG, {"max_bytes": len(JPEG) - 1}),
+]
+
+
+@pytest.mark.parametrize("code,make,limits", REFUSALS,
+                         ids=[f"{code}-{i}" for i, (code, _, _) in enumerate(REFUSALS)])
+def test_refusals_have_stable_codes(code, make, limits):
+    assert refusal(make(), **limits) == code
+
+
+@pytest.mark.parametrize("data", [bomb_png(100_000, 100_000), bomb_jpeg(60_000, 60_000)], ids=["png", "jpeg"])
+def test_bombs_never_reach_the_decoder(data, monkeypatch):
+    def decoder_reached(*args, **kwargs):
+        raise AssertionError("the decoder was called on a decompression bomb")
+    monkeypatch.setattr(imageio.cv2, "imdecode", decoder_reached)
+    assert refusal(data) == "too_many_pixels"
+
+
+def test_limits_at_the_boundary_are_accepted():
+    assert decode_image(JPEG, DecodeLimits(max_bytes=len(JPEG), max_pixels=640 * 427)).shape == (427, 640, 3)
+
+
+def test_base64():
+    text = base64.b64encode(JPEG).decode("ascii")
+    np.testing.assert_array_equal(decode_base64_image(text), decode_image(JPEG))
+    np.testing.assert_array_equal(decode_base64_image(text.encode("ascii")), decode_image(JPEG))
+    for bad in ("not base64!!", text[:-1], "data:image/jpeg;base64," + text, "é" + text):
+        with pytest.raises(ImageError) as err:
+            decode_base64_image(bad)
+        assert err.value.code == "invalid_base64", bad[:30]
+    assert "data:" in str(pytest.raises(ImageError, decode_base64_image, "data:image/jpeg;base64," + text).value)
+    with pytest.raises(ImageError) as err:
+        decode_base64_image("")
+    assert err.value.code == "empty"
+    with pytest.raises(ImageError) as err:  # refused from the text length, before decoding
+        decode_base64_image(text, DecodeLimits(max_bytes=len(JPEG) // 2))
+    assert err.value.code == "too_large"
+    with pytest.raises(ImageError) as err:  # valid base64 of a truncated image: the image's own code
+        decode_base64_image(base64.b64encode(truncated(JPEG)))
+    assert err.value.code == "truncated"
+
+
+def test_image_error_is_a_value_error_that_pickles_with_its_code():
+    err = ImageError("truncated", "cut short")
+    assert isinstance(err, ValueError)
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.code, str(again)) == ("truncated", "cut short")
+    with pytest.raises(ValueError):
+        ImageError("no_such_code", "x")
+    assert set(ERROR_CODES) == {"empty", "too_large", "too_many_pixels", "unsupported_format", "not_an_image",
+                                "truncated", "invalid_base64"}
+
+
+def test_bytes_like_inputs_and_type_errors():
+    expected = decode_image(JPEG)
+    np.testing.assert_array_equal(decode_image(bytearray(JPEG)), expected)
+    np.testing.assert_array_equal(decode_image(memoryview(JPEG)), expected)
+    with pytest.raises(TypeError):
+        decode_image("not bytes")
+    with pytest.raises(ValueError):
+        DecodeLimits(max_bytes=0)
+
+
+def test_check_image_reads_headers_of_every_format(photo_set):
+    for path in photo_set:
+        header = check_image(path.read_bytes())
+        assert header.format in ("jpeg", "png", "bmp", "webp")
+
+
+def test_on_device_decoding_declines_without_a_gpu():
+    # The GPU branch itself cannot run here (no CUDA build, no GPU): only its fallback is tested.
+    assert decode_jpeg_on_device(JPEG) is None
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_paddle_imported_first_is_refused_with_a_clear_error():
+    """libpaddle's bundled zlib breaks PNG decoding when paddle is imported before cv2/zlib."""
+    broken = _run("import paddle\nimport rexnet_serving.imageio")
+    assert broken.returncode != 0 and "imported before cv2/zlib" in broken.stderr
+    fine = _run("import rexnet_serving.imageio as io, paddle\n"
+                "import numpy as np, cv2\n"
+                "ok, png = cv2.imencode('.png', np.full((8, 8, 3), 9, np.uint8))\n"
+                "assert io.decode_image(png.tobytes()).max() == 9\n")
+    assert fine.returncode == 0, fine.stderr[-2000:]
+
+
+def test_decode_time_is_reported():
+    decode_image(JPEG)
+    runs = 50
+    start = time.perf_counter()
+    for _ in range(runs):
+        decode_image(JPEG)
+    per_image = (time.perf_counter() - start) / runs
+    print(f"\ndecode_image: 640x427 JPEG q90 ({len(JPEG)} bytes): {per_image * 1e3:.2f} ms")
