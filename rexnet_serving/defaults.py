@@ -1,6 +1,7 @@
 """Defaults defined once: service name, ports, default model. Everything else imports them from here."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 SERVICE_NAME = "rexnet"
@@ -11,3 +12,15 @@ METRICS_PORT = 18081  # health (/healthz, /readyz) and Prometheus /metrics
 
 DEFAULT_ARCH = "ReXNet_1_0"
 LABELS_FILE = Path(__file__).resolve().parent / "data" / "imagenet1k_label_list.txt"
+
+# Where exported models live: models/<arch>, relative to the current working directory.
+MODELS_DIR = Path("models")
+MODEL_DIR_ENV = "REXNET_MODEL_DIR"  # overrides default_model_dir() when set
+WEIGHTS_ENV = "REXNET_WEIGHTS"      # PaddleClas's ReXNet_1_0_pretrained.pdparams, when available
+
+
+def default_model_dir(arch: str = DEFAULT_ARCH) -> Path:
+    """The model directory rexnet-export writes and the service loads: $REXNET_MODEL_DIR, else
+    models/<arch>."""
+    override = os.environ.get(MODEL_DIR_ENV)
+    return Path(override) if override else MODELS_DIR / arch
