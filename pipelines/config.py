@@ -1,0 +1,272 @@
+"""Serving config files: a base file plus small per-device files, merged and validated on load.
+
+The keys are Paddle Serving 0.9.0's Pipeline config (pipeline/pipeline_server.py ServerYamlConfChecker:
+``http_port``, ``rpc_port``, ``worker_num``, ``dag``, ``op.<name>`` with ``concurrency``, ``timeout``,
+``retry``, ``batch_size``, ``auto_batching_timeout`` and ``local_service_conf``) plus a ``rexnet``
+section for what Paddle Serving lacks (metrics port, drain time, image limits). Paddle Serving accepts
+unknown keys silently; here an unknown key or an out-of-range value is an error naming the file and the
+key. A file may start with ``extends: other.yml`` (relative to itself): the other file is loaded first
+and this one overrides it key by key.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+
+import yaml
+
+from rexnet_serving import defaults
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "serving_configs"
+DEVICE_CONFIGS = {"cpu": CONFIG_DIR / "cpu.yml", "gpu": CONFIG_DIR / "gpu.yml"}
+OP_NAMES = ("decode", "preprocess", "infer", "postprocess")
+EXTENDS = "extends"
+PathLike = Union[str, Path]
+
+
+class ConfigError(ValueError):
+    """A config file (or flag) that cannot be served: names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: Union[type, Tuple[type, ...]]
+    default: Any
+    check: Optional[Callable[[Any], bool]] = None
+    rule: str = ""
+
+
+def _ms(value: int) -> bool:  # Paddle Serving's convention for timeouts: -1 (off) or milliseconds > 0
+    return value == -1 or value > 0
+
+
+_PORT = dict(check=lambda v: v is None or 1 <= v <= 65535, rule="a port 1..65535")
+_OP_COMMON = {
+    "concurrency": Field(int, 1, lambda v: 1 <= v <= 64, "1..64 threads"),
+    "timeout": Field(int, -1, _ms, "-1 (none) or milliseconds > 0"),
+    "retry": Field(int, 1, lambda v: 1 <= v <= 10, "1..10 attempts"),
+}
+_INFER = dict(_OP_COMMON, **{
+    # Paddle Serving runs a timed op in a new thread per call (func_timeout): it would defeat oneDNN's
+    # per-thread caches and can kill a thread inside the predictor.
+    "timeout": Field(int, -1, lambda v: v == -1, "-1 (see serving_configs/base.yml)"),
+    "batch_size": Field(int, 1, lambda v: 1 <= v <= 256, "1..256 requests per auto-batch"),
+    "auto_batching_timeout": Field(int, -1, _ms, "-1 (off) or milliseconds > 0"),
+    "local_service_conf": {
+        "model_config": Field((str, type(None)), None, None, ""),
+        "device_type": Field(int, 0, lambda v: v in (0, 1, 2), "0 (CPU), 1 (GPU) or 2 (GPU TensorRT)"),
+        "devices": Field(str, "", None, ""),
+        "thread_num": Field(int, 2, lambda v: 1 <= v <= 256, "1..256 threads"),
+        "use_mkldnn": Field(bool, True),
+        "precision": Field(str, "fp32", lambda v: v in ("fp32", "fp16"), "fp32 or fp16"),
+    },
+})
+
+SCHEMA: Dict[str, Any] = {
+    "http_port": Field((int, type(None)), None, **_PORT),
+    "rpc_port": Field((int, type(None)), None, **_PORT),
+    "worker_num": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 gRPC threads"),
+    "build_dag_each_worker": Field(bool, False, lambda v: v is False,
+                                   "false (rexnet-serve runs one DAG in one process)"),
+    "dag": {
+        "is_thread_op": Field(bool, True, lambda v: v is True,
+                              "true (ops pass device tensors as threads of one process)"),
+        "retry": Field(int, 1, lambda v: 1 <= v <= 10, "1..10 attempts"),
+        "use_profile": Field(bool, False),
+        "channel_size": Field(int, 0, lambda v: v >= 0, ">= 0 (0: unbounded)"),
+        "tracer": {"interval_s": Field(int, -1, lambda v: v == -1 or v >= 1, "-1 (off) or seconds >= 1")},
+    },
+    "op": {"decode": dict(_OP_COMMON), "preprocess": dict(_OP_COMMON), "infer": _INFER,
+           "postprocess": dict(_OP_COMMON)},
+    "rexnet": {
+        "service_name": Field(str, defaults.SERVICE_NAME, lambda v: bool(v) and "/" not in v,
+                              "a non-empty name without '/'"),
+        "metrics_port": Field((int, type(None)), None, **_PORT),
+        "workdir": Field((str, type(None)), None),
+        "drain_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
+        "startup_timeout_s": Field((int, float), 300, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
+        "max_image_bytes": Field(int, 20 * 1024 * 1024, lambda v: v > 0, "> 0 bytes"),
+        "max_image_pixels": Field(int, 40_000_000, lambda v: v > 0, "> 0 pixels"),
+        "max_images_per_request": Field(int, 64, lambda v: 1 <= v <= 1024, "1..1024"),
+        "max_batch_images": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 images per forward pass"),
+        "default_top_k": Field(int, 5, lambda v: v >= 1, ">= 1"),
+    },
+}
+
+
+def _type_ok(value: Any, kind: Union[type, Tuple[type, ...]]) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        return False  # YAML `true` is not a number
+    return isinstance(value, kinds)
+
+
+def _check(data: Any, schema: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping, "
+                          f"got {type(data).__name__}")
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            known = ", ".join(sorted(schema))
+            raise ConfigError(f"{source}: unknown key {name!r} (known here: {known})")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            _check(value, spec, source, name + ".")
+            continue
+        if not _type_ok(value, spec.kind):
+            raise ConfigError(f"{source}: {name} must be {_kind_name(spec.kind)}, got {value!r}")
+        if spec.check is not None and not spec.check(value):
+            raise ConfigError(f"{source}: {name} must be {spec.rule}, got {value!r}")
+
+
+def _kind_name(kind: Union[type, Tuple[type, ...]]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def _merge(base: Dict[str, Any], override: Mapping[str, Any]) -> Dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _defaults(schema: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: _defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
+
+
+def read_config_file(path: PathLike, _seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+    """One file and what it extends, merged and checked key by key (no defaults filled in)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the file must be a mapping, got {type(data).__name__}")
+    parent = data.pop(EXTENDS, None)
+    _check(data, SCHEMA, str(path))
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be a file name, got {parent!r}")
+    return _merge(read_config_file(path.parent / parent, _seen + (path,)), data)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The merged, validated config: ``paddle`` is what Paddle Serving's PipelineServer gets."""
+
+    data: Dict[str, Any]
+    source: str
+
+    @property
+    def rexnet(self) -> Dict[str, Any]:
+        return self.data["rexnet"]
+
+    @property
+    def infer_service(self) -> Dict[str, Any]:
+        return self.data["op"]["infer"]["local_service_conf"]
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.infer_service["device_type"] == 0 else "gpu"
+
+    @property
+    def http_port(self) -> int:
+        return self.data["http_port"]
+
+    @property
+    def rpc_port(self) -> int:
+        return self.data["rpc_port"]
+
+    @property
+    def metrics_port(self) -> int:
+        return self.rexnet["metrics_port"]
+
+    def paddle(self) -> Dict[str, Any]:
+        """The dict for PipelineServer.prepare_server(yml_dict=...).
+
+        ``model_config`` is left out on purpose: with it, Paddle Serving would load its own
+        LocalPredictor beside our InferenceModel (twice the memory on the device).
+        """
+        conf = {k: copy.deepcopy(v) for k, v in self.data.items() if k != "rexnet"}
+        conf["op"]["infer"]["local_service_conf"].pop("model_config")
+        return conf
+
+
+def load_config(path: Optional[PathLike] = None, overrides: Optional[Mapping[str, Any]] = None,
+                device: Optional[str] = None) -> ServingConfig:
+    """Load ``path`` (default: the file for ``device``, else cpu.yml), apply command-line overrides
+    (a nested mapping, checked like a file), fill defaults (ports from rexnet_serving.defaults) and check
+    the combination."""
+    if path is None:
+        path = DEVICE_CONFIGS[device or "cpu"]
+    data = read_config_file(path)
+    if overrides:
+        _check(overrides, SCHEMA, "command line")
+        data = _merge(data, overrides)
+    if device is not None:
+        service = data.setdefault("op", {}).setdefault("infer", {}).setdefault("local_service_conf", {})
+        current = service.get("device_type", 0)
+        if device == "cpu":
+            service["device_type"] = 0
+        elif current == 0:
+            service["device_type"] = 1
+    merged = _merge(_defaults(SCHEMA), data)
+    source = str(Path(path).resolve())
+    for key, value in (("http_port", defaults.HTTP_PORT), ("rpc_port", defaults.GRPC_PORT)):
+        if merged[key] is None:
+            merged[key] = value
+    if merged["rexnet"]["metrics_port"] is None:
+        merged["rexnet"]["metrics_port"] = defaults.METRICS_PORT
+    _check_combination(merged, source)
+    return ServingConfig(merged, source)
+
+
+def _check_combination(conf: Dict[str, Any], source: str) -> None:
+    ports = {"http_port": conf["http_port"], "rpc_port": conf["rpc_port"],
+             "rexnet.metrics_port": conf["rexnet"]["metrics_port"]}
+    if len(set(ports.values())) != len(ports):
+        raise ConfigError(f"{source}: http_port, rpc_port and rexnet.metrics_port must differ, got "
+                          + ", ".join(f"{k}={v}" for k, v in ports.items()))
+    service = conf["op"]["infer"]["local_service_conf"]
+    if service["precision"] == "fp16" and service["device_type"] != 2:
+        raise ConfigError(f"{source}: op.infer.local_service_conf.precision fp16 needs device_type 2 "
+                          f"(GPU TensorRT), got device_type {service['device_type']}")
+    if service["device_type"] == 2 and service["precision"] != "fp16":
+        raise ConfigError(f"{source}: op.infer.local_service_conf.device_type 2 (TensorRT) runs in fp16 "
+                          "only; set precision: fp16, or use device_type 1 for fp32 on the GPU")
+    if service["device_type"] != 0 and service["use_mkldnn"]:
+        raise ConfigError(f"{source}: op.infer.local_service_conf.use_mkldnn is a CPU setting; set it "
+                          "false with device_type 1 or 2")
+    if service["device_type"] != 0 and not service["devices"]:
+        raise ConfigError(f"{source}: op.infer.local_service_conf.devices must name a GPU (e.g. \"0\") "
+                          "with device_type 1 or 2")
+    infer = conf["op"]["infer"]
+    if infer["batch_size"] > 1 and infer["auto_batching_timeout"] == -1:
+        raise ConfigError(f"{source}: op.infer.batch_size {infer['batch_size']} needs "
+                          "auto_batching_timeout > 0 (else a lone request waits for a full batch)")
+
+
+def check_with_paddle(config: ServingConfig) -> None:
+    """Run Paddle Serving's own checker (types, ranges it knows) on what it will be given.
+
+    Import only after the working directory is set: importing Paddle Serving's pipeline package creates
+    PipelineServingLogs/ in the current directory.
+    """
+    from paddle_serving_server.pipeline.pipeline_server import ServerYamlConfChecker
+    try:
+        ServerYamlConfChecker.load_server_yaml_conf(yml_dict=config.paddle())
+    except SystemExit as exc:  # Paddle Serving's checker exits the process on a bad value
+        raise ConfigError(f"{config.source}: Paddle Serving rejects the config: {exc}") from None

@@ -1,0 +1,29 @@
+"""Prometheus metrics of the service, collected where requests are processed.
+
+Paddle Serving 0.9.0's Pipeline has no usable metrics endpoint (its prometheus_metrics.py counters are
+never exported in thread mode), so the service registers its own with prometheus_client. The whole DAG
+runs as threads of one process (serving_configs: is_thread_op true, build_dag_each_worker false), so the
+default registry sees every op; no multiprocess mode is needed.
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STAGES = ("decode", "preprocess", "infer", "postprocess")
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUESTS = Counter("rexnet_requests", "Pipeline requests answered, by err_no (0 = success)", ["err_no"])
+IMAGES = Counter("rexnet_images", "Images classified (code 'ok') or refused (the image error code)",
+                 ["code"])
+REQUEST_SECONDS = Histogram("rexnet_request_seconds", "Time from receiving a request to answering it",
+                            buckets=_LATENCY_BUCKETS)
+STAGE_SECONDS = Histogram("rexnet_stage_seconds", "Time spent in one stage for one request "
+                          "(infer: for one auto-batch)", ["stage"], buckets=_LATENCY_BUCKETS)
+BATCH_IMAGES = Histogram("rexnet_batch_images", "Images per forward pass", buckets=_BATCH_BUCKETS)
+IN_FLIGHT = Gauge("rexnet_in_flight_requests", "Requests received and not yet answered")
+READY = Gauge("rexnet_ready", "1 when the service takes requests (model loaded, warmed up, not draining)")
+
+for _stage in STAGES:  # export every stage from the start, so dashboards see zeros rather than gaps
+    STAGE_SECONDS.labels(_stage)
+REQUESTS.labels("0")

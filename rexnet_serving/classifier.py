@@ -1,0 +1,145 @@
+"""The offline predictor: encoded images -> decode -> preprocess -> infer -> top-k, as plain functions.
+
+The same stage functions run in the Pipeline service's ops (rexnet_pipelines.ops), the bRPC endpoint
+and the benchmarks, so what the service answers equals what ``Classifier.classify`` answers on the same
+bytes. The stages follow PaddleClas's Python deploy predictor (deploy/python/predict_cls.py): decode to
+RGB, the eval preprocessing written down in the export's manifest, Paddle Inference, Topk.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import postprocess
+from .imageio import DecodeLimits, ImageError, decode_base64_image, decode_image, decode_jpeg_on_device
+from .manifest import Manifest, load_manifest
+from .preprocess import PreprocessConfig, preprocess
+from .results import ImageResult
+
+Payload = Union[bytes, str]  # encoded image bytes, or the same as base64 text
+Decoded = Any                # H x W x 3 uint8 RGB: np.ndarray, or paddle.Tensor on the GPU
+
+
+def decode_payload(payload: Payload, limits: DecodeLimits = DecodeLimits(),
+                   on_device: bool = False) -> Decoded:
+    """One image from bytes or base64 text; ImageError when refused.
+
+    ``on_device``: try nvJPEG on the current GPU first (rexnet_serving.imageio.decode_jpeg_on_device),
+    falling back to OpenCV on the CPU for anything it does not take.
+    """
+    if on_device:
+        data = payload if isinstance(payload, bytes) else _b64decode_or_none(payload)
+        if data is not None:
+            tensor = decode_jpeg_on_device(data, limits)
+            if tensor is not None:
+                return tensor
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(payload), limits)
+    return decode_base64_image(payload, limits)
+
+
+def _b64decode_or_none(text: str) -> Optional[bytes]:
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None  # decode_base64_image reports it with the right ImageError
+
+
+def decode_payloads(payloads: Sequence[Payload], limits: DecodeLimits = DecodeLimits(),
+                    on_device: bool = False) -> Tuple[List[Decoded], Dict[int, ImageError]]:
+    """Decode every image of a request: the decoded ones in order, and the refused ones by index.
+
+    One bad image never stops the others: each gets its own error entry in the result.
+    """
+    images: List[Decoded] = []
+    errors: Dict[int, ImageError] = {}
+    for index, payload in enumerate(payloads):
+        try:
+            images.append(decode_payload(payload, limits, on_device))
+        except ImageError as exc:
+            errors[index] = exc
+    return images, errors
+
+
+def preprocess_images(images: Sequence[Decoded], cfg: PreprocessConfig) -> Any:
+    """The model's eval preprocessing on the current Paddle device: [N, 3, crop, crop] float32."""
+    return preprocess(list(images), cfg)
+
+
+def results_for(count: int, probs: np.ndarray, errors: Dict[int, ImageError], k: int,
+                labels: Sequence[str]) -> List[ImageResult]:
+    """Top-k for the decoded images' rows of ``probs`` and the errors slotted back in request order."""
+    predictions = postprocess.top_k(probs, k, labels) if len(probs) else []
+    return postprocess.assemble(count, predictions, errors)
+
+
+def inference_model_options(device_type: int = 0, devices: str = "", thread_num: int = 2,
+                            use_mkldnn: bool = True, precision: str = "fp32",
+                            max_batch: int = 32) -> Dict[str, Any]:
+    """InferenceModel keyword arguments from Paddle Serving's local_service_conf keys.
+
+    device_type 2 (TensorRT) is honoured in FP16 only: InferenceModel builds TensorRT engines for FP16.
+    """
+    gpu_id = int((devices or "0").split(",")[0].strip())
+    return {"device": "cpu" if device_type == 0 else "gpu", "gpu_id": gpu_id, "cpu_threads": thread_num,
+            "mkldnn": use_mkldnn and device_type == 0, "trt_fp16": device_type == 2 and precision == "fp16",
+            "max_batch": max_batch}
+
+
+class Classifier:
+    """An exported model ready to classify: ``classify(images, top_k)`` end to end, or stage by stage.
+
+    ``model`` is a rexnet_serving.inference.InferenceModel; by default one is built from ``model_dir``
+    with ``model_options`` (see inference_model_options).
+    """
+
+    def __init__(self, model_dir: Union[str, Path], limits: DecodeLimits = DecodeLimits(),
+                 model: Any = None, **model_options: Any) -> None:
+        from .inference import InferenceModel
+        self.manifest: Manifest = load_manifest(model_dir)
+        self.labels: List[str] = self.manifest.labels()
+        self.limits = limits
+        self.model = model if model is not None else InferenceModel(model_dir, **model_options)
+        self.on_device = str(model_options.get("device", "cpu")).startswith("gpu")
+
+    @property
+    def class_num(self) -> int:
+        return self.manifest.class_num
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        return self.manifest.preprocess
+
+    def decode(self, payloads: Sequence[Payload]) -> Tuple[List[Decoded], Dict[int, ImageError]]:
+        return decode_payloads(payloads, self.limits, self.on_device)
+
+    def preprocess(self, images: Sequence[Decoded]) -> Any:
+        return preprocess_images(images, self.manifest.preprocess)
+
+    def probabilities(self, batch: Any, model: Any = None) -> np.ndarray:
+        """Class probabilities [N, C] for a preprocessed batch (softmax here when the export has none).
+
+        ``model``: another predictor for the same export (a clone for another thread).
+        """
+        if len(batch) == 0:
+            return np.zeros((0, self.class_num), np.float32)
+        out = np.asarray((model or self.model).run(batch))
+        return out if self.manifest.softmax else postprocess.softmax(out)
+
+    def results(self, count: int, probs: np.ndarray, errors: Dict[int, ImageError],
+                k: int) -> List[ImageResult]:
+        return results_for(count, probs, errors, k, self.labels)
+
+    def classify(self, payloads: Sequence[Payload], top_k: int = 5) -> List[ImageResult]:
+        """Encoded images (or base64 text) -> one result per image, in order."""
+        images, errors = self.decode(payloads)
+        probs = self.probabilities(self.preprocess(images)) if images else self.probabilities([])
+        return self.results(len(payloads), probs, errors, top_k)
+
+    def classify_arrays(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Probabilities [N, C] for already decoded RGB arrays (the reference the tests compare with)."""
+        return self.probabilities(self.preprocess(images))

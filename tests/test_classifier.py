@@ -1,0 +1,158 @@
+"""The offline predictor's stages (rexnet_serving.classifier, .postprocess) and the request rules
+(rexnet_pipelines.protocol), without a server, on a real exported model."""
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import rexnet_serving.imageio  # noqa: F401  (before paddle: see that module)
+import numpy as np
+import pytest
+
+from images import encode, make_photo_set, photo
+from rexnet_pipelines import protocol
+from rexnet_serving import postprocess
+from rexnet_serving.classifier import Classifier, decode_payloads, inference_model_options
+from rexnet_serving.imageio import DecodeLimits, ImageError
+from rexnet_serving.results import Prediction
+
+TEST_CLASSES = 10
+
+
+def export_test_model(directory: Path) -> Path:
+    """ReXNet_1_0 with 10 classes whose classifier weights are scaled so scores are well apart.
+
+    A randomly initialised ReXNet's pooled features are ~1e-7 (zero-initialised BN scales), which
+    makes every softmax score 1/C; scaling the 1x1 classifier conv gives distinct, stable top-k.
+    """
+    import paddle
+
+    from rexnet_serving.export import export_model
+    from rexnet_serving.models import build_model
+    paddle.seed(0)
+    model = build_model("ReXNet_1_0", class_num=TEST_CLASSES)
+    weight = model.state_dict()["output.1.weight"]
+    weight.set_value(np.random.default_rng(0).normal(0, 3e5, weight.shape).astype("float32"))
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "scaled.pdparams"
+    paddle.save(model.state_dict(), str(weights))
+    labels = directory / "labels.txt"
+    labels.write_text("".join(f"{i} class {i}\n" for i in range(TEST_CLASSES)), encoding="utf-8")
+    export_model("ReXNet_1_0", directory / "model", weights=str(weights), labels=str(labels))
+    return directory / "model"
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> Classifier:
+    return Classifier(export_test_model(tmp_path_factory.mktemp("classifier")),
+                      limits=DecodeLimits(max_bytes=5_000_000, max_pixels=4_000_000))
+
+
+# -- postprocess --------------------------------------------------------------------------------
+def test_softmax_rows_sum_to_one_and_keep_order():
+    probs = postprocess.softmax(np.array([[1000.0, 999.0, 0.0], [0.0, 0.0, 0.0]], np.float32))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    assert probs[0].argmax() == 0 and np.isfinite(probs).all()
+
+
+def test_top_k_orders_by_score_and_breaks_ties_by_lower_id():
+    probs = np.array([[0.1, 0.3, 0.3, 0.2, 0.1]], np.float32)
+    (best,) = postprocess.top_k(probs, 3, ["a", "b", "c", "d", "e"])
+    assert [(p.class_id, p.label) for p in best] == [(1, "b"), (2, "c"), (3, "d")]
+    assert isinstance(best[0].score, float) and best[0].score == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="top_k must be between 1 and 5"):
+        postprocess.top_k(probs, 6, list("abcde"))
+
+
+def test_assemble_slots_errors_back_in_request_order():
+    preds = [[Prediction(1, "one", 0.9)], [Prediction(2, "two", 0.8)]]
+    results = postprocess.assemble(3, preds, {1: ImageError("truncated", "cut short")})
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].to_dict() == {"error": {"code": "truncated", "message": "cut short"}}
+    assert results[2].predictions[0].class_id == 2
+    with pytest.raises(ValueError):
+        postprocess.assemble(4, preds, {})
+
+
+# -- decode ---------------------------------------------------------------------------------------
+def test_decode_payloads_keeps_going_past_bad_images():
+    jpeg = encode(photo("china", (64, 48)), "jpeg")
+    images, errors = decode_payloads([jpeg, b"", base64.b64encode(jpeg).decode(), "@@", jpeg[:200]])
+    assert len(images) == 2 and images[0].shape == (48, 64, 3)
+    np.testing.assert_array_equal(images[0], images[1])  # bytes and base64 decode alike
+    assert {i: e.code for i, e in errors.items()} == {1: "empty", 3: "invalid_base64", 4: "truncated"}
+
+
+# -- the whole offline predictor ----------------------------------------------------------------
+def test_classify_matches_the_stages_run_by_hand(classifier, tmp_path):
+    paths = make_photo_set(tmp_path / "photos")
+    payloads = [p.read_bytes() for p in paths]
+    results = classifier.classify(payloads, top_k=5)
+    assert len(results) == len(paths) and all(r.ok for r in results)
+    images, errors = classifier.decode(payloads)
+    assert not errors
+    probs = classifier.probabilities(classifier.preprocess(images))
+    assert probs.shape == (len(paths), TEST_CLASSES)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    for result, row in zip(results, probs):
+        assert [p.class_id for p in result.predictions] == list(np.argsort(-row, kind="stable")[:5])
+        assert [p.score for p in result.predictions] == pytest.approx(sorted(row, reverse=True)[:5], abs=1e-6)
+        assert result.predictions[0].label == f"class {result.predictions[0].class_id}"
+
+
+def test_classify_one_at_a_time_equals_batched(classifier):
+    payloads = [encode(photo("china", (200, 150)), "jpeg"), encode(photo("flower", (150, 220)), "png")]
+    batched = classifier.classify(payloads, top_k=3)
+    for payload, together in zip(payloads, batched):
+        (alone,) = classifier.classify([payload], top_k=3)
+        assert [p.class_id for p in alone.predictions] == [p.class_id for p in together.predictions]
+        assert [p.score for p in alone.predictions] == pytest.approx(
+            [p.score for p in together.predictions], abs=1e-5)
+
+
+def test_classify_reports_limits_and_bad_images_per_image(classifier):
+    good = encode(photo("china", (120, 90)), "jpeg")
+    huge = encode(np.zeros((2100, 2000, 3), np.uint8), "png")  # 4.2 MP, tiny file
+    results = classifier.classify([good, huge, b"GIF89a....", b"x" * 5_000_001, good], top_k=2)
+    assert [r.error_code for r in results] == [None, "too_many_pixels", "unsupported_format", "too_large", None]
+    assert results[0].predictions == results[4].predictions
+    assert [r.ok for r in classifier.classify([b"nope"], top_k=1)] == [False]
+
+
+def test_inference_model_options_from_paddle_serving_keys():
+    assert inference_model_options(0, "", 4, True, "fp32") == {
+        "device": "cpu", "gpu_id": 0, "cpu_threads": 4, "mkldnn": True, "trt_fp16": False, "max_batch": 32}
+    gpu = inference_model_options(2, "1,2", 1, False, "fp16", max_batch=16)
+    assert (gpu["device"], gpu["gpu_id"], gpu["trt_fp16"], gpu["mkldnn"], gpu["max_batch"]) == (
+        "gpu", 1, True, False, 16)
+
+
+# -- request rules --------------------------------------------------------------------------------
+def test_image_keys_and_their_order():
+    assert protocol.image_keys(1) == ["image"]
+    assert protocol.image_keys(3) == ["image_0", "image_1", "image_2"]
+    assert protocol.order_image_keys(["image_10"] + [f"image_{i}" for i in range(10)])[-1] == "image_10"
+
+
+@pytest.mark.parametrize("fields, code", [
+    ({"top_k": "5"}, "missing_image"),
+    ({"image": "x", "image_0": "y"}, "invalid_key"),
+    ({"image_0": "x", "image_2": "y"}, "invalid_key"),
+    ({"image": "x", "img": "y"}, "unknown_key"),
+    ({"image": "x", "top_k": "0"}, "invalid_top_k"),
+    ({"image": "x", "top_k": "11"}, "invalid_top_k"),
+    ({"image": "x", "top_k": "five"}, "invalid_top_k"),
+    ({"image": "x", "top_k": b"5"}, "invalid_top_k"),
+    ({f"image_{i}": "x" for i in range(5)}, "too_many_images"),
+])
+def test_parse_fields_refuses_malformed_requests(fields, code):
+    with pytest.raises(protocol.RequestError) as info:
+        protocol.parse_fields(fields, max_images=4, max_top_k=10, default_top_k=5)
+    assert info.value.code == code
+
+
+def test_parse_fields_orders_payloads_and_defaults_top_k():
+    payloads, top_k = protocol.parse_fields({"image_1": "b", "image_0": "a"}, 4, 10, 5)
+    assert (payloads, top_k) == (["a", "b"], 5)
+    assert protocol.parse_fields({"image": "a", "top_k": " 3 "}, 4, 3, 5) == (["a"], 3)
+    assert protocol.parse_fields({"image": "a"}, 4, 3, 5)[1] == 3  # default capped at the class count

@@ -1,0 +1,132 @@
+"""The serving config loader: shipped files load, merges are key by key, bad keys/values name file and key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rexnet_pipelines.config import CONFIG_DIR, ConfigError, load_config, read_config_file
+from rexnet_serving import defaults
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name, device_type, precision", [("cpu.yml", 0, "fp32"), ("gpu.yml", 1, "fp32"),
+                                                           ("gpu_trt_fp16.yml", 2, "fp16")])
+def test_shipped_configs_load_with_default_ports(name, device_type, precision):
+    config = load_config(CONFIG_DIR / name)
+    assert config.infer_service["device_type"] == device_type
+    assert config.infer_service["precision"] == precision
+    assert (config.http_port, config.rpc_port, config.metrics_port) == (
+        defaults.HTTP_PORT, defaults.GRPC_PORT, defaults.METRICS_PORT)
+    assert config.rexnet["service_name"] == defaults.SERVICE_NAME
+    paddle = config.paddle()
+    assert "rexnet" not in paddle and "model_config" not in paddle["op"]["infer"]["local_service_conf"]
+    assert paddle["dag"]["is_thread_op"] is True
+
+
+def test_device_flag_picks_the_device_file_and_overrides_a_given_one():
+    assert load_config(device="gpu").infer_service["device_type"] == 1
+    assert load_config(CONFIG_DIR / "gpu_trt_fp16.yml", device="gpu").infer_service["device_type"] == 2
+    assert load_config(CONFIG_DIR / "cpu.yml", device="cpu").device == "cpu"
+
+
+def test_extends_merges_key_by_key(tmp_path):
+    child = write(tmp_path / "child.yml", f"extends: {CONFIG_DIR / 'cpu.yml'}\n"
+                                          "op:\n  infer:\n    batch_size: 4\n"
+                                          "rexnet:\n  max_image_bytes: 1000\n")
+    config = load_config(child)
+    infer = config.data["op"]["infer"]
+    assert infer["batch_size"] == 4
+    assert infer["auto_batching_timeout"] == 5          # from cpu.yml
+    assert infer["local_service_conf"]["use_mkldnn"] is True  # from cpu.yml
+    assert config.data["worker_num"] == 32              # from base.yml
+    assert config.rexnet["max_image_bytes"] == 1000
+    assert config.rexnet["drain_timeout_s"] == 30
+
+
+def test_command_line_overrides_ports(tmp_path):
+    config = load_config(CONFIG_DIR / "cpu.yml", {"http_port": 18100, "rpc_port": 18101,
+                                                  "rexnet": {"metrics_port": 18102}})
+    assert (config.http_port, config.rpc_port, config.metrics_port) == (18100, 18101, 18102)
+    assert config.paddle()["http_port"] == 18100
+
+
+@pytest.mark.parametrize("text, message", [
+    ("op:\n  infer:\n    batch_sise: 4\n", "unknown key 'op.infer.batch_sise'"),
+    ("op:\n  resize: {}\n", "unknown key 'op.resize'"),
+    ("rexnet:\n  drain_timeout: 5\n", "unknown key 'rexnet.drain_timeout'"),
+    ("op:\n  infer:\n    batch_size: 0\n", "op.infer.batch_size must be 1..256"),
+    ("op:\n  infer:\n    local_service_conf:\n      device_type: 3\n", "device_type must be 0 (CPU)"),
+    ("op:\n  decode:\n    concurrency: yes\n", "op.decode.concurrency must be int"),
+    ("http_port: 70000\n", "http_port must be a port 1..65535"),
+    ("op:\n  infer:\n    timeout: 1000\n", "op.infer.timeout must be -1"),
+    ("rexnet:\n  drain_timeout_s: 0\n", "rexnet.drain_timeout_s must be 0 < seconds"),
+    ("dag:\n  is_thread_op: false\n", "dag.is_thread_op must be true"),
+])
+def test_bad_keys_and_values_name_the_file_and_key(tmp_path, text, message):
+    path = write(tmp_path / "bad.yml", f"extends: {CONFIG_DIR / 'cpu.yml'}\n{text}")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_error_in_an_extended_file_names_that_file(tmp_path):
+    base = write(tmp_path / "base.yml", "worker_num: -1\n")
+    child = write(tmp_path / "child.yml", "extends: base.yml\n")
+    with pytest.raises(ConfigError, match=f"{base}: worker_num must be 1..1024"):
+        read_config_file(child)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("op:\n  infer:\n    local_service_conf:\n      precision: fp16\n", "precision fp16 needs device_type 2"),
+    ("op:\n  infer:\n    local_service_conf:\n      device_type: 1\n      devices: '0'\n",
+     "use_mkldnn is a CPU setting"),
+    ("op:\n  infer:\n    auto_batching_timeout: -1\n", "needs auto_batching_timeout > 0"),
+    ("http_port: 9000\nrpc_port: 9000\n", "must differ"),
+])
+def test_combinations_are_checked(tmp_path, text, message):
+    path = write(tmp_path / "bad.yml", f"extends: {CONFIG_DIR / 'cpu.yml'}\n{text}")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_overrides_are_checked_like_files():
+    with pytest.raises(ConfigError, match="command line: http_port must be a port"):
+        load_config(CONFIG_DIR / "cpu.yml", {"http_port": 0})
+
+
+def test_missing_file_loop_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yml")
+    write(tmp_path / "a.yml", "extends: b.yml\n")
+    write(tmp_path / "b.yml", "extends: a.yml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yml")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path / "list.yml", "- 1\n- 2\n"))
+
+
+def run_serve(*args: str) -> "subprocess.CompletedProcess":
+    return subprocess.run([str(Path(sys.executable).parent / "rexnet-serve"), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_serve_exit_codes_for_bad_config_and_model(tmp_path):
+    bad = write(tmp_path / "bad.yml", "op:\n  infer:\n    batch_sise: 4\n")
+    run = run_serve("--config", str(bad))
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith(f"rexnet-serve: {bad}: unknown key")
+    run = run_serve("--model-dir", str(tmp_path / "nowhere"))
+    assert run.returncode == 1 and "not an exported model directory" in run.stderr
+
+
+def test_serve_dispatches_brpc_subcommand():
+    run = run_serve("brpc", "--help")
+    assert run.returncode == 0 and "rexnet-brpc" in run.stdout
