@@ -1,0 +1,148 @@
+"""The in-process limit: decode + preprocess + Paddle Inference + top-k in one process, no serving layer.
+
+What the hardware gives the model with the project's own pipeline (rexnet_serving.classifier.Classifier:
+OpenCV decode, the Paddle-op preprocessing of rexnet_serving.preprocess, InferenceModel with oneDNN), one
+call after another at each batch size; a service can at best approach it. A second variant replaces the
+preprocessing with plain OpenCV/NumPy (cv2.resize INTER_LINEAR, crop, normalise: the same arithmetic as
+PaddleClas's Python deploy ops) to show what the preprocessing implementation costs. A per-stage breakdown
+at batch 1 says where a single image's time goes.
+
+Run in its own process by rexnet-bench (nothing else running), printing JSON:
+    python -m rexnet_serving.bench.inprocess --model-dir DIR --images DIR [--batches 1,2,4,8,16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+
+from ..preprocess import PreprocessConfig, resized_size
+from .payloads import load_payloads
+
+VARIANTS = ("project", "opencv")
+
+
+def opencv_preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:
+    """Resize-short (INTER_LINEAR), centre crop, normalise, CHW: [N, 3, crop, crop] float32."""
+    crop = cfg.crop_size
+    mean = np.asarray(cfg.mean, np.float32) / np.float32(cfg.scale)
+    inv_std = np.float32(cfg.scale) / np.asarray(cfg.std, np.float32)
+    out = np.empty((len(images), 3, crop, crop), np.float32)
+    for i, image in enumerate(images):
+        height, width = image.shape[:2]
+        size = resized_size(width, height, cfg.resize_short)
+        resized = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        top, left = (size[1] - crop) // 2, (size[0] - crop) // 2
+        window = resized[top:top + crop, left:left + crop].astype(np.float32)
+        out[i] = ((window - mean) * inv_std).transpose(2, 0, 1)  # (x/255 - m)/s == (x - 255m) * (1/255)/s
+    return out
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def sweep(classify: Callable[[List[bytes]], Any], payloads: Sequence[bytes], batch: int,
+          seconds: float) -> Dict[str, float]:
+    """Images/s and call latency of back-to-back ``classify`` calls on ``batch`` images for ``seconds``."""
+    def batch_at(n: int) -> List[bytes]:
+        return [payloads[(n * batch + j) % len(payloads)] for j in range(batch)]
+    for n in range(2):  # oneDNN builds its kernels for this batch shape on the first calls
+        classify(batch_at(n))
+    latencies: List[float] = []
+    start = time.perf_counter()
+    n = 0
+    while time.perf_counter() - start < seconds or len(latencies) < 3:
+        latencies.append(_timed(lambda: classify(batch_at(n))))
+        n += 1
+    elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {"batch": batch, "images_per_s": round(len(latencies) * batch / elapsed, 2),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "calls": len(latencies)}
+
+
+def stage_breakdown(clf: Any, payloads: Sequence[bytes], rounds: int = 3) -> Dict[str, float]:
+    """Median ms per image of each stage at batch 1."""
+    from ..imageio import decode_image
+    times: Dict[str, List[float]] = {k: [] for k in ("decode", "preprocess_paddle", "preprocess_opencv",
+                                                     "infer", "topk")}
+    cfg = clf.preprocess_config
+    for _ in range(rounds):
+        for data in payloads:
+            box: Dict[str, Any] = {}
+            times["decode"].append(_timed(lambda: box.update(img=decode_image(data))))
+            times["preprocess_paddle"].append(_timed(lambda: box.update(x=clf.preprocess([box["img"]]))))
+            times["preprocess_opencv"].append(_timed(lambda: opencv_preprocess([box["img"]], cfg)))
+            times["infer"].append(_timed(lambda: box.update(p=clf.probabilities(box["x"]))))
+            times["topk"].append(_timed(lambda: clf.results(1, box["p"], {}, 5)))
+    return {f"{k}_ms": round(float(np.median(v)) * 1000, 2) for k, v in times.items()}
+
+
+def run_baseline(model_dir: Path, payloads: Sequence[bytes], batches: Sequence[int], seconds: float,
+                 cpu_threads: int = 2, mkldnn: bool = True,
+                 progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    from ..classifier import Classifier
+    from ..imageio import decode_image
+    say = progress or (lambda message: None)
+    clf = Classifier(model_dir, cpu_threads=cpu_threads, mkldnn=mkldnn, max_batch=max(batches))
+    cfg = clf.preprocess_config
+    opencv_model = clf.model.clone()  # its own predictor, so the two variants never share warm caches
+
+    def classify_opencv(batch: List[bytes]) -> Any:
+        probs = clf.probabilities(opencv_preprocess([decode_image(d) for d in batch], cfg), model=opencv_model)
+        return clf.results(len(batch), probs, {}, 5)
+
+    functions = {"project": lambda batch: clf.classify(batch, 5), "opencv": classify_opencv}
+    result: Dict[str, Any] = {"cpu_threads": cpu_threads, "mkldnn": mkldnn, "seconds_per_point": seconds}
+    for variant in VARIANTS:
+        rows = []
+        for batch in batches:
+            say(f"in-process {variant} batch {batch}")
+            rows.append(sweep(functions[variant], payloads, batch, seconds))
+        result[variant] = rows
+    say("in-process stage breakdown")
+    result["stages_batch1"] = stage_breakdown(clf, payloads)
+    for variant in VARIANTS:
+        best = max(result[variant], key=lambda row: row["images_per_s"])
+        result[f"{variant}_best"] = {"batch": best["batch"], "images_per_s": best["images_per_s"]}
+        single = [row for row in result[variant] if row["batch"] == 1]
+        if single:
+            result[f"{variant}_single_p50_ms"] = single[0]["p50_ms"]
+    return result
+
+
+def _int_list(text: str) -> List[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4, got {text!r}")
+    return values
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rexnet_serving.bench.inprocess",
+                                     description="Measure the in-process limit and print it as JSON.")
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True, help="directory of encoded images")
+    parser.add_argument("--batches", type=_int_list, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--seconds", type=float, default=4.0, help="per batch size and variant")
+    parser.add_argument("--cpu-threads", type=int, default=2)
+    parser.add_argument("--no-mkldnn", action="store_true")
+    args = parser.parse_args(argv)
+    payloads = [p.data for p in load_payloads(args.images)]
+    result = run_baseline(args.model_dir, payloads, args.batches, args.seconds, args.cpu_threads,
+                          not args.no_mkldnn, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

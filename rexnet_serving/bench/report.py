@@ -1,0 +1,227 @@
+"""The benchmark's outputs: bench.json (everything measured), bench.md (the tables and the target check)
+and bench.png (throughput and p99 latency against concurrency, Matplotlib's Agg backend: no display)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+# Targets for ReXNet_1_0 on the CPU (the issue's acceptance numbers; reported, not enforced).
+TARGET_CONCURRENCY = 8
+HTTP_VS_INPROCESS = 0.85
+HTTP_VS_DOCUMENTED = 3.0
+SINGLE_LATENCY_MARGIN_MS = 5.0
+MAX_RSS_MB = 1536.0
+
+LABELS = {"http": "HTTP (rexnet-serve)", "grpc": "gRPC (rexnet-serve)", "brpc": "bRPC (rexnet-brpc native)",
+          "documented": "documented way (PaddleClas example)"}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    return str(value)
+
+
+def closed_points(result: Dict[str, Any], target: str) -> List[Dict[str, Any]]:
+    return sorted((p for p in result.get("points", []) if p["target"] == target and p["mode"] == "closed"),
+                  key=lambda p: p["level"])
+
+
+def point_at(result: Dict[str, Any], target: str, concurrency: int) -> Optional[Dict[str, Any]]:
+    """The closed-loop point at ``concurrency``, else the highest one below it, else None."""
+    points = [p for p in closed_points(result, target) if p["level"] <= concurrency]
+    return points[-1] if points else None
+
+
+def best_rate(result: Dict[str, Any], target: str) -> Optional[float]:
+    points = closed_points(result, target)
+    return max(p["images_per_s"] for p in points) if points else None
+
+
+def check_targets(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Each target with what was measured and whether it was met (None: not measured in this run)."""
+    checks: List[Dict[str, Any]] = []
+
+    def add(name: str, measured: Optional[float], goal: str, met: Optional[bool]) -> None:
+        checks.append({"target": name, "measured": measured, "goal": goal, "met": met})
+
+    http = point_at(result, "http", TARGET_CONCURRENCY)
+    inproc = result.get("inprocess") or {}
+    limit = (inproc.get("project_best") or {}).get("images_per_s")
+    if http and limit:
+        ratio = http["images_per_s"] / limit
+        add(f"HTTP img/s at concurrency {http['level']} / in-process limit ({limit:.1f} img/s)",
+            round(ratio, 2), f">= {HTTP_VS_INPROCESS}", ratio >= HTTP_VS_INPROCESS)
+    cv_limit = (inproc.get("opencv_best") or {}).get("images_per_s")
+    if http and cv_limit:
+        ratio = http["images_per_s"] / cv_limit
+        add(f"HTTP img/s at concurrency {http['level']} / in-process limit with OpenCV preprocessing "
+            f"({cv_limit:.1f} img/s)", round(ratio, 2), f">= {HTTP_VS_INPROCESS}", ratio >= HTTP_VS_INPROCESS)
+    documented = best_rate(result, "documented")
+    if http and documented:
+        ratio = http["images_per_s"] / documented
+        add(f"HTTP img/s at concurrency {http['level']} / documented way's best ({documented:.1f} img/s)",
+            round(ratio, 2), f">= {HTTP_VS_DOCUMENTED}", ratio >= HTTP_VS_DOCUMENTED)
+    http1 = point_at(result, "http", 1)
+    single = inproc.get("project_single_p50_ms")
+    if http1 and http1["level"] == 1 and single and http1.get("p50_ms") is not None:
+        extra = http1["p50_ms"] - single
+        add(f"HTTP p50 at concurrency 1 minus in-process single-image p50 ({single:.1f} ms)", round(extra, 1),
+            f"<= {SINGLE_LATENCY_MARGIN_MS} ms", extra <= SINGLE_LATENCY_MARGIN_MS)
+    for other in ("grpc", "brpc"):
+        point = point_at(result, other, TARGET_CONCURRENCY)
+        if http and point:
+            ratio = point["images_per_s"] / http["images_per_s"]
+            add(f"{other} / HTTP img/s at concurrency {point['level']}", round(ratio, 2), ">= 1.0", ratio >= 1.0)
+        single_point = point_at(result, other, 1)
+        if http1 and single_point and single_point["level"] == 1 and http1.get("p50_ms") and single_point.get("p50_ms"):
+            add(f"{other} p50 at concurrency 1 (HTTP {http1['p50_ms']:.1f} ms)", single_point["p50_ms"],
+                f"<= {http1['p50_ms']:.1f} ms", single_point["p50_ms"] <= http1["p50_ms"])
+    for name, server in result.get("servers", {}).items():
+        if name in ("pipeline", "brpc") and server.get("rss_peak_mb") is not None:
+            add(f"{name} service RSS (all its processes, peak under load)", server["rss_peak_mb"],
+                f"< {MAX_RSS_MB:.0f} MB", server["rss_peak_mb"] < MAX_RSS_MB)
+    return checks
+
+
+def write_json(result: Dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    meta = result["meta"]
+    machine = meta["machine"]
+    lines = ["# rexnet-bench results", "",
+             f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs "
+             f"({machine['physical_cores']} cores), {machine['memory_gb']} GB; load average "
+             f"{machine['load_average']} at the start, {meta.get('load_average_end')} at the end. "
+             f"Python {meta['python']}, Paddle {meta['paddle']}.",
+             f"Model: {meta['model']['arch']} {meta['model']['input_size']}x{meta['model']['input_size']}, CPU"
+             + (" (random weights: speed does not depend on them)" if meta["model"]["random_init"] else "")
+             + f"; images: {meta['images']['count']} {'/'.join(meta['images']['formats'])} files, mean "
+             f"{meta['images']['mean_kb']} KB, {meta['images']['mean_megapixels']} MP; one image per request.",
+             f"Per point: {meta['warmup_s']} s warm-up (discarded) + {meta['duration_s']} s measured.",
+             "", f"Command: `{meta['command']}`", ""]
+    points = result.get("points", [])
+    closed = [p for p in points if p["mode"] == "closed"]
+    if closed:
+        lines += ["## Closed loop (N clients back to back)", "",
+                  "| target | clients | img/s | p50 ms | p90 ms | p99 ms | max ms | errors | server cores "
+                  "| loadgen cores | other cores | server RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p in closed:
+            lines.append("| " + " | ".join(_fmt(v) for v in (
+                LABELS.get(p["target"], p["target"]), p["level"], p["images_per_s"], p["p50_ms"], p["p90_ms"],
+                p["p99_ms"], p["max_ms"], p["errors"], p.get("server_cores"), p.get("loadgen_cores"),
+                p.get("other_cores"), p.get("server_rss_peak_mb"))) + " |")
+        lines.append("")
+    opened = [p for p in points if p["mode"] == "open"]
+    if opened:
+        lines += ["## Open loop (fixed arrival rate; latency from the scheduled send time)", "",
+                  "| target | rate req/s | arrivals | img/s | p50 ms | p90 ms | p99 ms | max ms | send lag p99 ms "
+                  "| errors | server cores | loadgen cores |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p in opened:
+            lines.append("| " + " | ".join(_fmt(v) for v in (
+                LABELS.get(p["target"], p["target"]), p["level"], p.get("arrivals"), p["images_per_s"],
+                p["p50_ms"], p["p90_ms"], p["p99_ms"], p["max_ms"], p["send_lag_p99_ms"], p["errors"],
+                p.get("server_cores"), p.get("loadgen_cores"))) + " |")
+        lines.append("")
+    staged = [p for p in points if p.get("stages")]
+    if staged:
+        lines += ["## Inside the service (its /metrics histograms, mean per call over the window)", "",
+                  "| target | mode | level | decode ms | preprocess ms | infer ms (per batch) | postprocess ms "
+                  "| images per batch | requests per batch | server request ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for p in staged:
+            s = p["stages"]
+            lines.append("| " + " | ".join(_fmt(v) for v in (
+                p["target"], p["mode"], p["level"], s.get("decode_ms"), s.get("preprocess_ms"), s.get("infer_ms"),
+                s.get("postprocess_ms"), s.get("mean_batch_images"), s.get("mean_batch_requests"),
+                s.get("server_request_ms"))) + " |")
+        lines.append("")
+    inproc = result.get("inprocess")
+    if inproc:
+        lines += [f"## In-process limit (one process, no serving layer, {inproc['cpu_threads']} math threads, "
+                  f"oneDNN {'on' if inproc['mkldnn'] else 'off'})", "",
+                  "| preprocessing | batch | img/s | p50 ms per call | p99 ms per call |", "|---|---|---|---|---|"]
+        for variant, name in (("project", "project (Paddle ops)"), ("opencv", "OpenCV/NumPy")):
+            for row in inproc.get(variant, []):
+                lines.append(f"| {name} | {row['batch']} | {_fmt(row['images_per_s'])} | {_fmt(row['p50_ms'])} "
+                             f"| {_fmt(row['p99_ms'])} |")
+        stages = inproc.get("stages_batch1", {})
+        lines += ["", "Batch-1 stage medians: " + ", ".join(f"{k[:-3]} {v} ms" for k, v in stages.items()), ""]
+    calibration = result.get("calibration")
+    if calibration:
+        lines += ["## Load generator alone (against an instant server)", "",
+                  "| protocol | clients | req/s | loadgen CPU ms per request | loadgen cores |", "|---|---|---|---|---|"]
+        for c in calibration:
+            lines.append(f"| {c['protocol']} | {c['level']} | {_fmt(c['images_per_s'])} "
+                         f"| {_fmt(c.get('loadgen_ms_per_request'))} | {_fmt(c.get('loadgen_cores'))} |")
+        lines.append("")
+    servers = result.get("servers", {})
+    if servers:
+        lines += ["## Servers", "", "| server | start s | RSS idle MB | RSS peak MB (all processes) |", "|---|---|---|---|"]
+        for name, s in servers.items():
+            lines.append(f"| {name} | {_fmt(s.get('startup_s'))} | {_fmt(s.get('rss_idle_mb'))} "
+                         f"| {_fmt(s.get('rss_peak_mb'))} |")
+        lines.append("")
+    checks = result.get("targets", [])
+    if checks:
+        lines += ["## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+        for c in checks:
+            lines.append(f"| {c['target']} | {_fmt(c['measured'])} | {c['goal']} | "
+                         f"{'yes' if c['met'] else 'no'} |")
+        lines.append("")
+    failures = result.get("failures", [])
+    if failures:
+        lines += ["## Failures", ""] + [f"- {f}" for f in failures] + [""]
+    return "\n".join(lines)
+
+
+def plot(result: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, (ax_rate, ax_p99) = plt.subplots(1, 2, figsize=(12, 4.5))
+    levels = sorted({p["level"] for p in result.get("points", []) if p["mode"] == "closed"})
+    for target in ("http", "grpc", "brpc", "documented"):
+        points = closed_points(result, target)
+        if not points:
+            continue
+        x = [p["level"] for p in points]
+        ax_rate.plot(x, [p["images_per_s"] for p in points], marker="o", label=LABELS[target])
+        ax_p99.plot(x, [p["p99_ms"] if p["p99_ms"] is not None else float("nan") for p in points], marker="o",
+                    label=LABELS[target])
+    inproc = result.get("inprocess") or {}
+    for key, style, name in (("project_best", "--", "in-process limit"),
+                             ("opencv_best", ":", "in-process, OpenCV preprocessing")):
+        best = inproc.get(key)
+        if best:
+            ax_rate.axhline(best["images_per_s"], linestyle=style, color="gray",
+                            label=f"{name} (batch {best['batch']})")
+    for ax, title, unit in ((ax_rate, "Throughput", "images/s"), (ax_p99, "p99 latency", "ms")):
+        ax.set_xscale("log", base=2)
+        if levels:
+            ax.set_xticks(levels)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("concurrent clients (closed loop)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    ax_p99.set_yscale("log")
+    ax_rate.legend(fontsize=8)
+    ax_p99.legend(fontsize=8)
+    meta = result["meta"]
+    fig.suptitle(f"{meta['model']['arch']} on {meta['machine']['cpu']} ({meta['machine']['logical_cpus']} CPUs)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,279 @@
+"""The servers a benchmark starts, each as its own process group on free 127.0.0.1 ports, and the
+senders (one client per load thread) that talk to them.
+
+* ``pipeline``: ``rexnet-serve`` (HTTP + gRPC + /metrics), ready when /readyz says so and a request answers;
+* ``brpc``: ``rexnet-brpc native``;
+* ``documented``: rexnet_serving.bench.documented_way (PaddleClas's example service);
+* ``fake-<protocol>``: rexnet_serving.bench.fake_server (instant answers, for calibration).
+
+Every process is stopped in ``stop()`` (SIGTERM to its group, SIGKILL after a grace period), also when
+the benchmark fails, so nothing is left listening.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import requests
+
+from ..clients.base import make_client
+from ..clients.http import HttpClient, check_response
+from .loadgen import SenderFactory
+
+STOP_GRACE_S = 20.0
+
+
+class ServerError(RuntimeError):
+    """A server that did not start (its log tail is in the message)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ImageFailed(RuntimeError):
+    """The request went through but the image was answered with an error."""
+
+
+class ProjectSender:
+    """A loadgen Sender over the project's own clients: one image per request, top-5, result checked."""
+
+    def __init__(self, protocol: str, address: str, timeout: float) -> None:
+        self._client = make_client(protocol, address, timeout=timeout)
+
+    def send(self, data: bytes) -> None:
+        result = self._client.classify([data], 5)[0]
+        if not result.ok:
+            raise ImageFailed(f"{result.error_code}: {result.error_message}")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class KeepAliveJsonPoster:
+    """POSTs JSON bodies built once per payload over one kept-alive http.client connection.
+
+    requests costs ~1.5 ms of client CPU per call here (measured against the instant server), ten times
+    this; on a 2-core box that CPU comes out of the server's share, so the load side stays lean. A broken
+    connection is reopened by the next call.
+    """
+
+    def __init__(self, address: str, path: str, timeout: float, build_body: Callable[[bytes], Any],
+                 payloads: Sequence[bytes]) -> None:
+        host, _, port = address.rpartition(":")
+        self._host, self._port, self._path, self._timeout = host, int(port), path, timeout
+        self._build_body = build_body
+        self._bodies: Dict[bytes, bytes] = {data: json.dumps(build_body(data)).encode() for data in payloads}
+        self._conn: Optional[http.client.HTTPConnection] = None
+
+    def post(self, data: bytes) -> Dict[str, Any]:
+        body = self._bodies.get(data)
+        if body is None:
+            body = json.dumps(self._build_body(data)).encode()
+        for attempt in range(2):
+            reused = self._conn is not None
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            try:
+                self._conn.request("POST", self._path, body=body, headers={"Content-Type": "application/json"})
+                reply = self._conn.getresponse()
+                text = reply.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if not reused or attempt:  # a kept-alive connection the server closed: once more, fresh
+                    raise
+            except (OSError, http.client.HTTPException):
+                self.close()
+                raise
+        if reply.status != 200:
+            raise RuntimeError(f"HTTP {reply.status}: {text[:200]!r}")
+        return json.loads(text)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class HttpSender:
+    """The service's HTTP API as HttpClient speaks it (same body, same answer checks), on a lean transport."""
+
+    def __init__(self, address: str, timeout: float, payloads: Sequence[bytes]) -> None:
+        client = HttpClient(address, timeout=timeout)  # builds bodies only; its session stays unused
+        path = "/" + client.url.split("/", 3)[3]
+        self._poster = KeepAliveJsonPoster(address, path, timeout, lambda d: client.request_body([d], 5), payloads)
+        client.close()
+
+    def send(self, data: bytes) -> None:
+        answer = self._poster.post(data)
+        result = check_response(int(answer.get("err_no", 0)), answer.get("err_msg", ""), answer.get("key", []),
+                                answer.get("value", []), 1)[0]
+        if not result.ok:
+            raise ImageFailed(f"{result.error_code}: {result.error_message}")
+
+    def close(self) -> None:
+        self._poster.close()
+
+
+def sender_for(target: str, address: str, timeout: float, payloads: Sequence[bytes]) -> SenderFactory:
+    """The sender factory of a target: http, grpc, brpc (the project's clients) or documented."""
+    if target == "http":
+        return lambda: HttpSender(address, timeout, payloads)
+    if target == "documented":
+        from .documented_way import DocumentedClient
+        return lambda: DocumentedClient(address, timeout, payloads)
+    return lambda: ProjectSender(target, address, timeout)
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    argv: List[str]
+    log_path: Path
+    ready: Callable[[], bool]
+    cwd: Optional[Path] = None
+    env: Dict[str, str] = field(default_factory=dict)
+    startup_timeout: float = 300.0
+    _proc: Optional[subprocess.Popen] = None
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError(f"{self.name} is not running")
+        return self._proc.pid
+
+    def start(self) -> "ServerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        env = dict(os.environ, **self.env)
+        self._proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      cwd=self.cwd, env=env, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise ServerError(f"{self.name} exited with code {self._proc.returncode} while starting: "
+                                  f"{self.log_tail()}")
+            if self.ready():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"{self.name} was not ready within {self.startup_timeout:.0f}s: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) + f" (log: {self.log_path})"
+
+    def stop(self) -> None:
+        """SIGTERM the process group (the server, its op processes, its gateway), SIGKILL what stays."""
+        if self._proc is None:
+            return
+        try:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self._proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)  # stragglers of the group (op processes)
+        except ProcessLookupError:
+            pass
+        self._proc.wait()
+        self._proc = None
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def answers(factory: SenderFactory, probe: bytes) -> Callable[[], bool]:
+    """A readiness check: one real request succeeds."""
+    def check() -> bool:
+        try:
+            sender = factory()
+        except Exception:  # noqa: BLE001 - not listening yet
+            return False
+        try:
+            sender.send(probe)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+        finally:
+            sender.close()
+    return check
+
+
+def _python(module: str, *args: str) -> List[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+@dataclass
+class PipelinePorts:
+    http: int
+    grpc: int
+    metrics: int
+
+    @classmethod
+    def free(cls) -> "PipelinePorts":
+        return cls(free_port(), free_port(), free_port())
+
+
+def pipeline_server(model_dir: Path, ports: PipelinePorts, workdir: Path, probe: bytes, timeout: float,
+                    extra_args: Sequence[str] = ()) -> ServerProcess:
+    def ready() -> bool:
+        try:
+            if requests.get(f"http://127.0.0.1:{ports.metrics}/readyz", timeout=2).status_code != 200:
+                return False
+        except requests.RequestException:
+            return False
+        return all(answers(sender_for(p, f"127.0.0.1:{port}", timeout, [probe]), probe)()
+                   for p, port in (("http", ports.http), ("grpc", ports.grpc)))
+    argv = _python("rexnet_pipelines.cli", "--model-dir", str(model_dir), "--http-port", str(ports.http),
+                   "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+                   "--workdir", str(workdir / "pipeline"), *extra_args)
+    return ServerProcess("rexnet-serve", argv, workdir / "pipeline.log", ready)
+
+
+def brpc_server(model_dir: Path, port: int, workdir: Path, probe: bytes, timeout: float,
+                extra_args: Sequence[str] = ()) -> ServerProcess:
+    argv = _python("rexnet_serving.brpc.cli", "native", "--model-dir", str(model_dir), "--port", str(port),
+                   *extra_args)
+    return ServerProcess("rexnet-brpc native", argv, workdir / "brpc.log",
+                         answers(sender_for("brpc", f"127.0.0.1:{port}", timeout, [probe]), probe))
+
+
+def documented_server(model_dir: Path, http_port: int, workdir: Path, probe: bytes,
+                      timeout: float) -> ServerProcess:
+    argv = _python("rexnet_serving.bench.documented_way", "--model-dir", str(model_dir.resolve()),
+                   "--http-port", str(http_port), "--grpc-port", str(free_port()),
+                   "--workdir", str(workdir / "documented"))
+    return ServerProcess("documented-way Pipeline", argv, workdir / "documented.log",
+                         answers(sender_for("documented", f"127.0.0.1:{http_port}", timeout, [probe]), probe))
+
+
+def fake_server(protocol: str, port: int, workdir: Path, probe: bytes) -> ServerProcess:
+    argv = _python("rexnet_serving.bench.fake_server", "--protocol", protocol, "--port", str(port))
+    return ServerProcess(f"fake {protocol} server", argv, workdir / f"fake_{protocol}.log",
+                         answers(sender_for(protocol, f"127.0.0.1:{port}", 5.0, [probe]), probe),
+                         startup_timeout=60.0)
+
+

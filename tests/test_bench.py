@@ -1,0 +1,54 @@
+"""rexnet-bench end to end, briefly: a real rexnet-serve on free ports, one protocol, one closed-loop and
+one open-loop point, the in-process baseline; checks the JSON, Markdown and PNG it writes. Speed is
+reported by the tool, never asserted here."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from rexnet_serving.export import export_model
+    path = tmp_path_factory.mktemp("bench") / "ReXNet_1_0"
+    export_model("ReXNet_1_0", path)
+    return path
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_bench_runs_end_to_end_and_writes_its_reports(model_dir, tmp_path):
+    from rexnet_serving.bench.cli import main
+    from rexnet_serving.bench.monitor import process_tree
+
+    out = tmp_path / "out"
+    code = main(["--model-dir", str(model_dir), "--protocols", "http", "--concurrency", "2", "--rate", "4",
+                 "--duration", "1.5", "--warmup", "0.5", "--baselines", "inprocess", "--batches", "1",
+                 "--no-calibration", "--quick", "--out", str(out)])
+    assert code == 0, (out / "bench.md").read_text()
+
+    result = json.loads((out / "bench.json").read_text())
+    assert result["failures"] == []
+    points = {(p["target"], p["mode"], p["level"]): p for p in result["points"]}
+    assert set(points) == {("http", "closed", 2), ("http", "open", 4.0)}
+    for point in points.values():
+        assert point["errors"] == 0 and point["requests"] > 0
+        assert point["images_per_s"] > 0
+        assert 0 < point["p50_ms"] <= point["p90_ms"] <= point["p99_ms"] <= point["max_ms"]
+        assert point["server_rss_peak_mb"] > 50
+        assert point["stages"]["infer_ms"] > 0  # scraped from the service's /metrics
+    server = result["servers"]["pipeline"]
+    assert 0 < server["rss_idle_mb"] <= server["rss_peak_mb"]
+    inproc = result["inprocess"]
+    assert [row["batch"] for row in inproc["project"]] == [1] == [row["batch"] for row in inproc["opencv"]]
+    assert inproc["project_single_p50_ms"] > 0 and inproc["stages_batch1"]["infer_ms"] > 0
+    assert any(t["target"].startswith("pipeline service RSS") for t in result["targets"])
+
+    markdown = (out / "bench.md").read_text()
+    assert "| HTTP (rexnet-serve) | 2 |" in markdown and "## In-process limit" in markdown
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((out / "images").glob("*.jpg"))) == 14
+    # Every server the tool started is gone.
+    assert not [p for p in process_tree(os.getpid())[1:] if "rexnet" in " ".join(p.cmdline())]
