@@ -50,7 +50,7 @@ MSG
   echo "bootstrap: creating .venv with $py"
   rm -rf "$venv"
   "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
+  "$venv/bin/python" -m pip install -q --upgrade "pip>=23" "setuptools>=64,<81" wheel
 fi
 
 echo "bootstrap: installing rexnet-serving[$device] into .venv"

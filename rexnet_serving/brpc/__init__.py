@@ -1,0 +1,1 @@
+"""bRPC (baidu_std) serving: a native Python GeneralModelService endpoint and the C++ Serving backend."""
