@@ -28,13 +28,22 @@ COMMON = [
     "requests>=2.25",
     "tqdm>=4.60",
     "prometheus_client>=0.16",
+    "matplotlib>=3.5",  # rexnet-train: loss/accuracy curves (Agg backend)
+    # grpcio 1.33.2 (grpc_tools, imported by `import grpc`) needs pkg_resources, which setuptools 81 removed.
+    "setuptools>=64,<81",
+    "psutil>=5.8",  # rexnet-bench: service RSS and CPU over its process tree
 ]
 EXTRAS = {
     "cpu": ["paddlepaddle==2.6.2", "paddle-serving-server==0.9.0"],
     # paddlepaddle-gpu 2.6.2 from PyPI is the CUDA 12 build; paddle-serving-server-gpu's CUDA (11.2 for
     # post112, the newest) matters only for the C++ Serving binary it downloads.
     "gpu": ["paddlepaddle-gpu==2.6.2", "paddle-serving-server-gpu==0.9.0.post112"],
-    "test": ["pytest>=7", "pytest-timeout>=2"],
+    "onnx": ["paddle2onnx==1.3.1", "onnxruntime==1.19.2"],  # rexnet-export --onnx
+    # rexnet-bench's documented-way baseline: paddle_serving_app.reader imports these at import time (the
+    # --no-deps install of paddle-serving-app leaves them out); scikit-learn ships the benchmark photos.
+    "bench": ["sentencepiece==0.1.96", "pyclipper==1.3.0.post6", "shapely==2.0.7", "scikit-learn>=1.0"],
+    "test": ["pytest>=7", "pytest-timeout>=2", "scikit-learn>=1.0",
+             "paddle2onnx==1.3.1", "onnxruntime==1.19.2", "onnx==1.14.1"],
 }
 
 setup(
@@ -42,13 +51,22 @@ setup(
     version=read_version(),
     description="ReXNet (PaddleClas) training, export and serving on Paddle Serving",
     python_requires=">=3.9,<3.10",
-    packages=find_packages(include=["rexnet_serving", "rexnet_serving.*"]),
-    package_data={"rexnet_serving": ["data/*.txt"]},
+    packages=find_packages(include=["rexnet_serving", "rexnet_serving.*"]) + ["rexnet_train", "rexnet_pipelines"],
+    package_data={"rexnet_serving": ["data/*.txt"], "rexnet_train": ["configs/*.yaml", "README.md"]},
+    package_dir={"rexnet_train": "train",  # train/ in the repo, rexnet_train when installed
+                 "rexnet_pipelines": "pipelines"},
     install_requires=COMMON,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
             "rexnet-convert=rexnet_serving.convert:main",
+            "rexnet-export=rexnet_serving.export.cli:main",
+            "rexnet-train=rexnet_train.cli:main",
+            "rexnet-batch=rexnet_serving.clients.batch:main",
+            "rexnet-brpc=rexnet_serving.brpc.cli:main",
+            "rexnet-serve=rexnet_pipelines.cli:main",
+            "rexnet-classify=rexnet_serving.clients.classify_cli:main",
+            "rexnet-bench=rexnet_serving.bench.cli:main",
         ],
     },
 )
