@@ -2,8 +2,10 @@
 
 The keys are Paddle Serving 0.9.0's Pipeline config (pipeline/pipeline_server.py ServerYamlConfChecker:
 ``http_port``, ``rpc_port``, ``worker_num``, ``dag``, ``op.<name>`` with ``concurrency``, ``timeout``,
-``retry``, ``batch_size``, ``auto_batching_timeout`` and ``local_service_conf``) plus a ``rexnet``
-section for what Paddle Serving lacks (metrics port, drain time, image limits). Paddle Serving accepts
+``retry``, ``batch_size``, ``auto_batching_timeout`` and ``local_service_conf``, and for the infer op the
+remote-op keys ``client_type``, ``server_endpoints``, ``client_config`` and ``fetch_list``) plus a
+``rexnet`` section for what Paddle Serving lacks (metrics port, drain time, image limits, the bRPC
+backend's deadline). Paddle Serving accepts
 unknown keys silently; here an unknown key or an out-of-range value is an error naming the file and the
 key. A file may start with ``extends: other.yml`` (relative to itself): the other file is loaded first
 and this one overrides it key by key.
@@ -38,8 +40,28 @@ class Field:
     rule: str = ""
 
 
+CLIENT_TYPES = ("local_predictor", "brpc")
+REMOTE_KEYS = ("client_type", "server_endpoints", "client_config", "fetch_list")
+
+
 def _ms(value: int) -> bool:  # Paddle Serving's convention for timeouts: -1 (off) or milliseconds > 0
     return value == -1 or value > 0
+
+
+def _is_endpoint(endpoint: Any) -> bool:
+    """A "host:port" string (host may be a bracketed IPv6 address) with a port 1..65535."""
+    if not isinstance(endpoint, str):
+        return False
+    host, sep, port = endpoint.rpartition(":")
+    return bool(sep and host.strip("[]") and port.isdigit() and 1 <= int(port) <= 65535)
+
+
+def _endpoints_ok(value: list) -> bool:
+    return all(_is_endpoint(e) for e in value)
+
+
+def _names_ok(value: Optional[list]) -> bool:
+    return value is None or (bool(value) and all(isinstance(v, str) and v for v in value))
 
 
 _PORT = dict(check=lambda v: v is None or 1 <= v <= 65535, rule="a port 1..65535")
@@ -51,9 +73,18 @@ _OP_COMMON = {
 _INFER = dict(_OP_COMMON, **{
     # Paddle Serving runs a timed op in a new thread per call (func_timeout): it would defeat oneDNN's
     # per-thread caches and can kill a thread inside the predictor.
-    "timeout": Field(int, -1, lambda v: v == -1, "-1 (see serving_configs/base.yml)"),
+    "timeout": Field(int, -1, lambda v: v == -1,
+                     "-1 (see serving_configs/base.yml; the bRPC backend's deadline is "
+                     "rexnet.backend_timeout_s)"),
     "batch_size": Field(int, 1, lambda v: 1 <= v <= 256, "1..256 requests per auto-batch"),
     "auto_batching_timeout": Field(int, -1, _ms, "-1 (off) or milliseconds > 0"),
+    # Paddle Serving's remote-op keys. brpc: forward each preprocessed batch to a GeneralModelService
+    # (C++ Serving, or rexnet-brpc native) with our pure-Python client, rexnet_serving.remote.
+    "client_type": Field(str, "local_predictor", lambda v: v in CLIENT_TYPES, " or ".join(CLIENT_TYPES)),
+    "server_endpoints": Field(list, [], _endpoints_ok, 'a list of "host:port" with ports 1..65535'),
+    "client_config": Field((str, type(None)), None, lambda v: v is None or bool(v),
+                           "a serving_client_conf.prototxt path (null: the model dir's serving_client/)"),
+    "fetch_list": Field((list, type(None)), None, _names_ok, "null or a non-empty list of fetch names"),
     "local_service_conf": {
         "model_config": Field((str, type(None)), None, None, ""),
         "device_type": Field(int, 0, lambda v: v in (0, 1, 2), "0 (CPU), 1 (GPU) or 2 (GPU TensorRT)"),
@@ -92,6 +123,7 @@ SCHEMA: Dict[str, Any] = {
         "max_images_per_request": Field(int, 64, lambda v: 1 <= v <= 1024, "1..1024"),
         "max_batch_images": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 images per forward pass"),
         "default_top_k": Field(int, 5, lambda v: v >= 1, ">= 1"),
+        "backend_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
     },
 }
 
@@ -179,6 +211,15 @@ class ServingConfig:
         return self.data["op"]["infer"]["local_service_conf"]
 
     @property
+    def infer(self) -> Dict[str, Any]:
+        return self.data["op"]["infer"]
+
+    @property
+    def remote(self) -> bool:
+        """True when the infer op forwards to a bRPC backend instead of running a local predictor."""
+        return self.infer["client_type"] == "brpc"
+
+    @property
     def device(self) -> str:
         return "cpu" if self.infer_service["device_type"] == 0 else "gpu"
 
@@ -198,10 +239,14 @@ class ServingConfig:
         """The dict for PipelineServer.prepare_server(yml_dict=...).
 
         ``model_config`` is left out on purpose: with it, Paddle Serving would load its own
-        LocalPredictor beside our InferenceModel (twice the memory on the device).
+        LocalPredictor beside our InferenceModel (twice the memory on the device). So are the remote-op
+        keys: with ``server_endpoints`` Paddle Serving's Op would build paddle_serving_client.Client (a C++
+        extension needing libcrypto.so.10); our InferOp forwards with its own client instead.
         """
         conf = {k: copy.deepcopy(v) for k, v in self.data.items() if k != "rexnet"}
         conf["op"]["infer"]["local_service_conf"].pop("model_config")
+        for key in REMOTE_KEYS:
+            conf["op"]["infer"].pop(key)
         return conf
 
 
@@ -231,6 +276,9 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[Mapping[str
     if merged["rexnet"]["metrics_port"] is None:
         merged["rexnet"]["metrics_port"] = defaults.METRICS_PORT
     _check_combination(merged, source)
+    infer = merged["op"]["infer"]
+    if infer["client_config"] is not None:  # relative to where rexnet-serve starts (it then changes dir)
+        infer["client_config"] = str(Path(infer["client_config"]).resolve())
     return ServingConfig(merged, source)
 
 
@@ -254,6 +302,14 @@ def _check_combination(conf: Dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: op.infer.local_service_conf.devices must name a GPU (e.g. \"0\") "
                           "with device_type 1 or 2")
     infer = conf["op"]["infer"]
+    if infer["client_type"] == "brpc" and not infer["server_endpoints"]:
+        raise ConfigError(f"{source}: op.infer.client_type brpc needs server_endpoints, e.g. "
+                          f'["127.0.0.1:{defaults.BRPC_PORT}"]')
+    if infer["client_type"] != "brpc":
+        stray = [k for k in ("server_endpoints", "client_config") if infer[k]]
+        if stray:
+            raise ConfigError(f"{source}: op.infer.{stray[0]} is a remote-op key; set op.infer.client_type: "
+                              f"brpc to forward inference to it, or remove it")
     if infer["batch_size"] > 1 and infer["auto_batching_timeout"] == -1:
         raise ConfigError(f"{source}: op.infer.batch_size {infer['batch_size']} needs "
                           "auto_batching_timeout > 0 (else a lone request waits for a full batch)")

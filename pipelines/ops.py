@@ -9,7 +9,10 @@ request, ``process`` once per auto-batch (``batch_size`` requests collected for 
 ``auto_batching_timeout`` ms, their dict values merged with ``np.append``), ``postprocess`` once per
 request again. Only the infer op does work in ``process``, so only it batches across requests.
 Thread ops hand Python objects to each other by reference (ThreadChannel with one consumer), so decoded
-images and the preprocessed batch stay where they are (on the GPU when serving on one).
+images and the preprocessed batch stay where they are (on the GPU when serving on one). With
+``client_type: brpc`` the infer op's predictor is rexnet_serving.remote.RemotePredictor: the batch is
+copied to the host and forwarded to the bRPC backend, and a backend failure fails the auto-batch's
+requests with BACKEND_ERROR (retryable: clients raise TransientError) while the service stays up.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from paddle_serving_server.pipeline import Op, RequestOp, ResponseOp
 from paddle_serving_server.pipeline.channel import ChannelDataType
+from paddle_serving_server.pipeline.error_catch import CustomExceptionCode
 
 from rexnet_serving.classifier import Classifier
+from rexnet_serving.clients.base import ClientError
 from rexnet_serving.imageio import DecodeLimits
 
 from . import metrics, protocol
@@ -33,6 +38,9 @@ PAYLOADS, TOP_K, COUNT, IMAGES, ERRORS, BATCH, PROBS = (
     "payloads", "top_k", "count", "images", "errors", "batch", "probs")
 _FEED = "x"           # the infer op's feed: an object array of per-image [3, S, S] tensors
 _FAILED = "_failed"   # set by the postprocess op when no image of the request could be classified
+# err_no of requests whose forward pass failed in the bRPC backend (down, timed out, mismatched): Paddle
+# Serving's code for a failed inference client, 9000. Not in protocol.BAD_REQUEST_ERRNOS: retryable.
+BACKEND_ERROR = CustomExceptionCode.CLIENT_ERROR.value
 
 
 @dataclass
@@ -54,6 +62,17 @@ class ServiceRuntime:
         for _ in range(predictor_count - 1):  # Paddle predictors are not thread-safe: one per thread
             predictors.put(classifier.model.clone())
         return cls(classifier, limits, max_images, default_top_k, max_batch_images, predictors)
+
+    def close(self) -> None:
+        """Close what the predictors hold open (a remote predictor's connection)."""
+        while True:
+            try:
+                predictor = self.predictors.get_nowait()
+            except queue.Empty:
+                return
+            close = getattr(predictor, "close", None)
+            if close is not None:
+                close()
 
 
 class RexnetRequestOp(RequestOp):
@@ -161,6 +180,8 @@ class InferOp(Op):
             with metrics.STAGE_SECONDS.labels("infer").time():
                 parts = [classifier.probabilities(paddle.stack(images[i:i + step]), predictor)
                          for i in range(0, len(images), step)]
+        except ClientError as exc:  # only a remote predictor raises these: the backend failed
+            return {}, BACKEND_ERROR, str(exc)
         finally:
             self.runtime.predictors.put(predictor)
         probs = np.concatenate(parts) if parts else classifier.probabilities([])
@@ -205,7 +226,18 @@ class RexnetResponseOp(ResponseOp):
         if failed is not None and response.err_no == protocol.OK:
             response.err_no = protocol.INVALID_IMAGE
             response.err_msg = f"no image could be classified: {failed}"
+        if response.err_no == BACKEND_ERROR:
+            response.err_msg = backend_error_message(response.err_msg)
         return response
+
+
+def backend_error_message(paddle_message: str) -> str:
+    """Our message out of Paddle Serving 0.9.0's wrapping of a failed ``process`` (operator.py
+    _run_process: "[infer] failed to predict. <ours>. Please check the input dict and ..."), whose
+    advice to check the input is wrong for a backend outage."""
+    _, found, rest = paddle_message.partition("] failed to predict. ")
+    message, found_end, _ = rest.rpartition(". Please check the input dict")
+    return f"inference failed: {message}" if found and found_end else paddle_message
 
 
 def build_dag(runtime: ServiceRuntime, request_op: RequestOp) -> Op:

@@ -38,6 +38,7 @@ from rexnet_serving.clients.base import ClientError
 from rexnet_serving.clients.grpc import GrpcClient
 from rexnet_serving.clients.http import HttpClient
 from rexnet_serving.imageio import DecodeLimits
+from rexnet_serving.remote import RemotePredictor
 
 from . import metrics, protocol
 from .config import ServingConfig, check_with_paddle
@@ -132,6 +133,7 @@ class RexnetServer:
         self._grpc: Optional[grpc.Server] = None
         self._servicer: Optional[RexnetServicer] = None
         self._gateway: Optional[multiprocessing.Process] = None
+        self._runtime: Optional[ServiceRuntime] = None
 
     # -- start ------------------------------------------------------------------------------------
     def _load(self) -> ServiceRuntime:
@@ -145,12 +147,29 @@ class RexnetServer:
             paddle.set_device(f"gpu:{options['gpu_id']}")
         limits = DecodeLimits(rex["max_image_bytes"], rex["max_image_pixels"])
         try:
-            classifier = Classifier(self.model_dir, limits=limits, **options)
-        except (OSError, ValueError, RuntimeError) as exc:
+            classifier = Classifier(self.model_dir, limits=limits, model=self._remote_predictor(), **options)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise StartupError(f"cannot load the model in {self.model_dir}: {exc}") from None
+        fetch = self.config.infer["fetch_list"]
+        if fetch is not None and list(fetch) != [classifier.manifest.fetch.alias]:
+            raise StartupError(f"op.infer.fetch_list {fetch} in {self.config.source} does not match the "
+                               f"model in {self.model_dir}, which fetches [{classifier.manifest.fetch.alias!r}]")
         return ServiceRuntime.create(classifier, self.config.data["op"]["infer"]["concurrency"], limits,
                                      rex["max_images_per_request"], rex["default_top_k"],
                                      rex["max_batch_images"])
+
+    def _remote_predictor(self) -> Optional[RemotePredictor]:
+        """With client_type brpc: the predictor that forwards to the backend (no local model is loaded);
+        else None (the Classifier loads its InferenceModel)."""
+        if not self.config.remote:
+            return None
+        infer = self.config.infer
+        try:
+            return RemotePredictor(self.model_dir, infer["server_endpoints"], infer["client_config"],
+                                   timeout=self.config.rexnet["backend_timeout_s"], fetch=infer["fetch_list"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise StartupError(f"cannot set up the bRPC backend client (op.infer in {self.config.source}): "
+                               f"{exc}") from None
 
     def _start_pipeline(self, runtime: ServiceRuntime) -> None:
         service = RexnetWebService(runtime, self.name)
@@ -172,8 +191,13 @@ class RexnetServer:
         self._gateway.start()
 
     def _warm_up(self, deadline: float) -> None:
-        """One real request through the gRPC endpoint (the whole DAG), then one through the gateway."""
+        """One real request through the gRPC endpoint (the whole DAG), then one through the gateway.
+
+        With a bRPC backend the request goes through it too, so the service turns ready only once the
+        backend answers (until then it keeps trying, up to startup_timeout_s).
+        """
         image = warmup_image()
+        waiting_logged = False
         clients = [GrpcClient(f"127.0.0.1:{self.config.rpc_port}", timeout=60, service_name=self.name),
                    HttpClient(f"127.0.0.1:{self.config.http_port}", timeout=60, service_name=self.name)]
         try:
@@ -186,6 +210,10 @@ class RexnetServer:
                     except ClientError as exc:  # the gateway takes a moment to listen
                         if time.monotonic() > deadline:
                             raise StartupError(f"warm-up failed: {exc}") from None
+                        if self.config.remote and not waiting_logged:
+                            log.info("waiting for the bRPC backend %s: %s",
+                                     ",".join(self.config.infer["server_endpoints"]), exc)
+                            waiting_logged = True
                         time.sleep(0.2)
                         continue
                     if not results[0].ok:
@@ -198,10 +226,13 @@ class RexnetServer:
     def urls(self) -> List[str]:
         host = "127.0.0.1"
         c = self.config
-        return [f"HTTP     http://{host}:{c.http_port}/{self.name}/prediction",
+        urls = [f"HTTP     http://{host}:{c.http_port}/{self.name}/prediction",
                 f"gRPC     {host}:{c.rpc_port} (PipelineService/inference, name {self.name!r})",
                 f"health   http://{host}:{c.metrics_port}/healthz  http://{host}:{c.metrics_port}/readyz",
                 f"metrics  http://{host}:{c.metrics_port}/metrics"]
+        if c.remote:
+            urls.append(f"backend  bRPC {','.join(c.infer['server_endpoints'])} (inference forwarded)")
+        return urls
 
     def run(self) -> int:
         deadline = time.monotonic() + self.config.rexnet["startup_timeout_s"]
@@ -212,7 +243,7 @@ class RexnetServer:
                 raise StartupError(f"cannot listen on metrics port {self.config.metrics_port}: {exc}") from None
             self._health.start()
             check_with_paddle(self.config)
-            runtime = self._load()
+            runtime = self._runtime = self._load()
             manifest = runtime.classifier.manifest
             if not self.stop_event.is_set():
                 self._start_pipeline(runtime)
@@ -250,6 +281,8 @@ class RexnetServer:
                 self._gateway.join(5)
         if self._servicer is not None:
             self._servicer._dag_executor.stop()  # op threads end on ChannelStopError
+        if self._runtime is not None:
+            self._runtime.close()
         if self._health is not None:
             self._health.stop()
         if not quiet:

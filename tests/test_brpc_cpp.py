@@ -210,8 +210,7 @@ def test_brpc_backend_config_forwards_to_the_cpp_backend(exported_model):
     infer = data["op"]["infer"]
     assert infer["client_type"] == "brpc"
     assert infer["server_endpoints"] == [f"127.0.0.1:{defaults.BRPC_PORT}"]
-    default_dir = Path(defaults.MODELS_DIR) / defaults.DEFAULT_ARCH
-    assert Path(infer["client_config"]) == default_dir / "serving_client" / "serving_client_conf.prototxt"
+    assert infer["client_config"] is None  # the --model-dir export's serving_client/, the one C++ Serving gets
     manifest = load_manifest(exported_model)
     assert infer["fetch_list"] == [manifest.fetch.alias]
     # decode and preprocess stay in the Pipeline: this file does not touch them
@@ -219,16 +218,10 @@ def test_brpc_backend_config_forwards_to_the_cpp_backend(exported_model):
     assert "libcrypto.so.10" in CONFIG.read_text()
 
 
-def _config_error() -> type:
-    from rexnet_pipelines.config import ConfigError
-    return ConfigError
-
-
-@pytest.mark.xfail(raises=_config_error(), strict=False,
-                   reason="pipelines/config.py does not accept Paddle Serving's remote-op keys "
-                          "(client_type, server_endpoints, client_config, fetch_list) yet")
 def test_brpc_backend_config_passes_the_pipeline_loader():
-    from rexnet_pipelines.config import load_config
+    from rexnet_pipelines.config import REMOTE_KEYS, load_config
     config = load_config(CONFIG)
+    assert config.remote
     assert config.data["op"]["infer"]["server_endpoints"] == [f"127.0.0.1:{defaults.BRPC_PORT}"]
     assert config.data["op"]["infer"]["client_type"] == "brpc"
+    assert not set(REMOTE_KEYS) & set(config.paddle()["op"]["infer"])  # never Paddle Serving's own client

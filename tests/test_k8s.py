@@ -307,8 +307,9 @@ def test_brpc_sidecar_speaks_the_backend_cli(tmp_path: Path) -> None:
     for name in ("rexnet-serving", "rexnet-serving-headless"):
         ports = {p["name"]: p["port"] for p in find(docs, "Service", name)["spec"]["ports"]}
         assert ports["brpc"] == defaults.BRPC_PORT
-    # the Pipeline beside it still loads its config (and serves with its own predictor)
-    assert resolved_config("cpu-brpc", tmp_path).device == "cpu"
+    # the Pipeline beside it forwards inference to the sidecar's port
+    config = resolved_config("cpu-brpc", tmp_path)
+    assert config.remote and config.infer["server_endpoints"] == [f"127.0.0.1:{args.port}"]
     # the CPU overlay without the component exposes no bRPC port anywhere
     assert all(p["name"] != "brpc" for d in rendered("cpu") if d["kind"] == "Service" for p in d["spec"]["ports"])
 

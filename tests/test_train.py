@@ -326,6 +326,35 @@ def test_saved_weights_load_strictly_and_reproduce_the_reported_accuracy(full_ru
 
 
 @pytest.mark.slow
+def test_trained_weights_export_and_serve_the_same_predictions(full_run, digits, tmp_path):
+    """Training hands over to export: best_model.pdparams and label_list.txt go through rexnet-export,
+    and Paddle Inference on the export predicts what the eager model predicts."""
+    import paddle
+    from rexnet_serving.export.cli import main as export_main
+    from rexnet_serving.imageio import decode_image
+    from rexnet_serving.inference import InferenceModel
+    from rexnet_serving.models import build_model, load_weights
+    from rexnet_serving.preprocess import PreprocessConfig, preprocess
+    out, _ = full_run
+    export_dir = tmp_path / "export"
+    assert export_main(["--arch", "ReXNet_1_0", "--weights", str(out / "best_model.pdparams"),
+                        "--labels", str(out / "label_list.txt"), "--input-size", "32",
+                        "-o", str(export_dir)]) == 0
+    served = InferenceModel(export_dir)
+    assert served.manifest.class_num == 10
+    assert served.manifest.labels() == [str(i) for i in range(10)]  # label_list.txt: "<id> <id>"
+    samples = read_list_file(str(digits / "val_list.txt"), str(digits))[:20]
+    x = preprocess([decode_image(Path(s.path).read_bytes()) for s in samples],
+                   PreprocessConfig(resize_short=36, crop_size=32))
+    model = build_model("ReXNet_1_0", class_num=10)
+    load_weights(model, str(out / "best_model.pdparams"))
+    model.eval()
+    with paddle.no_grad():
+        eager = paddle.nn.functional.softmax(model(x)).numpy()
+    np.testing.assert_allclose(served.run(x.numpy()), eager, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_resume_repeats_the_uninterrupted_run(full_run, digits, tmp_path):
     out, history = full_run
     resumed = tmp_path / "resumed"
