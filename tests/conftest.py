@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +35,56 @@ def free_port() -> int:
 def state_dict_contract() -> dict:
     import json
     return json.loads(shared_file("fixtures/paddleclas_rexnet_state_dicts.json").read_text())
+
+
+def wait_for_port(proc: subprocess.Popen, port: int, what: str, timeout: float = 120.0) -> None:
+    """Wait until ``proc`` accepts connections on 127.0.0.1:port; fail with its output if it dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode(errors="replace") if proc.stdout else what
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() < deadline, f"{what} did not open port {port} within {timeout:.0f} s"
+        time.sleep(0.3)
+
+
+SCORED_CLASSES = 10
+
+
+def export_scored_model(directory: Path) -> Path:
+    """ReXNet_1_0 with 10 classes whose classifier weights are scaled so scores are well apart.
+
+    A randomly initialised ReXNet's pooled features are ~1e-7 (zero-initialised BN scales), which
+    makes every softmax score 1/C; scaling the 1x1 classifier conv gives distinct, stable top-k.
+    """
+    import paddle
+
+    from rexnet_serving.export import export_model
+    from rexnet_serving.models import build_model
+    paddle.seed(0)
+    model = build_model("ReXNet_1_0", class_num=SCORED_CLASSES)
+    weight = model.state_dict()["output.1.weight"]
+    weight.set_value(np.random.default_rng(0).normal(0, 3e5, weight.shape).astype("float32"))
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "scaled.pdparams"
+    paddle.save(model.state_dict(), str(weights))
+    labels = directory / "labels.txt"
+    labels.write_text("".join(f"{i} class {i}\n" for i in range(SCORED_CLASSES)), encoding="utf-8")
+    export_model("ReXNet_1_0", directory / "model", weights=str(weights), labels=str(labels))
+    return directory / "model"
+
+
+@pytest.fixture(scope="session")
+def scored_model_dir(tmp_path_factory) -> Path:
+    """The 10-class export with distinct scores, exported once per test session."""
+    return export_scored_model(tmp_path_factory.mktemp("scored_model"))
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory) -> Path:
+    """ReXNet_1_0 with ImageNet classes and random weights (what `make serve` exports), once per session."""
+    from rexnet_serving.export import export_model
+    target = tmp_path_factory.mktemp("random_model") / "ReXNet_1_0"
+    export_model("ReXNet_1_0", target)
+    return target

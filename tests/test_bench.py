@@ -9,22 +9,14 @@ import os
 import pytest
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from rexnet_serving.export import export_model
-    path = tmp_path_factory.mktemp("bench") / "ReXNet_1_0"
-    export_model("ReXNet_1_0", path)
-    return path
-
-
 @pytest.mark.server
 @pytest.mark.slow
-def test_bench_runs_end_to_end_and_writes_its_reports(model_dir, tmp_path):
+def test_bench_runs_end_to_end_and_writes_its_reports(random_model_dir, tmp_path):
     from rexnet_serving.bench.cli import main
     from rexnet_serving.bench.monitor import process_tree
 
     out = tmp_path / "out"
-    code = main(["--model-dir", str(model_dir), "--protocols", "http", "--concurrency", "2", "--rate", "4",
+    code = main(["--model-dir", str(random_model_dir), "--protocols", "http", "--concurrency", "2", "--rate", "4",
                  "--duration", "1.5", "--warmup", "0.5", "--baselines", "inprocess", "--batches", "1",
                  "--no-calibration", "--quick", "--out", str(out)])
     assert code == 0, (out / "bench.md").read_text()

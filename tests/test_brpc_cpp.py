@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,36 +13,25 @@ import pytest
 import yaml
 from google.protobuf import text_format
 
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, free_port, wait_for_port
 from rexnet_serving import defaults
 from rexnet_serving.brpc import cpp_backend
 from rexnet_serving.brpc.cli import main
 
-ARCH = "ReXNet_1_0"
 CLI = [sys.executable, "-m", "rexnet_serving.brpc.cli"]
-
-
-@pytest.fixture(scope="session")
-def exported_model(tmp_path_factory) -> Path:
-    """ReXNet_1_0 exported once per session (shared with the other bRPC test modules through basetemp)."""
-    from rexnet_serving.export import export_model
-    target = tmp_path_factory.getbasetemp() / f"brpc_{ARCH}"
-    if not (target / "manifest.json").is_file():
-        export_model(ARCH, target, overwrite=True)
-    return target
 
 
 def _parse(path: Path, message):
     return text_format.Parse(path.read_text(), message)
 
 
-def test_prepared_workdir_parses_with_paddle_serving_protos(exported_model, tmp_path):
+def test_prepared_workdir_parses_with_paddle_serving_protos(random_model_dir, tmp_path):
     from paddle_serving_server.proto import general_model_config_pb2 as model_pb2
     from paddle_serving_server.proto import server_configure_pb2 as conf_pb2
 
     port = free_port()
     workdir = tmp_path / "work"
-    assert main(["cpp", "--model-dir", str(exported_model), "--port", str(port), "--workdir", str(workdir),
+    assert main(["cpp", "--model-dir", str(random_model_dir), "--port", str(port), "--workdir", str(workdir),
                  "--thread", "3", "--prepare-only"]) == 0
 
     infer_service = _parse(workdir / "infer_service.prototxt", conf_pb2.InferServiceConf())
@@ -59,7 +47,7 @@ def test_prepared_workdir_parses_with_paddle_serving_protos(exported_model, tmp_
 
     general = _parse(workdir / engine_name / "general_model.prototxt", model_pb2.GeneralModelConfig())
     from rexnet_serving.manifest import load_manifest
-    manifest = load_manifest(exported_model)
+    manifest = load_manifest(random_model_dir)
     assert [(v.name, v.alias_name, list(v.shape), v.feed_type) for v in general.feed_var] == \
         [(manifest.feed.name, manifest.feed.alias, list(manifest.feed.shape[1:]), 1)]
     assert [(v.name, v.alias_name) for v in general.fetch_var] == [(manifest.fetch.name, manifest.fetch.alias)]
@@ -71,18 +59,18 @@ def test_prepared_workdir_parses_with_paddle_serving_protos(exported_model, tmp_
     assert not engine.use_gpu and list(engine.gpu_ids) == [-1]
 
 
-def test_gpu_ids_reach_the_engine_config(exported_model, tmp_path, monkeypatch):
+def test_gpu_ids_reach_the_engine_config(random_model_dir, tmp_path, monkeypatch):
     from paddle_serving_server.proto import server_configure_pb2 as conf_pb2
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     workdir = tmp_path / "work"
-    assert main(["cpp", "--model-dir", str(exported_model), "--port", str(free_port()),
+    assert main(["cpp", "--model-dir", str(random_model_dir), "--port", str(free_port()),
                  "--workdir", str(workdir), "--gpu-ids", "0", "--prepare-only"]) == 0
     toolkit = _parse(workdir / "GeneralInferOp_0" / "model_toolkit.prototxt", conf_pb2.ModelToolkitConf())
     assert toolkit.engines[0].use_gpu and list(toolkit.engines[0].gpu_ids) == [0]
 
 
-def test_command_line_matches_paddle_serving(exported_model, tmp_path):
-    server = cpp_backend.build_server(cpp_backend.model_serving_dir(exported_model), threads=3)
+def test_command_line_matches_paddle_serving(random_model_dir, tmp_path):
+    server = cpp_backend.build_server(cpp_backend.model_serving_dir(random_model_dir), threads=3)
     cpp_backend.prepare_workdir(server, tmp_path, port=free_port())
     command = cpp_backend.serving_command(server, Path("/opt/serving"))
     assert command[0] == "/opt/serving"
@@ -101,10 +89,10 @@ def _no_local_binary() -> bool:
 
 
 @pytest.mark.skipif(not _no_local_binary(), reason="a C++ Serving binary package is unpacked here")
-def test_without_a_binary_it_fails_at_once_with_one_message(exported_model, tmp_path):
+def test_without_a_binary_it_fails_at_once_with_one_message(random_model_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SERVING_BIN"}
     workdir = tmp_path / "work"
-    proc = subprocess.run(CLI + ["cpp", "--model-dir", str(exported_model), "--port", str(free_port()),
+    proc = subprocess.run(CLI + ["cpp", "--model-dir", str(random_model_dir), "--port", str(free_port()),
                                  "--workdir", str(workdir)],
                           env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 1
@@ -117,22 +105,22 @@ def test_without_a_binary_it_fails_at_once_with_one_message(exported_model, tmp_
     assert not list(tmp_path.glob("*.tar.gz"))  # and nothing was fetched
 
 
-def test_serving_bin_that_is_not_executable_is_refused(exported_model, tmp_path, monkeypatch, capsys):
+def test_serving_bin_that_is_not_executable_is_refused(random_model_dir, tmp_path, monkeypatch, capsys):
     fake = tmp_path / "serving"
     fake.write_text("not a program")
     monkeypatch.setenv("SERVING_BIN", str(fake))
-    assert main(["cpp", "--model-dir", str(exported_model), "--port", str(free_port()),
+    assert main(["cpp", "--model-dir", str(random_model_dir), "--port", str(free_port()),
                  "--workdir", str(tmp_path / "work")]) == 1
     assert f"SERVING_BIN={fake} is not an executable file" in capsys.readouterr().err
 
 
-def test_serving_bin_is_executed_with_paddle_serving_flags(exported_model, tmp_path):
+def test_serving_bin_is_executed_with_paddle_serving_flags(random_model_dir, tmp_path):
     record = tmp_path / "argv.txt"
     stand_in = tmp_path / "serving"  # records how it was started instead of serving
     stand_in.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {record}\nexit 7\n")
     stand_in.chmod(0o755)
     port = free_port()
-    proc = subprocess.run(CLI + ["cpp", "--model-dir", str(exported_model), "--port", str(port),
+    proc = subprocess.run(CLI + ["cpp", "--model-dir", str(random_model_dir), "--port", str(port),
                                  "--workdir", str(tmp_path / "work")],
                           env=dict(os.environ, SERVING_BIN=str(stand_in)), capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
@@ -144,17 +132,17 @@ def test_serving_bin_is_executed_with_paddle_serving_flags(exported_model, tmp_p
     assert (tmp_path / "work" / "workflow.prototxt").is_file()
 
 
-def test_port_in_use_is_reported(exported_model, tmp_path, capsys):
+def test_port_in_use_is_reported(random_model_dir, tmp_path, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        assert main(["cpp", "--model-dir", str(exported_model), "--port", str(port),
+        assert main(["cpp", "--model-dir", str(random_model_dir), "--port", str(port),
                      "--workdir", str(tmp_path / "work"), "--prepare-only"]) == 1
     assert f"Port {port} is already used" in capsys.readouterr().err
 
 
-def test_not_an_exported_model_is_reported(tmp_path, capsys):
+def test_not_an_random_model_dir_is_reported(tmp_path, capsys):
     assert main(["cpp", "--model-dir", str(tmp_path), "--prepare-only"]) == 1
     assert "not an exported model" in capsys.readouterr().err
 
@@ -164,31 +152,24 @@ def test_not_an_exported_model_is_reported(tmp_path, capsys):
 @pytest.mark.skipif(not os.environ.get("SERVING_BIN"),
                     reason="needs SERVING_BIN pointing at Paddle Serving's C++ 'serving' binary (not "
                            "downloadable here); the native endpoint's tests cover the same client")
-def test_real_cpp_serving_answers_our_client(exported_model, tmp_path):
+def test_real_cpp_serving_answers_our_client(random_model_dir, tmp_path):
     from rexnet_serving.clients.brpc import BrpcClient
     from rexnet_serving.inference import InferenceModel
     from rexnet_serving.manifest import load_manifest
 
     port = free_port()
-    proc = subprocess.Popen(CLI + ["cpp", "--model-dir", str(exported_model), "--port", str(port),
+    proc = subprocess.Popen(CLI + ["cpp", "--model-dir", str(random_model_dir), "--port", str(port),
                                    "--workdir", str(tmp_path / "work"), "--thread", "2"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "C++ Serving did not open its port within 120 s"
-            time.sleep(0.5)
-        manifest = load_manifest(exported_model)
+        wait_for_port(proc, port, "C++ Serving")
+        manifest = load_manifest(random_model_dir)
         batch = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
         with BrpcClient(timeout=60) as client:
             client.load_client_config(manifest.serving_client_dir / "serving_client_conf.prototxt")
             client.connect([f"127.0.0.1:{port}"])
             got = client.predict(feed={manifest.feed.alias: batch}, fetch=[manifest.fetch.alias], batch=True)
-        expected = InferenceModel(exported_model).run(batch)
+        expected = InferenceModel(random_model_dir).run(batch)
         np.testing.assert_allclose(got[manifest.fetch.alias], expected, atol=1e-5)
     finally:
         proc.terminate()
@@ -203,7 +184,7 @@ def test_real_cpp_serving_answers_our_client(exported_model, tmp_path):
 CONFIG = REPO_ROOT / "serving_configs" / "brpc_backend.yml"
 
 
-def test_brpc_backend_config_forwards_to_the_cpp_backend(exported_model):
+def test_brpc_backend_config_forwards_to_the_cpp_backend(random_model_dir):
     from rexnet_serving.manifest import load_manifest
     data = yaml.safe_load(CONFIG.read_text())
     assert data["extends"] == "cpu.yml"
@@ -211,7 +192,7 @@ def test_brpc_backend_config_forwards_to_the_cpp_backend(exported_model):
     assert infer["client_type"] == "brpc"
     assert infer["server_endpoints"] == [f"127.0.0.1:{defaults.BRPC_PORT}"]
     assert infer["client_config"] is None  # the --model-dir export's serving_client/, the one C++ Serving gets
-    manifest = load_manifest(exported_model)
+    manifest = load_manifest(random_model_dir)
     assert infer["fetch_list"] == [manifest.fetch.alias]
     # decode and preprocess stay in the Pipeline: this file does not touch them
     assert set(data["op"]) == {"infer"}

@@ -11,14 +11,12 @@ import struct
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_for_port
 from images import PHOTO_SET, encode, photo
 from rexnet_serving.brpc import protocol
 from rexnet_serving.brpc.protocol import CompressType, Errno, FrameDecoder, encode_frame, request_meta
@@ -29,23 +27,12 @@ from rexnet_serving.clients.brpc import BrpcClient
 
 pytestmark = pytest.mark.server
 
-ARCH = "ReXNet_1_0"
 SERVICE = protocol.SERVICE_FULL_NAME
 
 
-@pytest.fixture(scope="session")
-def exported_model(tmp_path_factory) -> Path:
-    """ReXNet_1_0 exported once per session (shared with the other bRPC test modules through basetemp)."""
-    from rexnet_serving.export import export_model
-    target = tmp_path_factory.getbasetemp() / f"brpc_{ARCH}"
-    if not (target / "manifest.json").is_file():
-        export_model(ARCH, target, overwrite=True)
-    return target
-
-
 @pytest.fixture(scope="module")
-def service(exported_model) -> ModelService:
-    return ModelService(exported_model, cpu_threads=1)
+def service(random_model_dir) -> ModelService:
+    return ModelService(random_model_dir, cpu_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +44,10 @@ def server(service):
 
 
 @pytest.fixture(scope="module")
-def reference(exported_model):
+def reference(random_model_dir):
     """The offline predictor: the same decode/preprocess/top-k functions and its own InferenceModel."""
     from rexnet_serving.classifier import Classifier
-    return Classifier(exported_model, cpu_threads=1)
+    return Classifier(random_model_dir, cpu_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +61,10 @@ def small_image() -> bytes:
 
 
 @pytest.fixture()
-def client(server, exported_model):
+def client(server, random_model_dir):
     from rexnet_serving.manifest import load_manifest
     c = BrpcClient(server, timeout=60)
-    c.load_client_config(load_manifest(exported_model).serving_client_dir / "serving_client_conf.prototxt")
+    c.load_client_config(load_manifest(random_model_dir).serving_client_dir / "serving_client_conf.prototxt")
     yield c
     c.close()
 
@@ -320,14 +307,14 @@ def test_pipelined_requests_are_answered_by_correlation_id_out_of_order(server, 
     assert len(Response.FromString(by_id[3].payload).outputs[0].tensor[0].data) == 1
 
 
-def test_sixteen_clients_with_requests_in_flight(server, reference, photos, exported_model):
+def test_sixteen_clients_with_requests_in_flight(server, reference, photos, random_model_dir):
     from rexnet_serving.manifest import load_manifest
     small = [encode(photo(name, (96 + 8 * i, 80 + 4 * i)), "jpeg", quality=90)
              for i, name in enumerate(["china", "flower"] * 4)]
     expected_images = {i: reference.classify([data], top_k=5)[0] for i, data in enumerate(small)}
     batch = np.asarray(reference.preprocess(reference.decode(photos[:1])[0]), dtype=np.float32)
     expected_probs = reference.model.run(batch)
-    config = load_manifest(exported_model).serving_client_dir / "serving_client_conf.prototxt"
+    config = load_manifest(random_model_dir).serving_client_dir / "serving_client_conf.prototxt"
 
     clients = []
     for _ in range(16):
@@ -444,20 +431,13 @@ def test_predict_checks_feed_names_like_paddle_client(client):
 
 
 # -- the command line -----------------------------------------------------------------------------------
-def test_cli_native_serves_and_stops_on_sigterm(exported_model, small_image, tmp_path):
+def test_cli_native_serves_and_stops_on_sigterm(random_model_dir, small_image, tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "rexnet_serving.brpc.cli", "--model-dir", str(exported_model),
+    proc = subprocess.Popen([sys.executable, "-m", "rexnet_serving.brpc.cli", "--model-dir", str(random_model_dir),
                              "--port", str(port), "--workers", "1"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "rexnet-brpc did not open its port within 120 s"
-            time.sleep(0.3)
+        wait_for_port(proc, port, "rexnet-brpc")
         good_request(f"127.0.0.1:{port}", small_image)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -467,7 +447,7 @@ def test_cli_native_serves_and_stops_on_sigterm(exported_model, small_image, tmp
             proc.wait()
 
 
-def test_cli_errors(exported_model, tmp_path):
+def test_cli_errors(random_model_dir, tmp_path):
     env = dict(os.environ)
     usage = subprocess.run([sys.executable, "-m", "rexnet_serving.brpc.cli", "--workers", "many"],
                            capture_output=True, text=True, timeout=120, env=env)
@@ -480,6 +460,6 @@ def test_cli_errors(exported_model, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         taken = subprocess.run([sys.executable, "-m", "rexnet_serving.brpc.cli", "--model-dir",
-                                str(exported_model), "--port", str(busy.getsockname()[1])],
+                                str(random_model_dir), "--port", str(busy.getsockname()[1])],
                                capture_output=True, text=True, timeout=120, env=env)
     assert taken.returncode == 1 and "cannot listen on" in taken.stderr

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 
 import rexnet_serving.imageio  # noqa: F401  (before paddle: see that module)
 import numpy as np
 import pytest
 
+from conftest import SCORED_CLASSES
 from images import encode, make_photo_set, photo
 from rexnet_pipelines import protocol
 from rexnet_serving import postprocess
@@ -16,35 +16,9 @@ from rexnet_serving.classifier import Classifier, decode_payloads, inference_mod
 from rexnet_serving.imageio import DecodeLimits, ImageError
 from rexnet_serving.results import Prediction
 
-TEST_CLASSES = 10
-
-
-def export_test_model(directory: Path) -> Path:
-    """ReXNet_1_0 with 10 classes whose classifier weights are scaled so scores are well apart.
-
-    A randomly initialised ReXNet's pooled features are ~1e-7 (zero-initialised BN scales), which
-    makes every softmax score 1/C; scaling the 1x1 classifier conv gives distinct, stable top-k.
-    """
-    import paddle
-
-    from rexnet_serving.export import export_model
-    from rexnet_serving.models import build_model
-    paddle.seed(0)
-    model = build_model("ReXNet_1_0", class_num=TEST_CLASSES)
-    weight = model.state_dict()["output.1.weight"]
-    weight.set_value(np.random.default_rng(0).normal(0, 3e5, weight.shape).astype("float32"))
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / "scaled.pdparams"
-    paddle.save(model.state_dict(), str(weights))
-    labels = directory / "labels.txt"
-    labels.write_text("".join(f"{i} class {i}\n" for i in range(TEST_CLASSES)), encoding="utf-8")
-    export_model("ReXNet_1_0", directory / "model", weights=str(weights), labels=str(labels))
-    return directory / "model"
-
-
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> Classifier:
-    return Classifier(export_test_model(tmp_path_factory.mktemp("classifier")),
+def classifier(scored_model_dir) -> Classifier:
+    return Classifier(scored_model_dir,
                       limits=DecodeLimits(max_bytes=5_000_000, max_pixels=4_000_000))
 
 
@@ -92,7 +66,7 @@ def test_classify_matches_the_stages_run_by_hand(classifier, tmp_path):
     images, errors = classifier.decode(payloads)
     assert not errors
     probs = classifier.probabilities(classifier.preprocess(images))
-    assert probs.shape == (len(paths), TEST_CLASSES)
+    assert probs.shape == (len(paths), SCORED_CLASSES)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     for result, row in zip(results, probs):
         assert [p.class_id for p in result.predictions] == list(np.argsort(-row, kind="stable")[:5])

@@ -33,7 +33,7 @@ from rexnet_serving.clients.grpc import GrpcClient
 from rexnet_serving.clients.http import HttpClient
 from rexnet_serving.imageio import DecodeLimits
 from rexnet_serving.results import ImageResult
-from test_classifier import TEST_CLASSES, export_test_model
+from conftest import SCORED_CLASSES
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -63,8 +63,8 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_test_model(tmp_path_factory.mktemp("service_model"))
+def model_dir(scored_model_dir) -> Path:
+    return scored_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_not_ready_before_warm_up_then_ready(service):
     assert requests.get(f"http://127.0.0.1:{service.metrics}/healthz", timeout=5).json() == {"status": "alive"}
     assert service.metric("rexnet_ready") == 1.0
     text = service.log.read_text()
-    assert f"http://127.0.0.1:{service.http}/rexnet/prediction" in text and f"/metrics" in text
+    assert f"http://127.0.0.1:{service.http}/rexnet/prediction" in text and "/metrics" in text
 
 
 def test_work_dir_holds_paddle_serving_files(service, model_dir):
@@ -207,7 +207,7 @@ BAD_HTTP = [
     ("missing key", {"key": ["top_k"], "value": ["5"]}, 51, "missing_image", None),
     ("unknown key", {"key": ["image", "picture"], "value": [b64(JPEG), "x"]}, 51, "unknown_key", None),
     ("top_k 0", {"key": ["image", "top_k"], "value": [b64(JPEG), "0"]}, 51, "invalid_top_k", None),
-    ("top_k too big", {"key": ["image", "top_k"], "value": [b64(JPEG), str(TEST_CLASSES + 1)]}, 51,
+    ("top_k too big", {"key": ["image", "top_k"], "value": [b64(JPEG), str(SCORED_CLASSES + 1)]}, 51,
      "between 1 and 10", None),
     ("top_k text", {"key": ["image", "top_k"], "value": [b64(JPEG), "many"]}, 51, "integer", None),
     ("keys without values", {"key": ["image", "top_k"], "value": [b64(JPEG)]}, 51, "2 keys but 1 values", None),
@@ -269,8 +269,8 @@ def test_bad_grpc_tensors(service, clients, offline):
     assert response.err_no == protocol.INVALID_REQUEST and "more than once" in response.err_msg
     with pytest.raises(BadRequestError, match="invalid_top_k"):
         grpc_client.classify([JPEG], top_k=0)
-    (result,) = grpc_client.classify([JPEG], top_k=TEST_CLASSES)
-    assert len(result.predictions) == TEST_CLASSES
+    (result,) = grpc_client.classify([JPEG], top_k=SCORED_CLASSES)
+    assert len(result.predictions) == SCORED_CLASSES
     good_request_works(service, offline)
 
 

@@ -30,7 +30,6 @@ from rexnet_serving.clients.base import BadRequestError, TransientError
 from rexnet_serving.clients.grpc import GrpcClient
 from rexnet_serving.clients.http import HttpClient
 from rexnet_serving.results import ImageResult
-from test_classifier import export_test_model
 
 BIN = Path(sys.executable).parent
 CONFIG = CONFIG_DIR / "brpc_backend.yml"
@@ -106,8 +105,8 @@ def test_ipv6_and_several_endpoints_are_accepted(tmp_path):
 
 # -- the remote predictor (in-process native endpoint) ----------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_test_model(tmp_path_factory.mktemp("brpc_backend_model"))
+def model_dir(scored_model_dir) -> Path:
+    return scored_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ by renaming BN statistics only (see ``rexnet_serving.convert``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
