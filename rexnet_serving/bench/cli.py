@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -313,6 +314,10 @@ def _versions() -> Dict[str, str]:
         return {"paddle": "unknown", "python": platform.python_version()}
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -363,6 +368,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         phases.append(("rexnet-brpc", bench.brpc))
     if "documented" in args.baselines:
         phases.append(("documented way", bench.documented))
+    # SIGTERM (kill, a CI timeout) ends the run as Ctrl-C does, so the servers it started are stopped too.
+    signal.signal(signal.SIGTERM, _interrupt)
     with tqdm(total=bench.point_count(), unit="point", file=sys.stderr) as bar:
         bench.bar = bar
         for name, phase in phases:
