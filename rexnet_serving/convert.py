@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from rexnet_serving.models import MODELS, VARIANTS, build_model
 from rexnet_serving.models.rexnet import STEM_CHANNELS, scaled_channels
-from rexnet_serving.models.weights import CLASSIFIER_PREFIX, check_state_dict
+from rexnet_serving.models.weights import CLASSIFIER_PREFIX, check_state_dict, save_atomically
 from rexnet_serving.torch_checkpoint import CheckpointError, read_torch_checkpoint
 
 STEM_KEY = "features.0.weight"
@@ -104,22 +103,6 @@ def default_output(src: str) -> str:
     return root + ".pdparams"
 
 
-def _save_atomically(state: Dict[str, np.ndarray], dst: str) -> None:
-    """Write via a temporary file in the same directory so a failure never leaves a half file."""
-    import paddle
-    directory = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".rexnet-convert-", suffix=".pdparams", dir=directory)
-    os.close(fd)
-    try:
-        paddle.save(state, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def convert_checkpoint(src: str, dst: Optional[str] = None,
                        arch: Optional[str] = None) -> ConversionResult:
     """Convert an official ``rexnetv1_*.pth`` to PaddleClas ``.pdparams`` (default: beside ``src``)."""
@@ -133,7 +116,7 @@ def convert_checkpoint(src: str, dst: Optional[str] = None,
     state = read_torch_checkpoint(src)
     arch, class_num, converted = convert_state_dict(state, src, arch)
     try:
-        _save_atomically(converted, dst)
+        save_atomically(converted, dst)
     except OSError as exc:
         raise CheckpointError(f"{dst}: cannot write the converted weights ({exc.strerror or exc})") \
             from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .preprocess import PreprocessConfig
 
@@ -249,3 +249,8 @@ def read_labels(path: PathLike) -> List[str]:
     if not names:
         raise ValueError(f"{path}: no labels")
     return names
+
+
+def write_labels(path: PathLike, names: Sequence[str]) -> None:
+    """Write class names as the label list read_labels reads: ``<id> <name>`` per line."""
+    Path(path).write_text("".join(f"{i} {name}\n" for i, name in enumerate(names)), encoding="utf-8")

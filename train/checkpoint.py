@@ -24,16 +24,6 @@ class CheckpointError(ValueError):
     """A --resume file that is missing, unreadable or from another model."""
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        paddle.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def epoch_checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}.pdckpt"
 

@@ -97,11 +97,6 @@ def load_class_names(path: str) -> List[str]:
         raise DataError(f"class-name file: {exc}") from None
 
 
-def write_class_names(path: str, names: Sequence[str]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(f"{i} {name}\n" for i, name in enumerate(names))
-
-
 def check_labels(samples: Sequence[Sample], class_num: int, source: str) -> None:
     bad = [s for s in samples if s.label >= class_num]
     if bad:

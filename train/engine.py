@@ -20,14 +20,16 @@ import yaml
 from paddle import nn
 from tqdm import tqdm
 
+from rexnet_serving.manifest import write_labels
 from rexnet_serving.models import build_model, load_weights
+from rexnet_serving.models.weights import save_atomically
 from rexnet_serving.preprocess import PreprocessConfig, config_for
 
 from rexnet_train import checkpoint as ckpt
 from rexnet_train import distributed, history as hist
 from rexnet_train.augment import TrainTransform, derive_seed
 from rexnet_train.data import (EvalDataset, TrainDataset, check_labels, eval_loader, load_class_names,
-                               load_split, train_loader, write_class_names)
+                               load_split, train_loader)
 from rexnet_train.optim import build_optimizer, build_scheduler, scaled_lr
 
 LABELS_FILE = "label_list.txt"
@@ -193,7 +195,7 @@ class Trainer:
     def _write_run_files(self) -> None:
         with open(os.path.join(self.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
             yaml.safe_dump(self.config, f, sort_keys=False)
-        write_class_names(os.path.join(self.output_dir, LABELS_FILE), self.class_names)
+        write_labels(os.path.join(self.output_dir, LABELS_FILE), self.class_names)
 
     # -- one epoch ----------------------------------------------------------------------------------
     def _seed_epoch(self, epoch: int) -> None:
@@ -271,7 +273,7 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------------
     def _save(self, epoch: int, improved: bool, last: bool) -> None:
         model_state = self.model.state_dict()
-        ckpt.save_atomic(model_state, os.path.join(self.output_dir, ckpt.LATEST_WEIGHTS))
+        save_atomically(model_state, os.path.join(self.output_dir, ckpt.LATEST_WEIGHTS))
         interval = self.config["Global"]["save_interval"]
         if not (improved or last or epoch % interval == 0):
             return
@@ -283,10 +285,10 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         if last or epoch % interval == 0:
-            ckpt.save_atomic(state, os.path.join(self.output_dir, ckpt.epoch_checkpoint_name(epoch)))
+            save_atomically(state, os.path.join(self.output_dir, ckpt.epoch_checkpoint_name(epoch)))
         if improved:
-            ckpt.save_atomic(state, os.path.join(self.output_dir, ckpt.BEST_CHECKPOINT))
-            ckpt.save_atomic(model_state, os.path.join(self.output_dir, ckpt.BEST_WEIGHTS))
+            save_atomically(state, os.path.join(self.output_dir, ckpt.BEST_CHECKPOINT))
+            save_atomically(model_state, os.path.join(self.output_dir, ckpt.BEST_WEIGHTS))
 
     def fit(self) -> Dict[str, Any]:
         """Train from ``start_epoch`` to ``Global.epochs``; return the last epoch's record."""

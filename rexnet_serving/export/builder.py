@@ -29,7 +29,7 @@ import paddle
 from .. import __version__
 from ..defaults import LABELS_FILE
 from ..manifest import (INFERENCE, MANIFEST_FILE, ONNX, SERVING_CLIENT, SERVING_SERVER, Manifest,
-                        TensorSpec, load_manifest, read_labels)
+                        TensorSpec, load_manifest, read_labels, write_labels)
 from ..models import MODELS, VARIANTS, build_model, load_weights, read_state_dict
 from ..models.rexnet import PENULTIMATE_CHANNELS
 from ..models.weights import CLASSIFIER_PREFIX, WeightsError
@@ -122,7 +122,7 @@ def _write_labels(target: Path, class_num: int, labels: Optional[str]) -> None:
               f"class_0 .. class_{class_num - 1} to {LABELS_NAME} (pass --labels FILE)",
               file=sys.stderr)
         names = [f"class_{i}" for i in range(class_num)]
-    target.write_text("".join(f"{i} {name}\n" for i, name in enumerate(names)), encoding="utf-8")
+    write_labels(target, names)
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Dict, Iterable, List, Mapping, Optional
+import tempfile
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 import paddle
@@ -30,6 +31,20 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
     if not isinstance(state, Mapping) or not state:
         raise WeightsError(f"cannot read weights file {path}: it holds no state dict")
     return {str(k): np.asarray(v) for k, v in state.items()}
+
+
+def save_atomically(obj: Any, path: str) -> None:
+    """paddle.save through a temporary file in the same directory, so a crash never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    os.close(fd)
+    try:
+        paddle.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def check_state_dict(model: nn.Layer, state: Mapping[str, np.ndarray],
