@@ -15,9 +15,9 @@ def read_version() -> str:
 
 
 # Pins that install and run together (Paddle Serving 0.9.0 is the last release; its generated _pb2 files
-# need protobuf 3.20, its server pins grpcio<=1.33.2, so Python 3.9 is the newest it runs on).
-# paddle-serving-app==0.9.0 is installed separately with --no-deps (scripts/bootstrap.sh): it pins an
-# opencv-python wheel that does not exist.
+# need protobuf 3.20 and its client wheels stop at Python 3.9). grpcio 1.80.1 (over the server's
+# metadata pin grpcio<=1.33.2) and paddle-serving-app==0.9.0 are installed afterwards with --no-deps from
+# scripts/no-deps-requirements.txt (scripts/bootstrap.sh, the Dockerfiles), which says why.
 COMMON = [
     "paddle-serving-client==0.9.0",
     "numpy<2",

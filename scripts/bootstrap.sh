@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds .venv from a Python 3.9 and installs rexnet-serving into it (editable).
-# Python 3.9 because Paddle Serving 0.9.0 ships client wheels only up to 3.9 and pins grpcio<=1.33.2.
+# Python 3.9 because Paddle Serving 0.9.0 ships client wheels only up to 3.9 (its grpcio<=1.33.2 pin is
+# metadata only: scripts/no-deps-requirements.txt installs a maintained grpcio over it).
 # Idempotent: when setup.py, this script and the device are unchanged it returns at once.
 #   REXNET_DEVICE=cpu|gpu   which Paddle builds to install (default cpu)
 #   REXNET_PYTHON=/path     use this interpreter (must be 3.9)
@@ -30,7 +31,7 @@ find_python39() {
   return 1
 }
 
-stamp_of() { cat "$root/setup.py" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1 | sed "s/\$/-$device/"; }
+stamp_of() { cat "$root/setup.py" "${BASH_SOURCE[0]}" "$root/scripts/no-deps-requirements.txt" | sha256sum | cut -d' ' -f1 | sed "s/\$/-$device/"; }
 stamp_file="$venv/.rexnet-installed"
 want=$(stamp_of)
 if [ -x "$venv/bin/python" ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want" ]; then
@@ -55,7 +56,6 @@ fi
 
 echo "bootstrap: installing rexnet-serving[$device] into .venv"
 "$venv/bin/python" -m pip install -q -e "$root[$device,test]"
-# paddle-serving-app pins an opencv-python wheel that does not exist; its own code needs none of its deps
-# that we use (LocalPredictor), so it goes in without them.
-"$venv/bin/python" -m pip install -q --no-deps "paddle-serving-app==0.9.0"
+# Pins that go in without their metadata's dependencies (why: in that file).
+"$venv/bin/python" -m pip install -q --no-deps -r "$root/scripts/no-deps-requirements.txt"
 echo "$want" > "$stamp_file"
