@@ -120,6 +120,15 @@ class Classifier:
     def preprocess(self, images: Sequence[Decoded]) -> Any:
         return preprocess_images(images, self.manifest.preprocess)
 
+    @staticmethod
+    def stack(images: Sequence[Any]) -> Any:
+        """Per-image [3, S, S] tensors (as preprocess returns them, split) back into one batch, on the
+        device they are on: paddle.stack for Paddle tensors, np.stack for NumPy arrays."""
+        if images and not isinstance(images[0], np.ndarray):
+            import paddle
+            return paddle.stack(list(images))
+        return np.stack(images)
+
     def probabilities(self, batch: Any, model: Any = None) -> np.ndarray:
         """Class probabilities [N, C] for a preprocessed batch (softmax here when the export has none).
 
