@@ -16,7 +16,7 @@ import numpy as np
 
 from . import postprocess
 from .imageio import DecodeLimits, ImageError, decode_base64_image, decode_image, decode_jpeg_on_device
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, verify_files
 from .preprocess import PreprocessConfig, preprocess
 from .results import ImageResult
 
@@ -100,7 +100,8 @@ class Classifier:
     def __init__(self, model_dir: Union[str, Path], limits: DecodeLimits = DecodeLimits(),
                  model: Any = None, **model_options: Any) -> None:
         from .inference import InferenceModel
-        self.manifest: Manifest = load_manifest(model_dir)
+        # Also with a remote ``model``: labels and preprocessing come from these files.
+        self.manifest: Manifest = verify_files(model_dir)
         self.labels: List[str] = self.manifest.labels()
         self.limits = limits
         self.model = model if model is not None else InferenceModel(model_dir, **model_options)
