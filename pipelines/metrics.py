@@ -29,6 +29,11 @@ IN_FLIGHT = Gauge("rexnet_in_flight_requests", "Requests admitted and not yet an
 REFUSED = Counter("rexnet_refused_requests", "Requests refused or dropped before their work was done, by "
                   "reason: overloaded (admission limit), deadline, cancelled (client gone), draining",
                   ["reason"])
+MODEL_REQUESTS = Counter("rexnet_model_requests", "Requests answered, by the model and version they went to "
+                         "(empty when refused before a model was chosen) and err_no",
+                         ["model", "version", "err_no"])
+MODEL_REQUEST_SECONDS = Histogram("rexnet_model_request_seconds", "Time from receiving a request to answering "
+                                  "it, by model and version", ["model", "version"], buckets=_LATENCY_BUCKETS)
 READY = Gauge("rexnet_ready", "1 when the service takes requests (model loaded, warmed up, not draining)")
 
 for _stage in STAGES:  # export every stage from the start, so dashboards see zeros rather than gaps
