@@ -36,7 +36,7 @@ def test_bench_runs_end_to_end_and_writes_its_reports(random_model_dir, tmp_path
     server = result["servers"]["pipeline"]
     assert 0 < server["rss_idle_mb"] <= server["rss_peak_mb"]
     inproc = result["inprocess"]
-    assert [row["batch"] for row in inproc["project"]] == [1] == [row["batch"] for row in inproc["opencv"]]
+    assert [row["batch"] for row in inproc["project"]] == [1] == [row["batch"] for row in inproc["paddle_ops"]]
     assert inproc["project_single_p50_ms"] > 0 and inproc["stages_batch1"]["infer_ms"] > 0
     assert any(t["target"].startswith("pipeline service RSS") for t in result["targets"])
 

@@ -161,7 +161,8 @@ def markdown(result: Dict[str, Any]) -> str:
         lines += [f"## In-process limit (one process, no serving layer, {inproc['cpu_threads']} math threads, "
                   f"oneDNN {'on' if inproc['mkldnn'] else 'off'})", "",
                   "| preprocessing | batch | img/s | p50 ms per call | p99 ms per call |", "|---|---|---|---|---|"]
-        for variant, name in (("project", "project (Paddle ops)"), ("opencv", "OpenCV/NumPy")):
+        for variant, name in (("project", "project (OpenCV, the CPU path)"),
+                              ("paddle_ops", "Paddle ops (the GPU path, on the CPU)")):
             for row in inproc.get(variant, []):
                 lines.append(f"| {name} | {row['batch']} | {_fmt(row['images_per_s'])} | {_fmt(row['p50_ms'])} "
                              f"| {_fmt(row['p99_ms'])} |")
@@ -223,7 +224,7 @@ def plot(result: Dict[str, Any], path: Path) -> None:
                     label=LABELS[target])
     inproc = result.get("inprocess") or {}
     for key, style, name in (("project_best", "--", "in-process limit"),
-                             ("opencv_best", ":", "in-process, OpenCV preprocessing")):
+                             ("paddle_ops_best", ":", "in-process, Paddle-op preprocessing")):
         best = inproc.get(key)
         if best:
             ax_rate.axhline(best["images_per_s"], linestyle=style, color="gray",
