@@ -68,7 +68,7 @@ def decode_payloads(payloads: Sequence[Payload], limits: DecodeLimits = DecodeLi
 def preprocess_images(images: Sequence[Decoded], cfg: PreprocessConfig, on_device: bool = False) -> Any:
     """The model's eval preprocessing, [N, 3, crop, crop] float32, where the inference runs.
 
-    ``on_device`` False (CPU inference): OpenCV on the host, a NumPy batch (preprocess_opencv, ~10x cheaper
+    ``on_device`` False (CPU inference): OpenCV on the host, a NumPy batch (preprocess_opencv, over 10x cheaper
     there than Paddle ops). True (GPU inference): Paddle ops on the current device, a tensor that never
     leaves it (preprocess). Both are checked against the same PaddleClas reference in the tests.
     """

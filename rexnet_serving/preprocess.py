@@ -19,7 +19,7 @@ device; the constants of both come from one PreprocessConfig, the export's manif
   slower at 8), the LUT (~0.16, bit-exact).
 - preprocess(), when it runs on the GPU: Paddle ops on the current device (paddle.get_device()), so a GPU
   service never copies pixels back to the host, and images decoded by nvJPEG stay on the device. It is
-  also what training evaluation uses (a tensor for the Paddle model). On the CPU it costs ~10x the OpenCV
+  also what training evaluation uses (a tensor for the Paddle model). On the CPU it costs over 10x the OpenCV
   path (Paddle's per-op overhead), which is why the CPU path does not use it.
 
 The Paddle-op path follows OpenCV's uint8 INTER_LINEAR: output pixel d maps to source
@@ -299,9 +299,9 @@ def preprocess_opencv(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np
 def preprocess(images: Sequence[Union[np.ndarray, "paddle.Tensor"]], cfg: PreprocessConfig) -> "paddle.Tensor":
     """PaddleClas's eval preprocessing of a batch: N float32 CHW crops, [N, 3, crop, crop], on the current device.
 
-    The GPU-inference path, and training evaluation's (see the module docstring). images: H x W x 3 uint8 RGB numpy arrays (decode_image) or uint8 tensors already on the device
-    (decode_jpeg_on_device); sizes may differ. Only the source rows and columns the crop needs are copied
-    to the device.
+    The GPU-inference path, and training evaluation's (see the module docstring). images: H x W x 3 uint8 RGB
+    numpy arrays (decode_image) or uint8 tensors already on the device (decode_jpeg_on_device); sizes may
+    differ. Only the source rows and columns the crop needs are copied to the device.
     """
     import paddle
     import paddle.nn.functional as F

@@ -3,7 +3,7 @@
 Split by concern as PaddleClas's engine is: data (``data``), augmentation (``augment``), optimizer and
 schedule (``optim``), checkpoints (``checkpoint``), metrics file and curves (``history``), process group
 (``distributed``); this module wires them into epochs. Evaluation batches go through the service's own
-``rexnet_serving.preprocess.preprocess``.
+``rexnet_serving.preprocess.preprocess`` (its GPU path; see ``data``).
 """
 from __future__ import annotations
 
