@@ -15,6 +15,7 @@ import numpy as np
 import paddle
 import pytest
 
+from rexnet_serving.models.weights import save_atomically
 from rexnet_train import checkpoint as ckpt
 from rexnet_train.config import config_path, load_config
 from rexnet_train.optim import build_optimizer, split_weight_decay
@@ -99,7 +100,7 @@ def _checkpoint_after(tmp_path, epochs_done: int, world: int, batch: int, *overr
     optimizer.step()  # creates the momentum buffers that a checkpoint carries
     scheduler.step(epochs_done * ipe)
     path = str(tmp_path / ckpt.epoch_checkpoint_name(epochs_done))
-    ckpt.save_durably(ckpt.training_state(model, optimizer, scheduler, epochs_done, config, world),
+    save_atomically(ckpt.training_state(model, optimizer, scheduler, epochs_done, config, world),
                       path)
     return ckpt.load_checkpoint(path)
 
@@ -264,7 +265,7 @@ def test_save_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     path = tmp_path / "w.pdparams"
-    ckpt.save_durably({"a": np.arange(3)}, str(path))
+    save_atomically({"a": np.arange(3)}, str(path))
     assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
     assert os.path.basename(events[0][1]).startswith(".tmp-")  # the complete temporary file
     assert events[1][1] == str(path) and events[2][1] == str(tmp_path)
@@ -285,18 +286,18 @@ def test_best_pair_switches_at_once_and_survives_a_crash_half_way(tmp_path, monk
         assert _pair(out) == (epoch, epoch)
     assert len([n for n in os.listdir(out) if n.startswith(ckpt.BEST_DIR_PREFIX)]) == 1
 
-    real_save = ckpt.save_durably
+    real_save = ckpt.save_atomically
 
     def crash_on_weights(obj, path):
         if path.endswith(ckpt.BEST_WEIGHTS):
             raise KeyboardInterrupt("power lost")  # after the new checkpoint is written
         real_save(obj, path)
 
-    monkeypatch.setattr(ckpt, "save_durably", crash_on_weights)
+    monkeypatch.setattr(ckpt, "save_atomically", crash_on_weights)
     with pytest.raises(KeyboardInterrupt):
         ckpt.publish_best(str(out), {"epoch": 3}, {"w": np.array([3])}, 3)
     assert _pair(out) == (2, 2)  # both still from epoch 2
-    monkeypatch.setattr(ckpt, "save_durably", real_save)
+    monkeypatch.setattr(ckpt, "save_atomically", real_save)
     ckpt.publish_best(str(out), {"epoch": 4}, {"w": np.array([4])}, 4)
     assert _pair(out) == (4, 4)
     assert [n for n in os.listdir(out) if n.startswith(ckpt.BEST_DIR_PREFIX)] == \

@@ -6,10 +6,9 @@ epochs, the best metric, the metric history, the config and the world size. No g
 stored: every random stream of an epoch (data order, augmentation, dropout) is seeded from
 (Global.seed, epoch, ...), so resuming at an epoch boundary repeats the uninterrupted run.
 
-Durability: a file is written to a temporary name, fsync'ed, renamed over its final name, and the
-directory is fsync'ed, so after a crash or power loss a name holds either the old or the new complete
-file. (``rexnet_serving.models.weights.save_atomically`` renames without fsync, which suffices for
-export but not for a run that may lose power; it is not changed here.)
+Durability: every file goes through ``rexnet_serving.models.weights.save_atomically`` (temporary name,
+fsync, rename, fsync of the directory), so after a crash or power loss a name holds either the old or
+the new complete file.
 
 The best model is a *pair*, ``best.pdckpt`` and ``best_model.pdparams``, which must never come from two
 different epochs. Both are written into a new directory ``best-epoch_NNNN-*/``; one rename then points
@@ -25,6 +24,8 @@ import tempfile
 from typing import Any, Dict, List, Optional
 
 import paddle
+
+from rexnet_serving.models.weights import fsync_path, save_atomically
 
 CHECKPOINT_KEYS = ("model", "optimizer", "lr_scheduler", "epoch", "best_metric", "history")
 BEST_WEIGHTS = "best_model.pdparams"
@@ -42,33 +43,10 @@ def epoch_checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}.pdckpt"
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)  # works for directories too (POSIX)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace_durably(tmp: str, path: str) -> None:
-    """Rename ``tmp`` (already complete and fsync'ed) over ``path``, then fsync the directory."""
+    """Rename ``tmp`` (already complete) over ``path``, then fsync the directory."""
     os.replace(tmp, path)
-    _fsync(os.path.dirname(os.path.abspath(path)))
-
-
-def save_durably(obj: Any, path: str) -> None:
-    """paddle.save to a temporary file beside ``path``; fsync; rename; fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
-    os.close(fd)
-    try:
-        paddle.save(obj, tmp)
-        _fsync(tmp)
-        _replace_durably(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def _symlink_durably(target: str, path: str) -> None:
@@ -84,9 +62,9 @@ def _symlink_durably(target: str, path: str) -> None:
 def publish_best(output_dir: str, state: Dict[str, Any], weights: Dict[str, Any], epoch: int) -> None:
     """Write the best pair (checkpoint + plain weights) so that both always come from one epoch."""
     pair_dir = tempfile.mkdtemp(prefix=f"{BEST_DIR_PREFIX}{epoch:04d}-", dir=output_dir)
-    save_durably(state, os.path.join(pair_dir, BEST_CHECKPOINT))
-    save_durably(weights, os.path.join(pair_dir, BEST_WEIGHTS))
-    _fsync(output_dir)  # the new directory's own entry
+    save_atomically(state, os.path.join(pair_dir, BEST_CHECKPOINT))
+    save_atomically(weights, os.path.join(pair_dir, BEST_WEIGHTS))
+    fsync_path(output_dir)  # the new directory's own entry
     _symlink_durably(os.path.basename(pair_dir), os.path.join(output_dir, BEST_LINK))
     for name in (BEST_CHECKPOINT, BEST_WEIGHTS):
         link, target = os.path.join(output_dir, name), os.path.join(BEST_LINK, name)

@@ -1,9 +1,9 @@
 """The training loop: one process per device, DataParallel across processes, rank 0 writes everything.
 
-Split by concern as PaddleClas's engine is: data (``data``), augmentation (``augment``), optimizer and
-schedule (``optim``), checkpoints (``checkpoint``), metrics file and curves (``history``), process group
-(``distributed``); this module wires them into epochs. Evaluation batches go through the service's own
-``rexnet_serving.preprocess.preprocess`` (its GPU path; see ``data``).
+Split by concern as PaddleClas's engine is: data (``data``), augmentation (``augment``, ``randaugment``),
+optimizer (``optim``), LR schedule (``schedule``), checkpoints (``checkpoint``), metrics file and curves
+(``history``), process group (``distributed``); this module wires them into epochs. Evaluation batches go
+through the service's own ``rexnet_serving.preprocess.preprocess`` (its GPU path; see ``data``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from rexnet_serving.manifest import write_labels
 from rexnet_serving.models import build_model, load_weights
+from rexnet_serving.models.weights import save_atomically
 from rexnet_serving.preprocess import PreprocessConfig, config_for
 
 from rexnet_train import checkpoint as ckpt
@@ -292,14 +293,14 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------------
     def _save(self, epoch: int, improved: bool, last: bool) -> None:
         model_state = self.model.state_dict()
-        ckpt.save_durably(model_state, os.path.join(self.output_dir, ckpt.LATEST_WEIGHTS))
+        save_atomically(model_state, os.path.join(self.output_dir, ckpt.LATEST_WEIGHTS))
         interval = self.config["Global"]["save_interval"]
         if not (improved or last or epoch % interval == 0):
             return
         state = ckpt.training_state(self.model, self.optimizer, self.scheduler, epoch, self.config,
                                     self.world, self.best_metric, self.history, self.scaler)
         if last or epoch % interval == 0:
-            ckpt.save_durably(state, os.path.join(self.output_dir, ckpt.epoch_checkpoint_name(epoch)))
+            save_atomically(state, os.path.join(self.output_dir, ckpt.epoch_checkpoint_name(epoch)))
         if improved:
             ckpt.publish_best(self.output_dir, state, model_state, epoch)
 
