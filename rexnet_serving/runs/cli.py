@@ -1,0 +1,116 @@
+"""Command-line pieces the run tools share: bounded numbers, the output flags, SIGTERM as Ctrl-C, and
+the model flags of the in-process tools (device, runtime, precision, decode limits)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import signal
+import threading
+from typing import Any, Callable, Dict, Iterator
+
+from .inputs import UsageError
+from .output import FORMATS
+
+RUNTIMES = ("paddle", "openvino")
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_RUNTIME, DEFAULT_PRECISION = "paddle", "fp32"
+
+
+def bounded(kind: type, low: float, inclusive: bool = True) -> Callable[[str], Any]:
+    """argparse type: a number of ``kind`` at least (or, not inclusive, above) ``low``."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'more than'} {low}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+SOURCES_HELP = ("a folder (searched recursively for .jpg .jpeg .png .bmp .webp), a glob (quote it), an "
+                "image, or a list file (one path per line, relative to the list file; PaddleClas "
+                "'path label' lines carry the label into the output)")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    """-o/--output, --format, --overwrite: the result file that resume works on."""
+    parser.add_argument("-o", "--output", required=required,
+                        help="OUT.jsonl or OUT.csv; rerunning with the same file resumes")
+    parser.add_argument("--format", choices=FORMATS, help="output format (default: from the extension)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start the output over instead of skipping the images already in it")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[threading.Event]:
+    """SIGTERM (a Kubernetes Job, a shell's kill) raises KeyboardInterrupt like Ctrl-C, so a run stops
+    the same way and writes what it has; the event tells the two apart (exit 143 vs 130)."""
+    terminated = threading.Event()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        terminated.set()
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    try:
+        yield terminated
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_exit_code(terminated: threading.Event) -> int:
+    return 128 + (signal.SIGTERM if terminated.is_set() else signal.SIGINT)
+
+
+# -------------------------------------------------------------------------- in-process model flags
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --gpu-id, --threads, --runtime, --precision, --max-image-bytes, --max-image-pixels."""
+    from ..imageio import DecodeLimits
+    group = parser.add_argument_group("model")
+    group.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                       help="where the model runs (default: %(default)s)")
+    group.add_argument("--gpu-id", type=bounded(int, 0), default=0, help="GPU to use with --device gpu")
+    group.add_argument("--threads", type=bounded(int, 1), default=2,
+                       help="CPU math threads (default: %(default)s)")
+    group.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                       help="inference runtime, as the service's (default: %(default)s)")
+    group.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                       help="inference precision, as the service's (default: %(default)s)")
+    limits = DecodeLimits()
+    group.add_argument("--max-image-bytes", type=bounded(int, 1), default=limits.max_bytes,
+                       help="refuse larger files (default: %(default)s, as the service)")
+    group.add_argument("--max-image-pixels", type=bounded(int, 1), default=limits.max_pixels,
+                       help="refuse images with more pixels (default: %(default)s, as the service)")
+
+
+def decode_limits(args: argparse.Namespace) -> Any:
+    from ..imageio import DecodeLimits
+    return DecodeLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels)
+
+
+def model_options(args: argparse.Namespace, max_batch: int) -> Dict[str, Any]:
+    """Classifier/InferenceModel keyword arguments from the model flags, through the service's own
+    ``inference_model_options`` (one mapping from settings to predictor options).
+
+    ``runtime`` and ``precision`` are passed only when they differ from the defaults, and refused with
+    a UsageError when this build's inference_model_options does not know ``runtime`` yet.
+    """
+    from ..classifier import inference_model_options
+    extra: Dict[str, Any] = {}
+    if args.runtime != DEFAULT_RUNTIME:
+        extra["runtime"] = args.runtime
+    if args.precision != DEFAULT_PRECISION:
+        extra["precision"] = args.precision
+    if extra and "runtime" not in inspect.signature(inference_model_options).parameters:
+        raise UsageError(" ".join(f"--{k} {v}" for k, v in extra.items())
+                         + ": this rexnet-serving has only the paddle runtime in fp32")
+    return inference_model_options(device_type=0 if args.device == "cpu" else 1,
+                                   devices=str(args.gpu_id), thread_num=args.threads,
+                                   max_batch=max_batch, **extra)
