@@ -44,10 +44,13 @@ class RunSummary:
         return EXIT_OK if self.all_ok else EXIT_FAILED
 
     def format(self) -> str:
-        lines = [f"{self.tool}: {self.total} images: {self.processed} processed, {self.skipped} skipped "
-                 "(already in the output"
-                 + (f", {self.skipped_failed} of them errors" if self.skipped_failed else "") + ")",
-                 f"  output {self.output if self.output is not None else '(stdout)'}"]
+        if self.output is None:  # records on stdout: nothing to resume, nothing skipped
+            lines = [f"{self.tool}: {self.total} images: {self.processed} processed"]
+        else:
+            lines = [f"{self.tool}: {self.total} images: {self.processed} processed, {self.skipped} "
+                     "skipped (already in the output"
+                     + (f", {self.skipped_failed} of them errors" if self.skipped_failed else "") + ")",
+                     f"  output {self.output}"]
         if self.interrupted:
             lines.append(f"  interrupted: {self.total - self.skipped - self.processed} images not done; "
                          "run the same command again to resume")
