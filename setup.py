@@ -66,7 +66,7 @@ setup(
             "rexnet-train=rexnet_train.cli:main",
             "rexnet-batch=rexnet_serving.clients.batch:main",
             "rexnet-predict=rexnet_serving.predict:main",
-            "rexnet-eval=rexnet_train.evaluate:main",
+            "rexnet-eval=rexnet_train.eval_cli:main",
             "rexnet-brpc=rexnet_serving.brpc.cli:main",
             "rexnet-serve=rexnet_pipelines.cli:main",
             "rexnet-classify=rexnet_serving.clients.classify_cli:main",
