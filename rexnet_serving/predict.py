@@ -27,25 +27,17 @@ from .classifier import Classifier, decode_payload
 from .imageio import DecodeLimits, ImageError
 from .results import ImageResult
 from .runs.cli import (SOURCES_HELP, add_model_arguments, add_output_arguments, bounded, decode_limits,
-                       interrupted_exit_code, model_options, sigterm_as_interrupt)
+                       model_options, run_and_report)
 from .runs.inputs import InputItem, PathLike, UsageError, collect_inputs
 from .runs.output import csv_header, format_for, format_line, open_run
 from .runs.prefetch import prefetched_batches
-from .runs.summary import EXIT_USAGE, RunSummary
+from .runs.summary import RunInterrupted, RunSummary
 
 TOOL = "rexnet-predict"
 UNREADABLE = "unreadable"  # the file could not be read (rexnet-batch's code for the same)
 PROGRESS_FROM = 64  # images: shorter runs finish before a bar would tell anything
 
 Prepared = Union[np.ndarray, ImageResult]  # a decoded image, or the error result of a refused one
-
-
-class PredictInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM, after everything classified so far was written and synced."""
-
-    def __init__(self, summary: RunSummary) -> None:
-        super().__init__("interrupted")
-        self.summary = summary
 
 
 def read_and_decode(item: InputItem, limits: DecodeLimits) -> Prepared:
@@ -117,7 +109,7 @@ def run_predict(inputs: Sequence[PathLike], classifier: Classifier, output: Opti
     """Classify every image named by ``inputs`` into ``output`` (resumable), or onto ``stream``.
 
     Without ``output`` the records go to ``stream`` (default stdout) in ``output_format``: ``table``,
-    ``jsonl`` or ``csv``. Raises UsageError for unusable inputs or output, and PredictInterrupted on
+    ``jsonl`` or ``csv``. Raises UsageError for unusable inputs or output, and RunInterrupted on
     Ctrl-C after writing everything classified so far.
     """
     if not 1 <= top_k <= classifier.class_num:
@@ -144,7 +136,7 @@ def run_predict(inputs: Sequence[PathLike], classifier: Classifier, output: Opti
     except KeyboardInterrupt:
         summary.interrupted = True
         summary.wall_seconds = time.monotonic() - started
-        raise PredictInterrupted(summary) from None
+        raise RunInterrupted(summary) from None
     finally:
         bar.close()
         sink.close()
@@ -203,26 +195,14 @@ def load_classifier(args: argparse.Namespace) -> Classifier:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    with sigterm_as_interrupt() as terminated:
-        try:
-            if args.output is not None:
-                fmt = format_for(args.output, args.format)
-            else:
-                fmt = _stdout_format(args)
-            classifier = load_classifier(args)
-            summary = run_predict(args.sources, classifier, args.output, top_k=args.top_k,
-                                  batch_size=args.batch_size, output_format=fmt,
-                                  overwrite=args.overwrite, decode_workers=args.decode_workers,
-                                  progress=not args.no_progress)
-        except UsageError as e:
-            print(f"{TOOL}: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        except PredictInterrupted as e:
-            print(e.summary.format(), file=sys.stderr)
-            return interrupted_exit_code(terminated)
-    print(summary.format(), file=sys.stderr)
-    return summary.exit_code()
 
+    def work() -> RunSummary:
+        fmt = format_for(args.output, args.format) if args.output is not None else _stdout_format(args)
+        return run_predict(args.sources, load_classifier(args), args.output, top_k=args.top_k,
+                           batch_size=args.batch_size, output_format=fmt, overwrite=args.overwrite,
+                           decode_workers=args.decode_workers, progress=not args.no_progress)
+
+    return run_and_report(TOOL, work)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,17 +27,16 @@ import random
 import sys
 import threading
 import time
-from typing import Any, Callable, Collection, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Collection, List, Optional, Sequence, Tuple, Union
 
 from tqdm import tqdm
 
 from .. import defaults
 from ..results import ImageResult
-from ..runs.cli import (SOURCES_HELP, add_output_arguments, bounded, interrupted_exit_code,
-                        sigterm_as_interrupt)
+from ..runs.cli import SOURCES_HELP, add_output_arguments, bounded, run_and_report
 from ..runs.inputs import InputItem, PathLike, UsageError, collect_inputs  # noqa: F401 (re-exported)
-from ..runs.output import CSV_FIELDS, FORMATS, format_for, open_run  # noqa: F401 (re-exported)
-from ..runs.summary import EXIT_USAGE, RunSummary
+from ..runs.output import CSV_FIELDS, format_for, open_run  # noqa: F401 (re-exported)
+from ..runs.summary import EXIT_USAGE, RunInterrupted, RunSummary
 from .base import PROTOCOLS, BadRequestError, ClassifierClient, ClientError, TransientError, make_client
 
 DEFAULT_PORTS = {"http": defaults.HTTP_PORT, "grpc": defaults.GRPC_PORT, "brpc": defaults.BRPC_PORT}
@@ -50,12 +49,8 @@ REQUEST_FAILED = "request_failed"
 BatchSummary = RunSummary  # the name this module's callers know
 
 
-class BatchInterrupted(KeyboardInterrupt):
+class BatchInterrupted(RunInterrupted):
     """Raised by run_batch on Ctrl-C after everything received so far was written and synced."""
-
-    def __init__(self, summary: BatchSummary) -> None:
-        super().__init__("interrupted")
-        self.summary = summary
 
 
 # ------------------------------------------------------------------------------------------------ work
@@ -294,21 +289,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return EXIT_USAGE
 
-    with sigterm_as_interrupt() as terminated:
-        try:
-            summary = run_batch(args.sources, args.output, client_factory, concurrency=args.concurrency,
-                                batch_size=args.batch_size, top_k=args.top_k, retries=args.retries,
-                                output_format=fmt, overwrite=args.overwrite, redo=args.redo,
-                                backoff=args.backoff, progress=not args.no_progress)
-        except UsageError as e:
-            print(f"rexnet-batch: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        except BatchInterrupted as e:
-            print(e.summary.format(), file=sys.stderr)
-            return interrupted_exit_code(terminated)
-    print(summary.format(), file=sys.stderr)
-    return summary.exit_code()
-
+    return run_and_report("rexnet-batch", lambda: run_batch(
+        args.sources, args.output, client_factory, concurrency=args.concurrency,
+        batch_size=args.batch_size, top_k=args.top_k, retries=args.retries, output_format=fmt,
+        overwrite=args.overwrite, redo=args.redo, backoff=args.backoff, progress=not args.no_progress))
 
 if __name__ == "__main__":
     sys.exit(main())

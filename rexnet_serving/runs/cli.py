@@ -6,11 +6,13 @@ import argparse
 import contextlib
 import inspect
 import signal
+import sys
 import threading
 from typing import Any, Callable, Dict, Iterator
 
 from .inputs import UsageError
 from .output import FORMATS
+from .summary import EXIT_USAGE, RunInterrupted, RunSummary
 
 RUNTIMES = ("paddle", "openvino")
 PRECISIONS = ("fp32", "bf16")
@@ -64,8 +66,20 @@ def sigterm_as_interrupt() -> Iterator[threading.Event]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def interrupted_exit_code(terminated: threading.Event) -> int:
-    return 128 + (signal.SIGTERM if terminated.is_set() else signal.SIGINT)
+def run_and_report(tool: str, work: Callable[[], RunSummary]) -> int:
+    """Run ``work`` with SIGTERM as Ctrl-C; print its summary (or the one error line) on stderr and
+    return the exit code: the summary's, 2 for a UsageError, 130/143 when interrupted."""
+    with sigterm_as_interrupt() as terminated:
+        try:
+            summary = work()
+        except UsageError as e:
+            print(f"{tool}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except RunInterrupted as e:
+            print(e.summary.format(), file=sys.stderr)
+            return 128 + (signal.SIGTERM if terminated.is_set() else signal.SIGINT)
+    print(summary.format(), file=sys.stderr)
+    return summary.exit_code()
 
 
 # -------------------------------------------------------------------------- in-process model flags

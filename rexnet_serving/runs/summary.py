@@ -71,3 +71,12 @@ class RunSummary:
             self.succeeded += 1
         else:
             self.errors[result.error_code] = self.errors.get(result.error_code, 0) + 1
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, see runs.cli) during a run, raised after everything done so far was written
+    and synced; carries the summary."""
+
+    def __init__(self, summary: RunSummary) -> None:
+        super().__init__("interrupted")
+        self.summary = summary
