@@ -241,7 +241,7 @@ def _verify(staging: Path, model: paddle.nn.Layer, softmax: bool, size: int) -> 
             onnx_format.check_against(onnx_file, batch, got)
         except RuntimeError as exc:  # OnnxUnavailable, or outputs that differ
             raise ExportError(str(exc)) from None
-    manifest = load_manifest(staging)
+    manifest = verify_files(staging)
     for target in lite_format.CHECKABLE_HERE:
         lite_file = manifest.lite_file(target)
         if lite_file is not None:
