@@ -189,7 +189,7 @@ def load_classifier(args: argparse.Namespace) -> Classifier:
     paddle.set_device("cpu" if args.device == "cpu" else f"gpu:{args.gpu_id}")  # where preprocessing runs
     try:
         return Classifier(model_dir, limits=decode_limits(args), **options)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, ImportError) as e:  # ImportError: a runtime not installed
         raise UsageError(f"cannot load the model from {model_dir}: {e}") from None
 
 

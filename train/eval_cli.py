@@ -101,7 +101,7 @@ def _export_model(model_dir: Path, options: Dict[str, Any], limits: Any) -> Eval
     from rexnet_serving.classifier import Classifier
     try:
         classifier = Classifier(model_dir, limits=limits, **options)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, ImportError) as e:  # ImportError: a runtime not installed
         raise UsageError(f"cannot load the model from {model_dir}: {e}") from None
     softmax = classifier.manifest.softmax
 
