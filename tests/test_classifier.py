@@ -106,6 +106,7 @@ def test_image_keys_and_their_order():
     assert protocol.image_keys(1) == ["image"]
     assert protocol.image_keys(3) == ["image_0", "image_1", "image_2"]
     assert protocol.order_image_keys(["image_10"] + [f"image_{i}" for i in range(10)])[-1] == "image_10"
+    assert not protocol.is_image_key("image_0\n") and not protocol.is_image_key("image_01")
 
 
 @pytest.mark.parametrize("fields, code", [
@@ -118,6 +119,10 @@ def test_image_keys_and_their_order():
     ({"image": "x", "top_k": "five"}, "invalid_top_k"),
     ({"image": "x", "top_k": b"5"}, "invalid_top_k"),
     ({f"image_{i}": "x" for i in range(5)}, "too_many_images"),
+    # `$` would match before a trailing newline: these keys must be unknown, not rewritten then lost
+    ({"image_0\n": "x"}, "unknown_key"),
+    ({"image\n": "x"}, "unknown_key"),
+    ({"image_0": "x", "image_1\n": "y"}, "unknown_key"),
 ])
 def test_parse_fields_refuses_malformed_requests(fields, code):
     with pytest.raises(protocol.RequestError) as info:

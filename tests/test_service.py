@@ -210,6 +210,7 @@ BAD_HTTP = [
     ("top_k too big", {"key": ["image", "top_k"], "value": [b64(JPEG), str(SCORED_CLASSES + 1)]}, 51,
      "between 1 and 10", None),
     ("top_k text", {"key": ["image", "top_k"], "value": [b64(JPEG), "many"]}, 51, "integer", None),
+    ("newline after the key", {"key": ["image_0\n"], "value": [b64(JPEG)]}, 51, "unknown_key", None),
     ("keys without values", {"key": ["image", "top_k"], "value": [b64(JPEG)]}, 51, "2 keys but 1 values", None),
     ("invalid base64", {"key": ["image"], "value": ["%%%not-base64"]}, 52, "invalid_base64", "invalid_base64"),
     ("empty payload", {"key": ["image"], "value": [""]}, 52, "empty", "empty"),
