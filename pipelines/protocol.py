@@ -38,6 +38,8 @@ _INDEXED_IMAGE_KEY = re.compile(r"image_(0|[1-9][0-9]*)")
 OK = 0
 INVALID_REQUEST = 51   # ours: missing/unknown key, bad top_k, unsupported tensor: fix the request
 INVALID_IMAGE = 52     # ours: no image of the request could be classified (details per image in results)
+REQUEST_TOO_LARGE = 53  # ours: the request's images together exceed the per-request pixel/image budget
+OVERLOADED = 54        # ours: refused by load shedding; retry later (with backoff)
 CLOSED_ERROR = 3001    # Paddle Serving: the DAG is stopping (the service is draining)
 NO_SERVICE = 3002      # Paddle Serving: the request named another service
 INPUT_PARAMS_ERROR = 5000
@@ -45,8 +47,8 @@ TIMEOUT = 6000
 RPC_PACKAGE_ERROR = 8000
 
 # err_no values where sending the same request again cannot help.
-BAD_REQUEST_ERRNOS = frozenset({INVALID_REQUEST, INVALID_IMAGE, NO_SERVICE, INPUT_PARAMS_ERROR,
-                                RPC_PACKAGE_ERROR})
+BAD_REQUEST_ERRNOS = frozenset({INVALID_REQUEST, INVALID_IMAGE, REQUEST_TOO_LARGE, NO_SERVICE,
+                                INPUT_PARAMS_ERROR, RPC_PACKAGE_ERROR})
 
 
 class RequestError(ValueError):
