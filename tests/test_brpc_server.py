@@ -20,7 +20,8 @@ from conftest import free_port, wait_for_port
 from images import PHOTO_SET, encode, photo
 from rexnet_serving.brpc import protocol
 from rexnet_serving.brpc.protocol import CompressType, Errno, FrameDecoder, encode_frame, request_meta
-from rexnet_serving.brpc.server import ModelService, NativeServer, ServerOptions
+from rexnet_serving.brpc.server import NativeServer, ServerOptions
+from rexnet_serving.brpc.service import ModelService
 from rexnet_serving.brpc.tensors import ElemType, Request, Response, Tensor, to_tensor
 from rexnet_serving.clients.base import BadRequestError, TransientError, make_client
 from rexnet_serving.clients.brpc import BrpcClient

@@ -116,7 +116,8 @@ def offline(model_dir) -> Classifier:
 
 @pytest.fixture(scope="module")
 def native_backend(model_dir) -> Iterator[str]:
-    from rexnet_serving.brpc.server import ModelService, NativeServer, ServerOptions
+    from rexnet_serving.brpc.server import NativeServer, ServerOptions
+    from rexnet_serving.brpc.service import ModelService
     server = NativeServer(ModelService(model_dir, cpu_threads=1), ServerOptions(port=0, workers=1))
     port = server.start()
     try:
