@@ -29,7 +29,7 @@ from paddle_serving_server.pipeline.error_catch import CustomExceptionCode
 
 from rexnet_serving.classifier import Classifier
 from rexnet_serving.clients.base import ClientError
-from rexnet_serving.imageio import DecodeLimits
+from rexnet_serving.imageio import DecodeLimits, RequestTooLargeError
 
 from . import metrics, protocol
 
@@ -124,7 +124,10 @@ class DecodeOp(Op):
         except protocol.RequestError as exc:
             return None, True, protocol.INVALID_REQUEST, f"{exc.code}: {exc.message}"
         with metrics.STAGE_SECONDS.labels("decode").time():
-            images, errors = rt.classifier.decode(payloads)
+            try:
+                images, errors = rt.classifier.decode(payloads)
+            except RequestTooLargeError as exc:  # the images together are over the per-request budget
+                return None, True, protocol.REQUEST_TOO_LARGE, f"{exc.code}: {exc}"
         return {COUNT: len(payloads), TOP_K: top_k, IMAGES: images, ERRORS: errors}, True, None, ""
 
 

@@ -145,7 +145,8 @@ class RexnetServer:
         if options["device"] == "gpu":  # preprocessing and nvJPEG decode follow the current device
             import paddle
             paddle.set_device(f"gpu:{options['gpu_id']}")
-        limits = DecodeLimits(rex["max_image_bytes"], rex["max_image_pixels"])
+        limits = DecodeLimits(rex["max_image_bytes"], rex["max_image_pixels"], rex["max_request_pixels"],
+                              rex["max_images_per_request"])
         try:
             classifier = Classifier(self.model_dir, limits=limits, model=self._remote_predictor(), **options)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:

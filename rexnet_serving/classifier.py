@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import postprocess
-from .imageio import DecodeLimits, ImageError, decode_base64_image, decode_image, decode_jpeg_on_device
+from .imageio import (DecodeLimits, ImageError, check_request, decode_base64_image, decode_image,
+                      decode_jpeg_on_device)
 from .manifest import Manifest, load_manifest
 from .preprocess import PreprocessConfig, preprocess
 from .results import ImageResult
@@ -53,8 +54,11 @@ def decode_payloads(payloads: Sequence[Payload], limits: DecodeLimits = DecodeLi
                     on_device: bool = False) -> Tuple[List[Decoded], Dict[int, ImageError]]:
     """Decode every image of a request: the decoded ones in order, and the refused ones by index.
 
-    One bad image never stops the others: each gets its own error entry in the result.
+    One bad image never stops the others: each gets its own error entry in the result. The request as
+    a whole is checked first (rexnet_serving.imageio.check_request: image count and summed pixels, from
+    the headers): RequestTooLargeError, before any image is decoded, when it is over the budget.
     """
+    check_request(payloads, limits)
     images: List[Decoded] = []
     errors: Dict[int, ImageError] = {}
     for index, payload in enumerate(payloads):

@@ -180,6 +180,14 @@ def test_too_many_images_is_a_bad_request(client, small_image):
         client.classify([small_image] * 65)
 
 
+def test_images_over_the_request_pixel_budget_are_a_bad_request(client, small_image):
+    big = encode(np.full((4800, 4800, 3), 60, np.uint8), "png")  # 23 MP each, ~70 kB on the wire
+    with pytest.raises(BadRequestError, match="EREQUEST.*request_too_large: .* over the per-request limit "
+                                              "of 64000000"):
+        client.classify([big] * 3)  # 69 MP together: refused before any decode
+    assert client.classify([small_image])[0].ok
+
+
 # -- protocol-level garbage on raw sockets -------------------------------------------------------------
 def _connect(address: str) -> socket.socket:
     host, port = address.split(":")

@@ -135,3 +135,13 @@ def test_parse_fields_orders_payloads_and_defaults_top_k():
     assert (payloads, top_k) == (["a", "b"], 5)
     assert protocol.parse_fields({"image": "a", "top_k": " 3 "}, 4, 3, 5) == (["a"], 3)
     assert protocol.parse_fields({"image": "a"}, 4, 3, 5)[1] == 3  # default capped at the class count
+
+
+def test_decode_payloads_refuses_a_request_over_its_pixel_budget():
+    from rexnet_serving.imageio import RequestTooLargeError
+    image = encode(photo("china", (400, 300)), "png")
+    limits = DecodeLimits(max_request_pixels=200_000)  # one 400x300 image fits, two do not
+    images, errors = decode_payloads([image, b"junk"], limits)
+    assert len(images) == 1 and errors[1].code == "not_an_image"
+    with pytest.raises(RequestTooLargeError):
+        decode_payloads([image, base64.b64encode(image).decode()], limits)

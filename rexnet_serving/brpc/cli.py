@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     native.add_argument("--max-images", type=int, default=64,
                         help="encoded images per request (default %(default)s)")
     defaults = ServerOptions()
+    native.add_argument("--max-request-pixels", type=int, default=defaults.max_request_pixels,
+                        help="decoded pixels of all images of one request together, checked from their "
+                             "headers before decoding; past it, EREQUEST request_too_large (default "
+                             "%(default)s: one request stays under a 512 MB peak-memory budget)")
     native.add_argument("--max-connections", type=int, default=defaults.max_connections,
                         help="open connections; one more is closed as soon as it is accepted "
                              "(default %(default)s)")
@@ -134,6 +138,7 @@ def _run_native(args: argparse.Namespace, model_dir: Path) -> int:
         options = ServerOptions(host=args.host, port=args.port, workers=args.workers,
                                 cpu_threads=args.cpu_threads, max_concurrency=args.max_concurrency,
                                 max_body_size=args.max_body_size, max_images=args.max_images,
+                                max_request_pixels=args.max_request_pixels,
                                 max_connections=args.max_connections,
                                 max_requests_per_connection=args.max_requests_per_connection,
                                 idle_timeout=args.idle_timeout, read_timeout=args.read_timeout)
@@ -142,7 +147,8 @@ def _run_native(args: argparse.Namespace, model_dir: Path) -> int:
         return 2
     try:
         service = ModelService(model_dir, cpu_threads=options.cpu_threads, max_images=options.max_images,
-                               device=args.device, gpu_id=args.gpu_id)
+                               device=args.device, gpu_id=args.gpu_id,
+                               max_request_pixels=options.max_request_pixels)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         print(f"rexnet-brpc: cannot load the model in {model_dir}: {exc}", file=sys.stderr)
         return 1

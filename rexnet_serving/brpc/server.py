@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Set, Tuple
 
 from ..defaults import BRPC_PORT
+from ..imageio import DecodeLimits
 from . import protocol
 from .protocol import Errno, Frame, FrameError
 from .service import handle_payload
@@ -63,6 +64,7 @@ class ServerOptions:
     max_concurrency: int = 256       # requests queued or running; more get ELIMIT
     max_body_size: int = protocol.DEFAULT_MAX_BODY_SIZE
     max_images: int = 64             # encoded images per request
+    max_request_pixels: int = DecodeLimits.max_request_pixels  # decoded pixels of one request's images
     max_connections: int = 1024      # open connections; more are closed on accept
     max_requests_per_connection: int = 32  # requests in flight on one connection; more get ELIMIT
     idle_timeout: float = 300.0      # seconds a connection with nothing in flight may stay silent
@@ -71,7 +73,7 @@ class ServerOptions:
 
     def __post_init__(self) -> None:
         for name in ("workers", "cpu_threads", "max_concurrency", "max_body_size", "max_images",
-                     "max_connections", "max_requests_per_connection"):
+                     "max_request_pixels", "max_connections", "max_requests_per_connection"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("idle_timeout", "read_timeout", "drain_timeout"):

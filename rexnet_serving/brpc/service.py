@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Tuple, Union
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from ..imageio import DecodeLimits, RequestTooLargeError
 from . import protocol
 from .protocol import Errno, Frame
 from .tensors import (DEFAULT_TOP_K, ENGINE_NAME, IMAGE_FEED, PREDICTIONS_FETCH, TOP_K_FEED, ElemType,
@@ -40,13 +41,15 @@ class ModelService:
     """
 
     def __init__(self, model_dir: Union[str, Path], cpu_threads: int = 1, max_images: int = 64,
-                 device: str = "cpu", gpu_id: int = 0) -> None:
+                 device: str = "cpu", gpu_id: int = 0,
+                 max_request_pixels: int = DecodeLimits.max_request_pixels) -> None:
         from ..classifier import Classifier
         from ..inference import InferenceModel
 
         model = InferenceModel(model_dir, device=device, gpu_id=gpu_id, cpu_threads=cpu_threads,
                                max_batch=max_images)
-        self.classifier = Classifier(model_dir, model=model)
+        limits = DecodeLimits(max_request_pixels=max_request_pixels, max_request_images=max_images)
+        self.classifier = Classifier(model_dir, limits=limits, model=model)
         manifest = self.classifier.manifest
         self.config: GeneralModelConfig = load_model_config(manifest.serving_server_dir)
         self.feeds = {var.alias_name: var for var in self.config.feed_var}
@@ -135,7 +138,10 @@ class ModelService:
         if fetch and fetch != [PREDICTIONS_FETCH]:
             raise RequestError(f"an image request fetches {PREDICTIONS_FETCH!r}, not {fetch}")
         clf = self.classifier
-        images, errors = clf.decode(payloads)
+        try:
+            images, errors = clf.decode(payloads)
+        except RequestTooLargeError as exc:
+            raise RequestError(f"{exc.code}: {exc}") from None
         probs = clf.probabilities(clf.preprocess(images), model=self._model()) if images \
             else clf.probabilities([])
         results = clf.results(len(payloads), probs, errors, top_k)
