@@ -7,8 +7,6 @@ with a real export, whose memory is read from /proc (VmHWM: the kernel's peak re
 """
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import signal
 import socket
@@ -17,20 +15,19 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Iterator, List
 
 import numpy as np
 import pytest
 
+from brpc_wire import deflate_bomb, image_request, responses
 from conftest import free_port, wait_for_port
 from images import encode, photo
 from rexnet_serving.brpc import protocol
-from rexnet_serving.brpc.protocol import CompressType, Errno, FrameDecoder, encode_frame, request_meta
+from rexnet_serving.brpc.protocol import CompressType, Errno, encode_frame, request_meta
 from rexnet_serving.brpc.server import NativeServer, ServerOptions
-from rexnet_serving.brpc.tensors import (ENGINE_NAME, PREDICTIONS_FETCH, ElemType, Request, Response, Tensor,
-                                         to_tensor)
+from rexnet_serving.brpc.tensors import ENGINE_NAME, PREDICTIONS_FETCH, ElemType, Request, Response, Tensor
 from rexnet_serving.clients.brpc import BrpcClient
 
 pytestmark = pytest.mark.server
@@ -44,15 +41,6 @@ def _connect(port: int, timeout: float = 30) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
 
-def _responses(sock: socket.socket, count: int) -> List[protocol.Frame]:
-    decoder, frames = FrameDecoder(), []
-    while len(frames) < count:
-        data = sock.recv(65536)
-        assert data, "the server closed the connection instead of answering"
-        frames += decoder.feed(data)
-    return frames
-
-
 def _closed_within(sock: socket.socket, seconds: float) -> bool:
     """True when the server closes ``sock`` within ``seconds`` (EOF or reset), False if it stays open."""
     sock.settimeout(seconds)
@@ -62,15 +50,6 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
         return True
     except socket.timeout:
         return False
-
-
-def _image_request(images: List[bytes], top_k: int = 1) -> bytes:
-    request = Request(fetch_var_names=["predictions"])
-    for data in images:
-        request.tensor.append(Tensor(alias_name="image", elem_type=ElemType.UINT8, shape=[len(data)],
-                                     tensor_content=data))
-    request.tensor.append(to_tensor(np.array([top_k]), alias="top_k", elem_type=ElemType.INT64))
-    return request.SerializeToString()
 
 
 class HeldService:
@@ -107,7 +86,7 @@ def held():
 
 
 def _frame(cid: int) -> bytes:
-    return encode_frame(request_meta(SERVICE, "inference", cid), _image_request([b"x"]))
+    return encode_frame(request_meta(SERVICE, "inference", cid), image_request([b"x"]))
 
 
 # -- caps and timeouts (canned service) --------------------------------------------------------------------
@@ -119,7 +98,7 @@ def test_connections_past_max_connections_are_closed_at_once(held):
     try:
         for sock in kept:  # the three admitted connections work
             sock.sendall(_frame(1))
-            assert _responses(sock, 1)[0].meta.response.error_code == 0
+            assert responses(sock, 1)[0].meta.response.error_code == 0
         extra = _connect(port)
         started = time.monotonic()
         assert _closed_within(extra, 5), "the fourth connection was not refused"
@@ -129,7 +108,7 @@ def test_connections_past_max_connections_are_closed_at_once(held):
         time.sleep(0.2)  # the server notices the close
         again = _connect(port)
         again.sendall(_frame(2))
-        assert _responses(again, 1)[0].meta.response.error_code == 0
+        assert responses(again, 1)[0].meta.response.error_code == 0
         again.close()
     finally:
         for sock in kept:
@@ -141,16 +120,16 @@ def test_requests_past_the_per_connection_limit_get_elimit_at_once(held):
     port = start(max_requests_per_connection=2, workers=2)
     with _connect(port) as sock:
         sock.sendall(b"".join(_frame(cid) for cid in (1, 2, 3, 4)))
-        refused = _responses(sock, 2)  # answered while 1 and 2 are still held
+        refused = responses(sock, 2)  # answered while 1 and 2 are still held
         assert {f.meta.correlation_id for f in refused} == {3, 4}
         assert {f.meta.response.error_code for f in refused} == {Errno.ELIMIT}
         assert "max_requests_per_connection=2" in refused[0].meta.response.error_text
         service.release.set()
-        answered = _responses(sock, 2)
+        answered = responses(sock, 2)
         assert {(f.meta.correlation_id, f.meta.response.error_code) for f in answered} == {(1, 0), (2, 0)}
     with _connect(port) as other:  # another connection was never limited by this one
         other.sendall(_frame(5))
-        assert _responses(other, 1)[0].meta.response.error_code == 0
+        assert responses(other, 1)[0].meta.response.error_code == 0
 
 
 def test_idle_connections_are_closed_but_busy_ones_are_not(held):
@@ -163,7 +142,7 @@ def test_idle_connections_are_closed_but_busy_ones_are_not(held):
         assert not _closed_within(busy, 1.5)
         service.release.set()
         busy.settimeout(10)
-        assert _responses(busy, 1)[0].meta.response.error_code == 0
+        assert responses(busy, 1)[0].meta.response.error_code == 0
 
 
 def test_a_started_frame_that_stalls_is_dropped_after_read_timeout(held):
@@ -240,24 +219,16 @@ def good_request(address: str) -> None:
         assert result.ok and len(result.predictions) == 3
 
 
-def _bomb(wbits: int, inflated: int) -> bytes:
-    packer, zeros, parts = zlib.compressobj(9, zlib.DEFLATED, wbits), bytes(1 << 20), []
-    for _ in range(inflated >> 20):
-        parts.append(packer.compress(zeros))
-    parts.append(packer.flush())
-    return b"".join(parts)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, wbits", [(CompressType.ZLIB, 15), (CompressType.GZIP, 31)], ids=["zlib", "gzip"])
 def test_decompression_bomb_is_refused_within_the_body_limit(native, kind, wbits):
     good_request(native.address)  # warm: the model's own peak is in the baseline
-    bomb = _bomb(wbits, 2 << 30)  # 2 GiB of zeros
+    bomb = deflate_bomb(wbits, 2 << 30)  # 2 GiB of zeros
     assert len(bomb) < 3 << 20
     before = native.peak_mb()
     with _connect(native.port, timeout=120) as sock:
         sock.sendall(encode_frame(request_meta(SERVICE, "inference", 7, compress_type=kind), bomb))
-        (answer,) = _responses(sock, 1)
+        (answer,) = responses(sock, 1)
     growth = native.peak_mb() - before
     print(f"{kind.name} bomb ({len(bomb)} bytes -> 2 GiB): peak RSS grew {growth:.0f} MB")
     assert answer.meta.response.error_code == Errno.EREQUEST

@@ -9,6 +9,8 @@ import zlib
 import numpy as np
 import pytest
 
+from brpc_wire import deflate_bomb
+
 from rexnet_serving.brpc import protocol
 from rexnet_serving.brpc.protocol import (CompressType, Errno, FrameDecoder, FrameError, encode_frame,
                                           parse_header, request_meta, response_meta, split_body)
@@ -200,19 +202,10 @@ def test_unpacked_float_encoding_from_old_senders_decodes():
     np.testing.assert_array_equal(from_tensor(Tensor.FromString(legacy)), np.array([1.5, -2.0], np.float32))
 
 
-def _bomb(wbits: int, inflated: int) -> bytes:
-    """``inflated`` zero bytes deflated into a zlib (wbits 15) or gzip (31) stream, built piecewise."""
-    packer, zeros, parts = zlib.compressobj(9, zlib.DEFLATED, wbits), bytes(1 << 20), []
-    for _ in range(inflated >> 20):
-        parts.append(packer.compress(zeros))
-    parts.append(packer.flush())
-    return b"".join(parts)
-
-
 @pytest.mark.parametrize("kind, wbits", [(CompressType.ZLIB, 15), (CompressType.GZIP, 31)])
 def test_decompression_stops_at_the_size_limit(kind, wbits):
     import tracemalloc
-    bomb = _bomb(wbits, 256 << 20)  # 256 MiB of zeros in about 250 kB
+    bomb = deflate_bomb(wbits, 256 << 20)  # 256 MiB of zeros in about 250 kB
     tracemalloc.start()
     try:
         with pytest.raises(protocol.PayloadTooLarge, match="inflates past max_body_size=8388608"):
@@ -222,7 +215,7 @@ def test_decompression_stops_at_the_size_limit(kind, wbits):
         tracemalloc.stop()
     assert peak < 24 << 20  # the limit plus one inflate step, never the 256 MiB
     # exactly at the limit is fine; one byte more is not
-    exact = _bomb(wbits, 8 << 20)
+    exact = deflate_bomb(wbits, 8 << 20)
     assert protocol.decompress(exact, kind, max_size=8 << 20) == bytes(8 << 20)
     with pytest.raises(protocol.PayloadTooLarge):
         protocol.decompress(exact, kind, max_size=(8 << 20) - 1)
