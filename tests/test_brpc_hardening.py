@@ -79,6 +79,7 @@ def held():
         servers.append(server)
         return server.start()
 
+    start.servers = servers  # the tests read their counters
     yield service, start
     service.release.set()
     for server in servers:
@@ -132,6 +133,31 @@ def test_requests_past_the_per_connection_limit_get_elimit_at_once(held):
         assert responses(other, 1)[0].meta.response.error_code == 0
 
 
+def test_bodies_past_the_buffer_budget_are_read_past_and_refused(held):
+    service, start = held
+    port = start(max_body_size=1 << 20, max_buffered_bytes=2 << 20, workers=1)
+    body = image_request([bytes(900_000)])  # ~0.9 MB: two fit in the 2 MiB budget, a third does not
+    first, second, third = _connect(port), _connect(port), _connect(port)
+    try:
+        first.sendall(encode_frame(request_meta(SERVICE, "inference", 1), body))
+        second.sendall(encode_frame(request_meta(SERVICE, "inference", 2), body))
+        assert service.entered.acquire(timeout=10)  # the first is running, the second queued
+        time.sleep(0.2)
+        third.sendall(encode_frame(request_meta(SERVICE, "inference", 3), body))
+        (refused,) = responses(third, 1)
+        assert refused.meta.correlation_id == 3 and refused.meta.response.error_code == Errno.ELIMIT
+        assert "max_buffered_bytes=2097152" in refused.meta.response.error_text
+        service.release.set()
+        assert responses(first, 1)[0].meta.response.error_code == 0
+        assert responses(second, 1)[0].meta.response.error_code == 0
+        third.sendall(encode_frame(request_meta(SERVICE, "inference", 4), body))  # the same connection
+        assert responses(third, 1)[0].meta.response.error_code == 0
+        assert start.servers[0].buffered_bytes == 0  # every body's share was given back
+    finally:
+        for sock in (first, second, third):
+            sock.close()
+
+
 def test_idle_connections_are_closed_but_busy_ones_are_not(held):
     service, start = held
     port = start(idle_timeout=0.5)
@@ -158,7 +184,7 @@ def test_a_started_frame_that_stalls_is_dropped_after_read_timeout(held):
 
 def test_limits_are_validated():
     for bad in (dict(max_connections=0), dict(max_requests_per_connection=0), dict(idle_timeout=0),
-                dict(read_timeout=-1)):
+                dict(read_timeout=-1), dict(max_buffered_bytes=1 << 20)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ServerOptions(**bad)
 

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         default=defaults.max_requests_per_connection,
                         help="requests in flight on one connection; one more gets ELIMIT at once "
                              "(default %(default)s)")
+    native.add_argument("--max-buffered-bytes", type=int, default=defaults.max_buffered_bytes,
+                        help="request bodies held at once (being read, queued or running); a frame "
+                             "whose body would pass it is read past unkept and gets ELIMIT "
+                             "(default %(default)s)")
     native.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout,
                         help="seconds a connection with nothing in flight may send nothing before it "
                              "is closed (default %(default)s)")
@@ -140,6 +144,7 @@ def _run_native(args: argparse.Namespace, model_dir: Path) -> int:
                                 max_body_size=args.max_body_size, max_images=args.max_images,
                                 max_request_pixels=args.max_request_pixels,
                                 max_connections=args.max_connections,
+                                max_buffered_bytes=args.max_buffered_bytes,
                                 max_requests_per_connection=args.max_requests_per_connection,
                                 idle_timeout=args.idle_timeout, read_timeout=args.read_timeout)
     except ValueError as exc:

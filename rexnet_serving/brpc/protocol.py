@@ -16,7 +16,7 @@ import gzip
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from google.protobuf.message import DecodeError
 
@@ -69,6 +69,12 @@ class Frame:
     meta: RpcMeta
     payload: bytes
     attachment: bytes = b""
+    skipped: bool = False  # the body was not admitted (read_frame's ``admit``): read past, not kept
+
+
+# A frame whose body is not admitted is still answered, so its meta (correlation id) is read; it must be
+# small, as real RpcMeta are (tens of bytes), or the frame is garbage.
+MAX_SKIPPED_META_SIZE = 64 * 1024
 
 
 def encode_frame(meta: RpcMeta, payload: bytes = b"", attachment: bytes = b"") -> bytes:
@@ -158,14 +164,16 @@ class IdleTimeout(Exception):
 
 
 async def read_frame(reader: asyncio.StreamReader, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-                     body_timeout: Optional[float] = None,
-                     idle_timeout: Optional[float] = None) -> Optional[Frame]:
+                     body_timeout: Optional[float] = None, idle_timeout: Optional[float] = None,
+                     admit: Optional[Callable[[int], bool]] = None) -> Optional[Frame]:
     """The next frame, or None at a clean end of stream; FrameError for garbage or a truncated frame.
 
     Waiting for a frame to begin may take ``idle_timeout`` seconds (None: forever), then IdleTimeout;
     once its first byte has arrived, the rest must follow within ``body_timeout`` seconds, so a peer
     that stalls mid-frame cannot hold the connection forever. A first byte that cannot start ``PRPC``
-    fails at once.
+    fails at once. ``admit(body_size)`` is asked once the header is read: False reads the body past in
+    small pieces without keeping it and returns a ``skipped`` frame (meta only), so a memory budget
+    holds whatever peers send.
     """
     try:
         # Cancelling readexactly(1) while it waits consumes nothing: a later call still sees every byte.
@@ -177,12 +185,13 @@ async def read_frame(reader: asyncio.StreamReader, max_body_size: int = DEFAULT_
     if first != MAGIC[:1]:
         raise FrameError(f"bad magic: first byte {first!r}, not a baidu_std frame")
     try:
-        return await asyncio.wait_for(_read_rest(reader, first, max_body_size), body_timeout)
+        return await asyncio.wait_for(_read_rest(reader, first, max_body_size, admit), body_timeout)
     except asyncio.TimeoutError:
         raise FrameError(f"frame not complete within {body_timeout:g}s") from None
 
 
-async def _read_rest(reader: asyncio.StreamReader, first: bytes, max_body_size: int) -> Frame:
+async def _read_rest(reader: asyncio.StreamReader, first: bytes, max_body_size: int,
+                     admit: Optional[Callable[[int], bool]]) -> Frame:
     try:
         header = first + await reader.readexactly(HEADER_SIZE - 1)
     except asyncio.IncompleteReadError as exc:
@@ -190,10 +199,17 @@ async def _read_rest(reader: asyncio.StreamReader, first: bytes, max_body_size: 
             from None
     body_size, meta_size = parse_header(header, max_body_size)
     try:
-        body = await reader.readexactly(body_size)
+        if admit is None or admit(body_size):
+            return split_body(await reader.readexactly(body_size), meta_size)
+        if meta_size > MAX_SKIPPED_META_SIZE:
+            raise FrameError(f"meta_size={meta_size} is not a plausible RpcMeta")
+        meta = parse_meta(await reader.readexactly(meta_size))
+        left = body_size - meta_size
+        while left:
+            left -= len(await reader.readexactly(min(left, 1 << 16)))
+        return Frame(meta, b"", skipped=True)
     except asyncio.IncompleteReadError as exc:
         raise FrameError(f"stream ended inside a body ({len(exc.partial)} of {body_size} bytes)") from None
-    return split_body(body, meta_size)
 
 
 def request_meta(service: str, method: str, correlation_id: int, log_id: int = 0,

@@ -19,6 +19,9 @@ parentheses; its defaults leave most of them off):
     ELIMIT without being read further, written inline so a peer that does not read its answers
     stalls only its own connection (TCP back-pressure) instead of queueing answers in memory;
   * requests queued or running in total: ``max_concurrency`` (-max_concurrency), then ELIMIT;
+  * memory: request bodies being read, queued or running take at most ``max_buffered_bytes``
+    together; a frame whose body would pass it is read past in small pieces, never kept, and
+    answered ELIMIT (connections x body size could otherwise reach many GiB);
   * silence: a connection with nothing in flight that starts no frame for ``idle_timeout`` seconds is
     closed (-idle_timeout_second);
   * slow frames: once a frame's first byte arrived, the rest must follow within ``read_timeout``
@@ -66,6 +69,7 @@ class ServerOptions:
     max_images: int = 64             # encoded images per request
     max_request_pixels: int = DecodeLimits.max_request_pixels  # decoded pixels of one request's images
     max_connections: int = 1024      # open connections; more are closed on accept
+    max_buffered_bytes: int = 256 * 1024 * 1024  # request bodies held (being read, queued, running)
     max_requests_per_connection: int = 32  # requests in flight on one connection; more get ELIMIT
     idle_timeout: float = 300.0      # seconds a connection with nothing in flight may stay silent
     read_timeout: float = 30.0       # seconds a started frame may take to arrive in full
@@ -76,6 +80,9 @@ class ServerOptions:
                      "max_request_pixels", "max_connections", "max_requests_per_connection"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_buffered_bytes < self.max_body_size:
+            raise ValueError(f"max_buffered_bytes must be >= max_body_size ({self.max_body_size}), got "
+                             f"{self.max_buffered_bytes}")
         for name in ("idle_timeout", "read_timeout", "drain_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
@@ -100,6 +107,7 @@ class NativeServer:
         self._in_flight = 0
         self._connections: Set[asyncio.Task] = set()
         self.refused_connections = 0  # closed on accept past max_connections (read by tests and logs)
+        self.buffered_bytes = 0       # request bodies held now, at most options.max_buffered_bytes
         self.port: Optional[int] = None
 
     # -- life cycle ---------------------------------------------------------------------------------
@@ -187,9 +195,7 @@ class NativeServer:
         try:
             while True:
                 try:
-                    frame = await protocol.read_frame(reader, self.options.max_body_size,
-                                                      body_timeout=self.options.read_timeout,
-                                                      idle_timeout=self.options.idle_timeout)
+                    frame, held = await self._read_frame(reader)
                 except protocol.IdleTimeout:
                     if requests:
                         continue  # silent while waiting for its answers: not idle
@@ -200,15 +206,16 @@ class NativeServer:
                     break
                 if frame is None:
                     break
+                refusal = self._refusal(frame, len(requests))
+                if refusal is not None or not frame.meta.HasField("request"):
+                    self.buffered_bytes -= held  # answered (or dropped) here: its body goes now
                 if not frame.meta.HasField("request"):
                     log.warning("closing bRPC connection from %s: a frame without request meta", peer)
                     break
-                if len(requests) >= self.options.max_requests_per_connection:
-                    await self._answer(frame, writer, write_lock, Errno.ELIMIT,
-                                       f"Reached max_requests_per_connection="
-                                       f"{self.options.max_requests_per_connection}")
+                if refusal is not None:  # answered inline: a peer that does not read stalls only itself
+                    await self._answer(frame, writer, write_lock, Errno.ELIMIT, refusal)
                     continue
-                request_task = asyncio.ensure_future(self._request(frame, writer, write_lock))
+                request_task = asyncio.ensure_future(self._request(frame, held, writer, write_lock))
                 requests.add(request_task)
                 request_task.add_done_callback(requests.discard)
             # The peer may half-close after its last request: answer what is in flight before closing.
@@ -222,8 +229,44 @@ class NativeServer:
             writer.close()
             self._connections.discard(task)
 
-    async def _request(self, frame: Frame, writer: asyncio.StreamWriter, write_lock: asyncio.Lock) -> None:
-        code, text, payload = await self._dispatch(frame)
+    async def _read_frame(self, reader: asyncio.StreamReader) -> Tuple[Optional[Frame], int]:
+        """The next frame and the bytes of the buffer budget its body holds (0 when skipped)."""
+        held = 0
+
+        def admit(size: int) -> bool:
+            nonlocal held
+            if self.buffered_bytes + size > self.options.max_buffered_bytes:
+                return False
+            self.buffered_bytes += size
+            held = size
+            return True
+
+        try:
+            frame = await protocol.read_frame(reader, self.options.max_body_size,
+                                              body_timeout=self.options.read_timeout,
+                                              idle_timeout=self.options.idle_timeout, admit=admit)
+        except BaseException:  # cut short, timed out or cancelled: the body is not held any more
+            self.buffered_bytes -= held
+            raise
+        if frame is None:
+            self.buffered_bytes -= held
+            held = 0
+        return frame, held
+
+    def _refusal(self, frame: Frame, in_flight: int) -> Optional[str]:
+        """Why a frame is refused at once with ELIMIT, or None to run it."""
+        if frame.skipped:
+            return f"Reached max_buffered_bytes={self.options.max_buffered_bytes}"
+        if in_flight >= self.options.max_requests_per_connection:
+            return f"Reached max_requests_per_connection={self.options.max_requests_per_connection}"
+        return None
+
+    async def _request(self, frame: Frame, held: int, writer: asyncio.StreamWriter,
+                       write_lock: asyncio.Lock) -> None:
+        try:
+            code, text, payload = await self._dispatch(frame)
+        finally:
+            self.buffered_bytes -= held  # the worker is done with the body
         await self._answer(frame, writer, write_lock, code, text, payload)
 
     async def _answer(self, frame: Frame, writer: asyncio.StreamWriter, write_lock: asyncio.Lock, code: int,
