@@ -25,7 +25,7 @@ import numpy as np
 import paddle
 from paddle import inference as paddle_infer
 
-from .manifest import MODEL_FILE, PARAMS_FILE, Manifest, load_manifest
+from .manifest import MODEL_FILE, PARAMS_FILE, Manifest, verify_files
 
 DEVICES = ("cpu", "gpu")
 GPU_MEMORY_POOL_MB = 256  # initial pool; Paddle grows it on demand
@@ -95,7 +95,7 @@ class InferenceModel:
             raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.manifest: Manifest = load_manifest(model_dir)
+        self.manifest: Manifest = verify_files(model_dir)  # refuses damaged or old exports
         self.device = device
         self.gpu_id = gpu_id
         self.max_batch = max_batch
