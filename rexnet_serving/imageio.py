@@ -72,11 +72,12 @@ class RequestTooLargeError(ValueError):
 
 
 # Peak memory of decoding and preprocessing one request, measured on the CPU (solid-colour PNGs, OpenCV
-# decode, Paddle preprocessing, 36 MP per request): 2.9-6.4 MB per megapixel, the high end for many
-# small images (per-image preprocessing buffers) and for one huge one (the decoder's own copy). Through
-# the whole service (tests/test_service.py) 64 images of 1 MP raised peak RSS by ~320 MB once Paddle's
-# inference pool had grown to its steady state. The default per-request pixel budget keeps one request
-# under REQUEST_MEMORY_BUDGET_MB at the conservative PEAK_MB_PER_MEGAPIXEL.
+# decode and preprocessing, 36 MP per request): 2.9-5.7 MB per megapixel, the high end for one huge
+# image (the decoder's own copy) and for many small ones (per-image buffers); Paddle-op preprocessing
+# (the GPU path, run on the CPU) measured up to 6.4. Through the whole service (tests/test_service.py)
+# 64 images of 1 MP raised peak RSS by ~220 MB once Paddle's inference pool had grown to its steady
+# state. The default per-request pixel budget keeps one request under REQUEST_MEMORY_BUDGET_MB at the
+# conservative PEAK_MB_PER_MEGAPIXEL.
 REQUEST_MEMORY_BUDGET_MB = 512
 PEAK_MB_PER_MEGAPIXEL = 6.5
 
