@@ -90,6 +90,17 @@ class ServerOptions:
             raise ValueError(f"port must be 0..65535, got {self.port}")
 
 
+class _Share:
+    """A request body's share of the server's buffer budget, given back exactly once."""
+
+    def __init__(self, server: "NativeServer", size: int) -> None:
+        self.server, self.size = server, size
+
+    def give_back(self, *_: Any) -> None:
+        self.server.buffered_bytes -= self.size
+        self.size = 0
+
+
 class NativeServer:
     """The asyncio baidu_std server. ``start()`` serves from a background thread; ``serve_forever()``
     serves in the calling thread until ``stop()`` (or a signal handler calling it)."""
@@ -215,9 +226,11 @@ class NativeServer:
                 if refusal is not None:  # answered inline: a peer that does not read stalls only itself
                     await self._answer(frame, writer, write_lock, Errno.ELIMIT, refusal)
                     continue
-                request_task = asyncio.ensure_future(self._request(frame, held, writer, write_lock))
+                share = _Share(self, held)
+                request_task = asyncio.ensure_future(self._request(frame, share, writer, write_lock))
                 requests.add(request_task)
                 request_task.add_done_callback(requests.discard)
+                request_task.add_done_callback(share.give_back)  # also when cancelled before it started
             # The peer may half-close after its last request: answer what is in flight before closing.
             if requests:
                 await asyncio.gather(*requests, return_exceptions=True)
@@ -261,12 +274,12 @@ class NativeServer:
             return f"Reached max_requests_per_connection={self.options.max_requests_per_connection}"
         return None
 
-    async def _request(self, frame: Frame, held: int, writer: asyncio.StreamWriter,
+    async def _request(self, frame: Frame, share: "_Share", writer: asyncio.StreamWriter,
                        write_lock: asyncio.Lock) -> None:
         try:
             code, text, payload = await self._dispatch(frame)
         finally:
-            self.buffered_bytes -= held  # the worker is done with the body
+            share.give_back()  # the worker is done with the body
         await self._answer(frame, writer, write_lock, code, text, payload)
 
     async def _answer(self, frame: Frame, writer: asyncio.StreamWriter, write_lock: asyncio.Lock, code: int,
