@@ -2,7 +2,8 @@
 gRPC, compared with the offline predictor; bad input; readiness; metrics; the CLI; SIGTERM drain.
 
 One server for the whole module (started as a subprocess in its own process group, killed as a group in
-teardown); the drain test runs last and stops it.
+teardown); the drain test stops it. The pixel-bomb test after it starts its own with the default limits
+and measures that server's peak memory.
 """
 from __future__ import annotations
 
@@ -395,8 +396,8 @@ def test_pixel_bomb_is_refused_within_the_memory_budget(model_dir, offline, tmp_
         # 0.5 GB on the CPU, kept for later batches: the steady state, whatever the pixels); do it first.
         tiny = [encode(np.full((64, 64, 3), 3 * i, np.uint8), "png") for i in range(32)]
         assert post(svc, {"key": protocol.image_keys(32), "value": [b64(data) for data in tiny]})["status"] == 200
-        # The costliest request the defaults admit: 64 images of 1 MP (64 MP, the budget; per-image
-        # buffers make many small images dearer per pixel than a few big ones) -- classified, in budget.
+        # A request at the defaults' edge: 64 images (the most) of 1 MP (64 MP, the pixel budget; the
+        # forward passes of 64 images and per-image buffers on top) -- classified, within the budget.
         edge = [encode(np.full((1000, 1000, 3), 3 * i, np.uint8), "png") for i in range(64)]
         rss_before = _status_mb(svc.proc.pid, "VmRSS")
         answer = post(svc, {"key": protocol.image_keys(64), "value": [b64(data) for data in edge]})
