@@ -374,33 +374,36 @@ def decode_base64_image(text: Union[str, bytes], limits: DecodeLimits = DecodeLi
     return decode_image(base64_bytes(text, limits), limits)
 
 
-def check_request(payloads: Sequence[Union[bytes, str]], limits: DecodeLimits = DecodeLimits()) -> int:
-    """The decoded pixels of a request's images, from their headers alone; RequestTooLargeError when the
-    request holds more than limits.max_request_images images or more than limits.max_request_pixels
-    pixels in total.
+def check_request(payloads: Sequence[Union[bytes, str]],
+                  limits: DecodeLimits = DecodeLimits()) -> List[Union[bytes, ImageError]]:
+    """Each payload's encoded file (base64 text decoded, once) or the ImageError refusing it, after
+    checking the request as a whole from the image headers: RequestTooLargeError when it holds more
+    than limits.max_request_images images or more than limits.max_request_pixels pixels in total.
 
-    Call it before decoding any image of the request. ``payloads`` are encoded files (bytes) or base64
-    text. An image that fails its own checks (check_image) counts for nothing here: decoding refuses it
-    with its own ImageError, at no cost. Base64 text is decoded one image at a time and dropped, so the
-    check holds at most one image's bytes beside the request.
+    Call it before decoding any image of the request; decode what it returns. An image refused on its
+    own (check_image) counts for nothing in the total: decoding refuses it at no cost. The files are
+    held together, but they are no bigger than the request body that carried them.
     """
     if len(payloads) > limits.max_request_images:
         raise RequestTooLargeError(f"{len(payloads)} images in one request, over the limit of "
                                    f"{limits.max_request_images}")
+    files: List[Union[bytes, ImageError]] = []
     total = 0
     for payload in payloads:
         try:
             data = bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) \
                 else base64_bytes(payload, limits)
             header = check_image(data, limits)
-        except (ImageError, TypeError):
+        except ImageError as exc:
+            files.append(exc)
             continue
+        files.append(data)
         total += header.width * header.height
     if total > limits.max_request_pixels:
         raise RequestTooLargeError(f"the request's images decode to {total} pixels together, over the "
                                    f"per-request limit of {limits.max_request_pixels}; send fewer or "
                                    f"smaller images per request")
-    return total
+    return files
 
 
 def decode_jpeg_on_device(data: bytes, limits: DecodeLimits = DecodeLimits()) -> "Optional[paddle.Tensor]":

@@ -241,15 +241,20 @@ def solid_png(width: int, height: int, value: int = 80) -> bytes:
 
 def test_request_pixels_are_summed_from_headers():
     small = solid_png(300, 200)
-    assert imageio.check_request([small, base64.b64encode(small).decode()], DecodeLimits()) == 2 * 300 * 200
-    # images refused on their own count for nothing: decoding refuses them without cost
-    assert imageio.check_request([small, b"not an image", "%%%", b""], DecodeLimits()) == 300 * 200
+    both = [small, base64.b64encode(small).decode()]
+    assert imageio.check_request(both, DecodeLimits(max_request_pixels=2 * 300 * 200)) == [small, small]
+    with pytest.raises(imageio.RequestTooLargeError):
+        imageio.check_request(both, DecodeLimits(max_request_pixels=2 * 300 * 200 - 1))
+    # images refused on their own count for nothing (decoding refuses them at no cost) and come back as
+    # their errors
+    files = imageio.check_request([small, b"not an image", "%%%", b""], DecodeLimits(max_request_pixels=60_000))
+    assert files[0] == small and [f.code for f in files[1:]] == ["not_an_image", "invalid_base64", "empty"]
 
 
 def test_a_request_over_the_pixel_budget_is_refused_before_decoding(monkeypatch):
     big = solid_png(2000, 1500)  # 3 MP
     limits = DecodeLimits(max_pixels=4_000_000, max_request_pixels=8_000_000)
-    assert imageio.check_request([big, big], limits) == 6_000_000
+    assert imageio.check_request([big, big], limits) == [big, big]
     decoded = []
     monkeypatch.setattr(imageio.cv2, "imdecode", lambda *a: decoded.append(a))
     with pytest.raises(imageio.RequestTooLargeError, match="9000000 pixels together.*limit of 8000000") as info:
@@ -261,7 +266,7 @@ def test_a_request_over_the_pixel_budget_is_refused_before_decoding(monkeypatch)
 
 def test_a_request_over_the_image_count_is_refused():
     small = solid_png(8, 8)
-    assert imageio.check_request([small] * 3, DecodeLimits(max_request_images=3)) == 192
+    assert len(imageio.check_request([small] * 3, DecodeLimits(max_request_images=3))) == 3
     with pytest.raises(imageio.RequestTooLargeError, match="4 images in one request, over the limit of 3"):
         imageio.check_request([small] * 4, DecodeLimits(max_request_images=3))
     for bad in ("max_request_pixels", "max_request_images"):
