@@ -126,6 +126,7 @@ SCHEMA: Dict[str, Any] = {
         "max_image_bytes": Field(int, 20 * 1024 * 1024, lambda v: v > 0, "> 0 bytes"),
         "max_image_pixels": Field(int, 40_000_000, lambda v: v > 0, "> 0 pixels"),
         "max_images_per_request": Field(int, 64, lambda v: 1 <= v <= 1024, "1..1024"),
+        "max_request_pixels": Field(int, 64_000_000, lambda v: v > 0, "> 0 pixels"),
         "max_batch_images": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 images per forward pass"),
         "default_top_k": Field(int, 5, lambda v: v >= 1, ">= 1"),
         "backend_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),

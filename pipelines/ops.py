@@ -38,7 +38,7 @@ from paddle_serving_server.pipeline.error_catch import CustomExceptionCode
 
 from rexnet_serving.classifier import Classifier
 from rexnet_serving.clients.base import ClientError
-from rexnet_serving.imageio import DecodeLimits
+from rexnet_serving.imageio import DecodeLimits, RequestTooLargeError
 
 from . import admission, metrics, protocol
 
@@ -210,7 +210,10 @@ class PrepareOp(Op):
             except protocol.RequestError as exc:
                 return None, True, protocol.INVALID_REQUEST, f"{exc.code}: {exc.message}"
             with metrics.STAGE_SECONDS.labels("decode").time():
-                images, errors = model.classifier.decode(payloads)
+                try:
+                    images, errors = model.classifier.decode(payloads)
+                except RequestTooLargeError as exc:  # the images together are over the per-request budget
+                    return None, True, protocol.REQUEST_TOO_LARGE, f"{exc.code}: {exc}"
             batch = None
             if images:
                 with metrics.STAGE_SECONDS.labels("preprocess").time():

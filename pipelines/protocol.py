@@ -31,13 +31,16 @@ DEFAULT_TOP_K = 5
 BYTES_ELEM_TYPE = 13   # pipeline_service.proto Tensor.elem_type for raw bytes in byte_data
 STRING_ELEM_TYPE = 12  # Tensor.elem_type for text in str_data
 
-_INDEXED_IMAGE_KEY = re.compile(r"^image_(0|[1-9][0-9]*)$")
+# Matched with fullmatch only: `$` (and match()) would accept "image_0\n", a key that is then rewritten
+# to "image_0" and missed in the lookup (an internal error instead of a bad-request answer).
+_INDEXED_IMAGE_KEY = re.compile(r"image_(0|[1-9][0-9]*)")
 
 # err_no values. Paddle Serving reserves 50..99 for "product" (application) errors; the rest are its own
 # (pipeline/error_catch.py CustomExceptionCode).
 OK = 0
 INVALID_REQUEST = 51   # ours: missing/unknown key, bad top_k, unsupported tensor: fix the request
 INVALID_IMAGE = 52     # ours: no image of the request could be classified (details per image in results)
+REQUEST_TOO_LARGE = 53  # ours: the request's images together exceed the per-request pixel/image budget
 OVERLOADED = 54        # ours: refused at once by admission control (too many requests in progress): retry
 CLOSED_ERROR = 3001    # Paddle Serving: the DAG is stopping (the service is draining)
 NO_SERVICE = 3002      # Paddle Serving: the request named another service
@@ -48,8 +51,8 @@ RPC_PACKAGE_ERROR = 8000
 _OPTIONAL_KEYS = (TOP_K_KEY, MODEL_KEY, MODEL_VERSION_KEY)
 
 # err_no values where sending the same request again cannot help.
-BAD_REQUEST_ERRNOS = frozenset({INVALID_REQUEST, INVALID_IMAGE, NO_SERVICE, INPUT_PARAMS_ERROR,
-                                RPC_PACKAGE_ERROR})
+BAD_REQUEST_ERRNOS = frozenset({INVALID_REQUEST, INVALID_IMAGE, REQUEST_TOO_LARGE, NO_SERVICE,
+                                INPUT_PARAMS_ERROR, RPC_PACKAGE_ERROR})
 
 
 class RequestError(ValueError):
@@ -78,7 +81,7 @@ def order_image_keys(keys: Sequence[str]) -> List[str]:
             raise RequestError("invalid_key", "use either 'image' (one image) or 'image_0', "
                                               "'image_1', ... (several), not both")
         return [IMAGE_KEY]
-    indices = sorted(int(_INDEXED_IMAGE_KEY.match(k).group(1)) for k in keys)
+    indices = sorted(int(_INDEXED_IMAGE_KEY.fullmatch(k).group(1)) for k in keys)
     if indices != list(range(len(indices))):
         raise RequestError("invalid_key", f"image keys must be image_0 ... image_{len(indices) - 1} "
                                           f"without gaps, got {', '.join(sorted(keys))}")
@@ -86,7 +89,7 @@ def order_image_keys(keys: Sequence[str]) -> List[str]:
 
 
 def is_image_key(key: str) -> bool:
-    return key == IMAGE_KEY or _INDEXED_IMAGE_KEY.match(key) is not None
+    return key == IMAGE_KEY or _INDEXED_IMAGE_KEY.fullmatch(key) is not None
 
 
 def parse_top_k(text: Optional[str], max_top_k: int, default: int = DEFAULT_TOP_K) -> int:

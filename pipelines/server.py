@@ -110,7 +110,8 @@ class RexnetServer:
         if options["device"] == "gpu":  # preprocessing and nvJPEG decode follow the current device
             import paddle
             paddle.set_device(f"gpu:{options['gpu_id']}")
-        limits = DecodeLimits(rex["max_image_bytes"], rex["max_image_pixels"])
+        limits = DecodeLimits(rex["max_image_bytes"], rex["max_image_pixels"], rex["max_request_pixels"],
+                              rex["max_images_per_request"])
         versions = [v for m in self.repository.models.values() for v in m.served_versions()]
         if self.config.remote and len(versions) > 1:
             raise StartupError(f"op.infer.client_type brpc in {self.config.source} forwards to one backend "

@@ -7,15 +7,13 @@ RGB, the eval preprocessing written down in the export's manifest, Paddle Infere
 """
 from __future__ import annotations
 
-import base64
-import binascii
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import postprocess
-from .imageio import DecodeLimits, ImageError, decode_base64_image, decode_image, decode_jpeg_on_device
+from .imageio import DecodeLimits, ImageError, check_request, decode_image, decode_jpeg_on_device
 from .manifest import Manifest, verify_files
 from .preprocess import PreprocessConfig, preprocess, preprocess_opencv
 from .results import ImageResult
@@ -24,42 +22,37 @@ Payload = Union[bytes, str]  # encoded image bytes, or the same as base64 text
 Decoded = Any                # H x W x 3 uint8 RGB: np.ndarray, or paddle.Tensor on the GPU
 
 
-def decode_payload(payload: Payload, limits: DecodeLimits = DecodeLimits(),
-                   on_device: bool = False) -> Decoded:
-    """One image from bytes or base64 text; ImageError when refused.
+def decode_file(data: bytes, limits: DecodeLimits = DecodeLimits(), on_device: bool = False) -> Decoded:
+    """One image from its encoded file; ImageError when refused.
 
     ``on_device``: try nvJPEG on the current GPU first (rexnet_serving.imageio.decode_jpeg_on_device),
     falling back to OpenCV on the CPU for anything it does not take.
     """
     if on_device:
-        data = payload if isinstance(payload, bytes) else _b64decode_or_none(payload)
-        if data is not None:
-            tensor = decode_jpeg_on_device(data, limits)
-            if tensor is not None:
-                return tensor
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(payload), limits)
-    return decode_base64_image(payload, limits)
-
-
-def _b64decode_or_none(text: str) -> Optional[bytes]:
-    try:
-        return base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return None  # decode_base64_image reports it with the right ImageError
+        tensor = decode_jpeg_on_device(data, limits)
+        if tensor is not None:
+            return tensor
+    return decode_image(data, limits)
 
 
 def decode_payloads(payloads: Sequence[Payload], limits: DecodeLimits = DecodeLimits(),
                     on_device: bool = False) -> Tuple[List[Decoded], Dict[int, ImageError]]:
     """Decode every image of a request: the decoded ones in order, and the refused ones by index.
 
-    One bad image never stops the others: each gets its own error entry in the result.
+    One bad image never stops the others: each gets its own error entry in the result. The request as
+    a whole is checked first (rexnet_serving.imageio.check_request: image count and summed pixels, from
+    the headers): RequestTooLargeError, before any image is decoded, when it is over the budget.
     """
+    files = check_request(payloads, limits)  # base64 text is decoded here, once
     images: List[Decoded] = []
     errors: Dict[int, ImageError] = {}
-    for index, payload in enumerate(payloads):
+    for index, data in enumerate(files):
+        files[index] = None  # each file goes as soon as it is decoded
+        if isinstance(data, ImageError):
+            errors[index] = data
+            continue
         try:
-            images.append(decode_payload(payload, limits, on_device))
+            images.append(decode_file(data, limits, on_device))
         except ImageError as exc:
             errors[index] = exc
     return images, errors

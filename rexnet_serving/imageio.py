@@ -19,6 +19,10 @@ The headers are parsed here rather than by Pillow because Pillow's open() applie
 decompression-bomb limit (Image.MAX_IMAGE_PIXELS, a global) and cannot tell where a JPEG's scan starts.
 Every refusal is an ImageError with a stable .code that the services return per image.
 
+A request's images are also checked together, from their headers and before any of them is decoded
+(check_request): their count and their summed pixel count, which bound the memory one request takes.
+Past either limit the whole request is refused (RequestTooLargeError, code "request_too_large").
+
 Import order matters: libpaddle.so (Paddle 2.6) exports its own zlib, and a libz.so.1 first loaded after
 `import paddle` binds to it, so libpng then fails ("IDAT: bad parameters to zlib") and zlib compression
 crashes (PaddlePaddle/Paddle#70538, PaddleOCR#11776). Importing this module (or cv2, or zlib) before paddle
@@ -31,7 +35,7 @@ import binascii
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 
 import cv2
 import numpy as np
@@ -57,15 +61,45 @@ class ImageError(ValueError):
         return type(self), (self.code, str(self))
 
 
+class RequestTooLargeError(ValueError):
+    """A request's images together exceed the per-request budget (too many, or too many pixels in
+    total): the whole request is refused before any image is decoded. ``.code`` is "request_too_large"."""
+
+    code = "request_too_large"
+
+    def __reduce__(self):
+        return type(self), (str(self),)
+
+
+# Peak memory of decoding and preprocessing one request, measured on the CPU (solid-colour PNGs, OpenCV
+# decode and preprocessing, 36 MP per request): 2.9-5.7 MB per megapixel, the high end for one huge
+# image (the decoder's own copy) and for many small ones (per-image buffers); Paddle-op preprocessing
+# (the GPU path, run on the CPU) measured up to 6.4. Through the whole service (tests/test_service.py)
+# 64 images of 1 MP raised peak RSS by ~220 MB once Paddle's inference pool had grown to its steady
+# state. The default per-request pixel budget keeps one request under REQUEST_MEMORY_BUDGET_MB at the
+# conservative PEAK_MB_PER_MEGAPIXEL.
+REQUEST_MEMORY_BUDGET_MB = 512
+PEAK_MB_PER_MEGAPIXEL = 6.5
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
-    """What one encoded image may cost: its size in bytes and its decoded pixel count."""
+    """What one encoded image may cost (its size in bytes, its decoded pixel count), and what all the
+    images of one request may cost together (their count, their decoded pixels summed).
+
+    The per-request limits bound the memory one request can take: every image of a request is decoded
+    before preprocessing, so 64 images of 40 MP each would need ~8 GB. max_request_pixels defaults to
+    64 MP: at PEAK_MB_PER_MEGAPIXEL that is ~420 MB, under the 512 MB budget with room for the request
+    body itself.
+    """
 
     max_bytes: int = 20 * 2**20
     max_pixels: int = 40_000_000
+    max_request_pixels: int = 64_000_000
+    max_request_images: int = 64
 
     def __post_init__(self) -> None:
-        if self.max_bytes <= 0 or self.max_pixels <= 0:
+        if min(self.max_bytes, self.max_pixels, self.max_request_pixels, self.max_request_images) <= 0:
             raise ValueError(f"DecodeLimits must be positive, got {self}")
 
 
@@ -311,8 +345,9 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)
 
 
-def decode_base64_image(text: Union[str, bytes], limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Decode a base64-encoded image (standard alphabet, padded, no line breaks): see decode_image."""
+def base64_bytes(text: Union[str, bytes], limits: DecodeLimits = DecodeLimits()) -> bytes:
+    """The encoded file inside base64 text (standard alphabet, padded, no line breaks); ImageError for
+    invalid base64 or a file over limits.max_bytes (refused before the text is decoded)."""
     if isinstance(text, str):
         try:
             text = text.encode("ascii")
@@ -328,11 +363,47 @@ def decode_base64_image(text: Union[str, bytes], limits: DecodeLimits = DecodeLi
         raise ImageError("too_large", f"the base64 text encodes about {len(text) // 4 * 3} bytes, over the "
                                       f"limit of {limits.max_bytes}")
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         hint = " (send the bare base64, without a 'data:...;base64,' prefix)" if text.startswith(b"data:") else ""
         raise ImageError("invalid_base64", f"the image is not valid base64: {exc}{hint}") from None
-    return decode_image(data, limits)
+
+
+def decode_base64_image(text: Union[str, bytes], limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Decode a base64-encoded image (standard alphabet, padded, no line breaks): see decode_image."""
+    return decode_image(base64_bytes(text, limits), limits)
+
+
+def check_request(payloads: Sequence[Union[bytes, str]],
+                  limits: DecodeLimits = DecodeLimits()) -> List[Union[bytes, ImageError]]:
+    """Each payload's encoded file (base64 text decoded, once) or the ImageError refusing it, after
+    checking the request as a whole from the image headers: RequestTooLargeError when it holds more
+    than limits.max_request_images images or more than limits.max_request_pixels pixels in total.
+
+    Call it before decoding any image of the request; decode what it returns. An image refused on its
+    own (check_image) counts for nothing in the total: decoding refuses it at no cost. The files are
+    held together, but they are no bigger than the request body that carried them.
+    """
+    if len(payloads) > limits.max_request_images:
+        raise RequestTooLargeError(f"{len(payloads)} images in one request, over the limit of "
+                                   f"{limits.max_request_images}")
+    files: List[Union[bytes, ImageError]] = []
+    total = 0
+    for payload in payloads:
+        try:
+            data = bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) \
+                else base64_bytes(payload, limits)
+            header = check_image(data, limits)
+        except ImageError as exc:
+            files.append(exc)
+            continue
+        files.append(data)
+        total += header.width * header.height
+    if total > limits.max_request_pixels:
+        raise RequestTooLargeError(f"the request's images decode to {total} pixels together, over the "
+                                   f"per-request limit of {limits.max_request_pixels}; send fewer or "
+                                   f"smaller images per request")
+    return files
 
 
 def decode_jpeg_on_device(data: bytes, limits: DecodeLimits = DecodeLimits()) -> "Optional[paddle.Tensor]":

@@ -40,7 +40,10 @@ class RemotePredictor:
 
     ``client_config``: serving_client_conf.prototxt (or its directory); default: the export's own
     serving_client/. ``endpoints``: "host:port" strings, tried in order (the first one that accepts a
-    connection is used; a lost connection is reopened by the next call). ``timeout``: seconds per call.
+    connection is used; a lost connection is reopened by the next call). ``timeout``: the deadline of each
+call in seconds, covering connecting, sending the batch and the answer (BrpcClient): a backend that
+hangs or stops reading fails the call with BackendUnavailable when it passes, and the connection is
+closed, so an infer thread is never stuck longer than this (nor, then, the service's shutdown).
     ``fetch``: the fetch alias to ask for; default and only choice: the manifest's.
 
     The backend may be down when this is built: every call then fails with BackendUnavailable until

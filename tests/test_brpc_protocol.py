@@ -9,6 +9,8 @@ import zlib
 import numpy as np
 import pytest
 
+from brpc_wire import deflate_bomb
+
 from rexnet_serving.brpc import protocol
 from rexnet_serving.brpc.protocol import (CompressType, Errno, FrameDecoder, FrameError, encode_frame,
                                           parse_header, request_meta, response_meta, split_body)
@@ -198,3 +200,30 @@ def test_unpacked_float_encoding_from_old_senders_decodes():
     # float_data (2) as individual fixed32 fields (wire type 5), shape (11) packed [2], elem_type (10) = 1
     legacy = b"\x15" + struct.pack("<f", 1.5) + b"\x15" + struct.pack("<f", -2.0) + b"\x5a\x01\x02\x50\x01"
     np.testing.assert_array_equal(from_tensor(Tensor.FromString(legacy)), np.array([1.5, -2.0], np.float32))
+
+
+@pytest.mark.parametrize("kind, wbits", [(CompressType.ZLIB, 15), (CompressType.GZIP, 31)])
+def test_decompression_stops_at_the_size_limit(kind, wbits):
+    import tracemalloc
+    bomb = deflate_bomb(wbits, 256 << 20)  # 256 MiB of zeros in about 250 kB
+    tracemalloc.start()
+    try:
+        with pytest.raises(protocol.PayloadTooLarge, match="inflates past max_body_size=8388608"):
+            protocol.decompress(bomb, kind, max_size=8 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 << 20  # the limit plus one inflate step, never the 256 MiB
+    # exactly at the limit is fine; one byte more is not
+    exact = deflate_bomb(wbits, 8 << 20)
+    assert protocol.decompress(exact, kind, max_size=8 << 20) == bytes(8 << 20)
+    with pytest.raises(protocol.PayloadTooLarge):
+        protocol.decompress(exact, kind, max_size=(8 << 20) - 1)
+
+
+def test_gzip_members_and_truncated_streams():
+    assert protocol.decompress(gzip.compress(b"ab") + gzip.compress(b"cd"), CompressType.GZIP) == b"abcd"
+    with pytest.raises(EOFError, match="truncated"):
+        protocol.decompress(zlib.compress(b"payload" * 100)[:-6], CompressType.ZLIB)
+    with pytest.raises(zlib.error):
+        protocol.decompress(b"not zlib at all", CompressType.ZLIB)

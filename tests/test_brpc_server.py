@@ -16,11 +16,14 @@ from typing import List, Tuple
 import numpy as np
 import pytest
 
+from brpc_wire import image_request as _image_request
+from brpc_wire import responses as _responses
 from conftest import free_port, wait_for_port
 from images import PHOTO_SET, encode, photo
 from rexnet_serving.brpc import protocol
-from rexnet_serving.brpc.protocol import CompressType, Errno, FrameDecoder, encode_frame, request_meta
-from rexnet_serving.brpc.server import ModelService, NativeServer, ServerOptions
+from rexnet_serving.brpc.protocol import CompressType, Errno, encode_frame, request_meta
+from rexnet_serving.brpc.server import NativeServer, ServerOptions
+from rexnet_serving.brpc.service import ModelService
 from rexnet_serving.brpc.tensors import ElemType, Request, Response, Tensor, to_tensor
 from rexnet_serving.clients.base import BadRequestError, TransientError, make_client
 from rexnet_serving.clients.brpc import BrpcClient
@@ -179,6 +182,14 @@ def test_too_many_images_is_a_bad_request(client, small_image):
         client.classify([small_image] * 65)
 
 
+def test_images_over_the_request_pixel_budget_are_a_bad_request(client, small_image):
+    big = encode(np.full((4800, 4800, 3), 60, np.uint8), "png")  # 23 MP each, ~70 kB on the wire
+    with pytest.raises(BadRequestError, match="EREQUEST.*request_too_large: .* over the per-request limit "
+                                              "of 64000000"):
+        client.classify([big] * 3)  # 69 MP together: refused before any decode
+    assert client.classify([small_image])[0].ok
+
+
 # -- protocol-level garbage on raw sockets -------------------------------------------------------------
 def _connect(address: str) -> socket.socket:
     host, port = address.split(":")
@@ -186,29 +197,11 @@ def _connect(address: str) -> socket.socket:
     return sock
 
 
-def _responses(sock: socket.socket, count: int) -> List[protocol.Frame]:
-    decoder, frames = FrameDecoder(), []
-    while len(frames) < count:
-        data = sock.recv(65536)
-        assert data, "the server closed the connection instead of answering"
-        frames += decoder.feed(data)
-    return frames
-
-
 def _closed_by_server(sock: socket.socket) -> bool:
     try:
         return sock.recv(65536) == b""
     except ConnectionResetError:
         return True
-
-
-def _image_request(images: List[bytes], top_k: int = 1) -> bytes:
-    request = Request(fetch_var_names=["predictions"])
-    for data in images:
-        request.tensor.append(Tensor(alias_name="image", elem_type=ElemType.UINT8, shape=[len(data)],
-                                     tensor_content=data))
-    request.tensor.append(to_tensor(np.array([top_k]), alias="top_k", elem_type=ElemType.INT64))
-    return request.SerializeToString()
 
 
 def _meta_frame(meta_bytes: bytes, payload: bytes = b"") -> bytes:

@@ -126,6 +126,7 @@ def test_image_keys_and_their_order():
     assert protocol.image_keys(1) == ["image"]
     assert protocol.image_keys(3) == ["image_0", "image_1", "image_2"]
     assert protocol.order_image_keys(["image_10"] + [f"image_{i}" for i in range(10)])[-1] == "image_10"
+    assert not protocol.is_image_key("image_0\n") and not protocol.is_image_key("image_01")
 
 
 @pytest.mark.parametrize("fields, code", [
@@ -138,6 +139,10 @@ def test_image_keys_and_their_order():
     ({"image": "x", "top_k": "five"}, "invalid_top_k"),
     ({"image": "x", "top_k": b"5"}, "invalid_top_k"),
     ({f"image_{i}": "x" for i in range(5)}, "too_many_images"),
+    # `$` would match before a trailing newline: these keys must be unknown, not rewritten then lost
+    ({"image_0\n": "x"}, "unknown_key"),
+    ({"image\n": "x"}, "unknown_key"),
+    ({"image_0": "x", "image_1\n": "y"}, "unknown_key"),
 ])
 def test_parse_fields_refuses_malformed_requests(fields, code):
     with pytest.raises(protocol.RequestError) as info:
@@ -150,3 +155,13 @@ def test_parse_fields_orders_payloads_and_defaults_top_k():
     assert (payloads, top_k) == (["a", "b"], 5)
     assert protocol.parse_fields({"image": "a", "top_k": " 3 "}, 4, 3, 5) == (["a"], 3)
     assert protocol.parse_fields({"image": "a"}, 4, 3, 5)[1] == 3  # default capped at the class count
+
+
+def test_decode_payloads_refuses_a_request_over_its_pixel_budget():
+    from rexnet_serving.imageio import RequestTooLargeError
+    image = encode(photo("china", (400, 300)), "png")
+    limits = DecodeLimits(max_request_pixels=200_000)  # one 400x300 image fits, two do not
+    images, errors = decode_payloads([image, b"junk"], limits)
+    assert len(images) == 1 and errors[1].code == "not_an_image"
+    with pytest.raises(RequestTooLargeError):
+        decode_payloads([image, base64.b64encode(image).decode()], limits)

@@ -83,3 +83,114 @@ def test_grpc_client_import_leaves_the_working_directory_alone(tmp_path):
     assert list(tmp_path.iterdir()) == []
     assert pipeline_messages() is pipeline_messages()
     assert REPO_ROOT.exists()
+
+
+# -- error classes against real servers: bad input vs overload ---------------------------------------
+@pytest.fixture()
+def grpc_server():
+    """A real gRPC PipelineService on a free port: 1 MiB receive limit, at most one RPC at a time, and a
+    handler that holds its RPC until released (so a second one meets the concurrency cap)."""
+    import threading
+    from concurrent import futures
+
+    import grpc
+    pb2 = pipeline_messages()
+    release = threading.Event()
+    entered = threading.Event()
+
+    def inference(request, context):
+        entered.set()
+        release.wait(30)
+        return pb2.Response(err_no=0, key=["results"], value=[protocol.encode_results([OK_RESULT])])
+
+    handler = grpc.method_handlers_generic_handler(
+        "baidu.paddle_serving.pipeline_serving.PipelineService",
+        {"inference": grpc.unary_unary_rpc_method_handler(inference, request_deserializer=pb2.Request.FromString,
+                                                          response_serializer=pb2.Response.SerializeToString)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[handler], maximum_concurrent_rpcs=1,
+                         options=[("grpc.max_receive_message_length", 1 << 20)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", release, entered
+    finally:
+        release.set()
+        server.stop(grace=None).wait(10)
+
+
+def test_grpc_oversized_message_is_a_bad_request_and_load_shedding_is_transient(grpc_server):
+    import threading
+    address, release, entered = grpc_server
+    client = GrpcClient(address, timeout=20)
+    try:
+        # over the server's receive limit: "Received message larger than max" -- bad input, never retried
+        with pytest.raises(BadRequestError, match="RESOURCE_EXHAUSTED.*larger than max"):
+            client.classify([bytes(2 << 20)], top_k=1)
+        # over the server's concurrent-RPC cap: RESOURCE_EXHAUSTED too, but load shedding -- retry later
+        holder = threading.Thread(target=client.classify, args=([b"\xff\xd8\xff"],), kwargs={"top_k": 1})
+        holder.start()
+        assert entered.wait(20)
+        with pytest.raises(TransientError, match="RESOURCE_EXHAUSTED"):
+            client.classify([b"\xff\xd8\xff"], top_k=1)
+        release.set()
+        holder.join(20)
+    finally:
+        client.close()
+    # over the client's own send limit: "Sent message larger than max"
+    import grpc
+    small = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 1 << 10)])
+    with GrpcClient(address, timeout=20, channel=small) as client:
+        with pytest.raises(BadRequestError, match="larger than max"):
+            client.classify([bytes(4 << 10)], top_k=1)
+
+
+@pytest.fixture()
+def http_server():
+    """A real HTTP server answering each POST with the next (status, JSON body) from its script."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    script = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            status, body = script.pop(0)
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", script
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status, body, error", [
+    (413, {"message": "request body too large"}, BadRequestError),
+    (503, {"message": "overloaded"}, TransientError),
+    (429, {"message": "slow down"}, TransientError),
+    (200, {"err_no": protocol.OVERLOADED, "err_msg": "overloaded: queue full"}, TransientError),
+    (200, {"err_no": protocol.REQUEST_TOO_LARGE, "err_msg": "request_too_large: 900 MP"}, BadRequestError),
+])
+def test_http_status_and_err_no_tell_bad_input_from_overload(http_server, status, body, error):
+    address, script = http_server
+    script.append((status, body))
+    with HttpClient(address, timeout=20) as client:
+        with pytest.raises(error) as info:
+            client.classify([b"\xff\xd8\xff"], top_k=1)
+    assert type(info.value) is error
+
+
+def test_new_err_nos_are_classified():
+    assert protocol.REQUEST_TOO_LARGE == 53 and protocol.REQUEST_TOO_LARGE in protocol.BAD_REQUEST_ERRNOS
+    assert protocol.OVERLOADED == 54 and protocol.OVERLOADED not in protocol.BAD_REQUEST_ERRNOS

@@ -231,3 +231,50 @@ def test_decode_time_is_reported():
         decode_image(JPEG)
     per_image = (time.perf_counter() - start) / runs
     print(f"\ndecode_image: 640x427 JPEG q90 ({len(JPEG)} bytes): {per_image * 1e3:.2f} ms")
+
+
+# -- the per-request budget ----------------------------------------------------------------------------
+def solid_png(width: int, height: int, value: int = 80) -> bytes:
+    """A one-colour PNG: kilobytes on the wire, width x height x 3 bytes once decoded."""
+    return encode(np.full((height, width, 3), value, np.uint8), "png")
+
+
+def test_request_pixels_are_summed_from_headers():
+    small = solid_png(300, 200)
+    both = [small, base64.b64encode(small).decode()]
+    assert imageio.check_request(both, DecodeLimits(max_request_pixels=2 * 300 * 200)) == [small, small]
+    with pytest.raises(imageio.RequestTooLargeError):
+        imageio.check_request(both, DecodeLimits(max_request_pixels=2 * 300 * 200 - 1))
+    # images refused on their own count for nothing (decoding refuses them at no cost) and come back as
+    # their errors
+    files = imageio.check_request([small, b"not an image", "%%%", b""], DecodeLimits(max_request_pixels=60_000))
+    assert files[0] == small and [f.code for f in files[1:]] == ["not_an_image", "invalid_base64", "empty"]
+
+
+def test_a_request_over_the_pixel_budget_is_refused_before_decoding(monkeypatch):
+    big = solid_png(2000, 1500)  # 3 MP
+    limits = DecodeLimits(max_pixels=4_000_000, max_request_pixels=8_000_000)
+    assert imageio.check_request([big, big], limits) == [big, big]
+    decoded = []
+    monkeypatch.setattr(imageio.cv2, "imdecode", lambda *a: decoded.append(a))
+    with pytest.raises(imageio.RequestTooLargeError, match="9000000 pixels together.*limit of 8000000") as info:
+        imageio.check_request([big, big, big], limits)
+    assert info.value.code == "request_too_large" and isinstance(info.value, ValueError)
+    assert not decoded
+    assert pickle.loads(pickle.dumps(info.value)).args == info.value.args
+
+
+def test_a_request_over_the_image_count_is_refused():
+    small = solid_png(8, 8)
+    assert len(imageio.check_request([small] * 3, DecodeLimits(max_request_images=3))) == 3
+    with pytest.raises(imageio.RequestTooLargeError, match="4 images in one request, over the limit of 3"):
+        imageio.check_request([small] * 4, DecodeLimits(max_request_images=3))
+    for bad in ("max_request_pixels", "max_request_images"):
+        with pytest.raises(ValueError):
+            DecodeLimits(**{bad: 0})
+
+
+def test_default_request_budget_fits_the_memory_budget():
+    limits = DecodeLimits()
+    assert limits.max_request_pixels / 1e6 * imageio.PEAK_MB_PER_MEGAPIXEL <= imageio.REQUEST_MEMORY_BUDGET_MB
+    assert limits.max_request_pixels >= limits.max_pixels  # one image at the per-image limit still fits

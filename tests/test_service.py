@@ -2,11 +2,13 @@
 gRPC, compared with the offline predictor; bad input; readiness; metrics; the CLI; SIGTERM drain.
 
 One server for the whole module (started as a subprocess in its own process group, killed as a group in
-teardown); the drain test runs last and stops it.
+teardown); the drain test stops it. The pixel-bomb test after it starts its own with the default limits
+and measures that server's peak memory.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -17,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import rexnet_serving.imageio  # noqa: F401  (before paddle: see that module)
 import numpy as np
@@ -72,13 +74,13 @@ def offline(model_dir) -> Classifier:
     return Classifier(model_dir, limits=DecodeLimits(MAX_BYTES, MAX_PIXELS))
 
 
-@pytest.fixture(scope="module")
-def service(model_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("service_run")
+@contextlib.contextmanager
+def running_service(model_dir: Path, work: Path, rexnet_settings: str) -> Iterator[Service]:
+    """rexnet-serve on free ports with cpu.yml plus ``rexnet_settings`` (YAML under ``rexnet:``), ready;
+    killed as a process group on exit."""
     config = work / "test.yml"
     config.write_text(f"extends: {Path(__file__).resolve().parents[1] / 'serving_configs' / 'cpu.yml'}\n"
-                      f"rexnet:\n  max_image_bytes: {MAX_BYTES}\n  max_image_pixels: {MAX_PIXELS}\n"
-                      "  drain_timeout_s: 60\n", encoding="utf-8")
+                      f"rexnet:\n{rexnet_settings}", encoding="utf-8")
     http, grpc, metrics = free_port(), free_port(), free_port()
     log = work / "serve.log"
     with log.open("wb") as out:
@@ -111,6 +113,14 @@ def service(model_dir, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)  # anything of the group still alive (the gateway)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture(scope="module")
+def service(model_dir, tmp_path_factory):
+    with running_service(model_dir, tmp_path_factory.mktemp("service_run"),
+                         f"  max_image_bytes: {MAX_BYTES}\n  max_image_pixels: {MAX_PIXELS}\n"
+                         "  drain_timeout_s: 60\n") as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +220,7 @@ BAD_HTTP = [
     ("top_k too big", {"key": ["image", "top_k"], "value": [b64(JPEG), str(SCORED_CLASSES + 1)]}, 51,
      "between 1 and 10", None),
     ("top_k text", {"key": ["image", "top_k"], "value": [b64(JPEG), "many"]}, 51, "integer", None),
+    ("newline after the key", {"key": ["image_0\n"], "value": [b64(JPEG)]}, 51, "unknown_key", None),
     ("keys without values", {"key": ["image", "top_k"], "value": [b64(JPEG)]}, 51, "2 keys but 1 values", None),
     ("invalid base64", {"key": ["image"], "value": ["%%%not-base64"]}, 52, "invalid_base64", "invalid_base64"),
     ("empty payload", {"key": ["image"], "value": [""]}, 52, "empty", "empty"),
@@ -355,3 +366,42 @@ def test_sigterm_drains_in_flight_request_and_leaves_no_process(service, clients
     with pytest.raises(ProcessLookupError):
         os.killpg(service.proc.pid, 0)  # no process of the server's group is left (gateway included)
     assert "stopped" in service.log.read_text()
+
+
+def _status_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def test_pixel_bomb_is_refused_within_the_memory_budget(model_dir, offline, tmp_path):
+    """16 one-colour 36 MP PNGs (~2 MB of JSON): each passes the per-image limits of the default config,
+    together they would decode to 1.7 GB. With the defaults the request gets err_no 53 and the service's
+    peak RSS grows by less than the README's per-request budget."""
+    from rexnet_serving.imageio import REQUEST_MEMORY_BUDGET_MB
+    bombs = [encode(np.full((6000, 6000, 3), 40 * i + 20, np.uint8), "png") for i in range(4)] * 4
+    body = {"key": protocol.image_keys(16), "value": [b64(data) for data in bombs]}
+    with running_service(model_dir, tmp_path, "  drain_timeout_s: 10\n") as svc:
+        rss_before = _status_mb(svc.proc.pid, "VmRSS")
+        answer = post(svc, body)
+        growth = _status_mb(svc.proc.pid, "VmHWM") - rss_before
+        print(f"pixel bomb ({sum(map(len, bombs)) / 1e6:.1f} MB of PNG, 576 MP): err_no {answer.get('err_no')}, "
+              f"peak RSS +{growth:.0f} MB")
+        assert answer["err_no"] == protocol.REQUEST_TOO_LARGE, answer
+        assert answer["err_msg"].startswith("request_too_large: ") and "64000000" in answer["err_msg"]
+        assert growth < REQUEST_MEMORY_BUDGET_MB
+        good_request_works(svc, offline)
+        # The first forward pass of max_batch_images (32) images grows Paddle's memory pool once (about
+        # 0.5 GB on the CPU, kept for later batches: the steady state, whatever the pixels); do it first.
+        tiny = [encode(np.full((64, 64, 3), 3 * i, np.uint8), "png") for i in range(32)]
+        assert post(svc, {"key": protocol.image_keys(32), "value": [b64(data) for data in tiny]})["status"] == 200
+        # A request at the defaults' edge: 64 images (the most) of 1 MP (64 MP, the pixel budget; the
+        # forward passes of 64 images and per-image buffers on top) -- classified, within the budget.
+        edge = [encode(np.full((1000, 1000, 3), 3 * i, np.uint8), "png") for i in range(64)]
+        rss_before = _status_mb(svc.proc.pid, "VmRSS")
+        answer = post(svc, {"key": protocol.image_keys(64), "value": [b64(data) for data in edge]})
+        growth = _status_mb(svc.proc.pid, "VmHWM") - rss_before
+        print(f"64 x 1 MP: err_no {answer.get('err_no', 0)}, peak RSS +{growth:.0f} MB")
+        assert answer.get("err_no", 0) == 0 and all(r.ok for r in protocol.decode_results(answer["value"][0]))
+        assert growth < REQUEST_MEMORY_BUDGET_MB

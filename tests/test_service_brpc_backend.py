@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -116,7 +117,8 @@ def offline(model_dir) -> Classifier:
 
 @pytest.fixture(scope="module")
 def native_backend(model_dir) -> Iterator[str]:
-    from rexnet_serving.brpc.server import ModelService, NativeServer, ServerOptions
+    from rexnet_serving.brpc.server import NativeServer, ServerOptions
+    from rexnet_serving.brpc.service import ModelService
     server = NativeServer(ModelService(model_dir, cpu_threads=1), ServerOptions(port=0, workers=1))
     port = server.start()
     try:
@@ -223,10 +225,10 @@ class Stack:
         _stop(self.backend)
         self.backend = None
 
-    def start_serve(self) -> None:
+    def start_serve(self, rexnet: str = "rexnet:\n  backend_timeout_s: 20\n") -> None:
         config = write(self.work / "brpc.yml", f"extends: {CONFIG}\n"
                                                 f"op:\n  infer:\n    server_endpoints: ['{self.endpoint}']\n"
-                                                "rexnet:\n  backend_timeout_s: 20\n")
+                                                + rexnet)
         with self.log.open("wb") as out:
             self.serve = subprocess.Popen([str(BIN / "rexnet-serve"), "--config", str(config), "--model-dir",
                                            str(self.model_dir), "--http-port", str(self.http), "--grpc-port",
@@ -348,3 +350,66 @@ def test_backend_down_fails_requests_retryably_then_recovers_on_restart(stack, c
     for name in ("http", "grpc"):
         (served,) = clients[name].classify([image], top_k=5)
         assert_same(served, expected)
+
+
+# -- a backend that accepts and never reads ----------------------------------------------------------
+class DeafBackend:
+    """A real listening socket that accepts every connection and never reads from it: a hung or
+    SIGSTOPped backend, or a stalled network. Sends of a few MB fill the TCP buffers and block."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: List[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_backend_that_never_reads_fails_requests_in_time_and_sigterm_drains(model_dir, tmp_path):
+    backend_timeout, drain_timeout = 3, 10
+    deaf = DeafBackend()
+    stack = Stack(model_dir, tmp_path)
+    stack.backend_port = deaf.port
+    try:
+        stack.start_serve(f"rexnet:\n  backend_timeout_s: {backend_timeout}\n  drain_timeout_s: {drain_timeout}\n")
+        # the gRPC port serves while the warm-up keeps failing against the deaf backend
+        stack.wait_until("the warm-up reaching the deaf backend",
+                         lambda: "waiting for the bRPC backend" in stack.log.read_text())
+        images = [encode(photo("china", (640, 427)), "jpeg")] * 16  # ~9.6 MB of float32 to forward
+        client = GrpcClient(f"127.0.0.1:{stack.grpc}", timeout=60)
+        started = time.monotonic()
+        try:
+            with pytest.raises(TransientError) as info:
+                client.classify(images, top_k=1)
+        finally:
+            client.close()
+        elapsed = time.monotonic() - started
+        print(f"16 images against a deaf backend: {info.value} after {elapsed:.1f}s")
+        assert f"err_no {BACKEND_ERRNO}" in str(info.value)
+        assert "deadline passed" in str(info.value) or "no response" in str(info.value)
+        # its own deadline, plus at most one warm-up attempt ahead of it on the infer threads, plus slack
+        assert elapsed < 2 * backend_timeout + 10
+        stack.serve.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert stack.serve.wait(drain_timeout + 15) == 0
+        print(f"SIGTERM: exited 0 after {time.monotonic() - started:.1f}s")
+    finally:
+        stack.stop()
+        deaf.close()

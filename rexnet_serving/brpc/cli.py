@@ -1,7 +1,8 @@
 """rexnet-brpc: serve an exported ReXNet model over bRPC (baidu_std), natively or via C++ Serving.
 
-  rexnet-brpc [native] --model-dir DIR [--port 9393] [--host 127.0.0.1] [--workers N]
-      the Python GeneralModelService endpoint (rexnet_serving.brpc.server); the default subcommand
+  rexnet-brpc [native] --model-dir DIR [--port 9393] [--host 127.0.0.1] [--workers N] [limits]
+      the Python GeneralModelService endpoint (rexnet_serving.brpc.server); the default subcommand;
+      its limits (connections, requests per connection, idle and read timeouts, body size) have flags
   rexnet-brpc cpp --model-dir DIR [--port 9393] [--gpu-ids 0] [--thread N] [--workdir D]
       Paddle Serving's C++ server (rexnet_serving.brpc.cpp_backend); needs $SERVING_BIN or the unpacked
       binary package, never downloads it
@@ -20,6 +21,7 @@ from typing import List, Optional, Sequence
 
 from ..defaults import BRPC_PORT, default_model_dir
 from . import protocol
+from .server import ServerOptions
 
 SUBCOMMANDS = ("native", "cpp")
 
@@ -51,6 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest frame body in bytes, as bRPC's -max_body_size (default %(default)s)")
     native.add_argument("--max-images", type=int, default=64,
                         help="encoded images per request (default %(default)s)")
+    defaults = ServerOptions()
+    native.add_argument("--max-request-pixels", type=int, default=defaults.max_request_pixels,
+                        help="decoded pixels of all images of one request together, checked from their "
+                             "headers before decoding; past it, EREQUEST request_too_large (default "
+                             "%(default)s: one request stays under a 512 MB peak-memory budget)")
+    native.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="open connections; one more is closed as soon as it is accepted "
+                             "(default %(default)s)")
+    native.add_argument("--max-requests-per-connection", type=int,
+                        default=defaults.max_requests_per_connection,
+                        help="requests in flight on one connection; one more gets ELIMIT at once "
+                             "(default %(default)s)")
+    native.add_argument("--max-buffered-bytes", type=int, default=defaults.max_buffered_bytes,
+                        help="request bodies held at once (being read, queued or running); a frame "
+                             "whose body would pass it is read past unkept and gets ELIMIT "
+                             "(default %(default)s)")
+    native.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout,
+                        help="seconds a connection with nothing in flight may send nothing before it "
+                             "is closed (default %(default)s)")
+    native.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
+                        help="seconds a frame may take to arrive once its first byte came; then the "
+                             "connection is closed (default %(default)s)")
 
     cpp = sub.add_parser("cpp", help="Paddle Serving's C++ server (needs the serving binary)",
                          description="Prepare the C++ Serving working directory with Paddle Serving's own "
@@ -112,17 +136,24 @@ def _run_cpp(args: argparse.Namespace, model_dir: Path) -> int:
 
 
 def _run_native(args: argparse.Namespace, model_dir: Path) -> int:
-    from .server import ModelService, NativeServer, ServerOptions
+    from .server import NativeServer
+    from .service import ModelService
     try:
         options = ServerOptions(host=args.host, port=args.port, workers=args.workers,
                                 cpu_threads=args.cpu_threads, max_concurrency=args.max_concurrency,
-                                max_body_size=args.max_body_size, max_images=args.max_images)
+                                max_body_size=args.max_body_size, max_images=args.max_images,
+                                max_request_pixels=args.max_request_pixels,
+                                max_connections=args.max_connections,
+                                max_buffered_bytes=args.max_buffered_bytes,
+                                max_requests_per_connection=args.max_requests_per_connection,
+                                idle_timeout=args.idle_timeout, read_timeout=args.read_timeout)
     except ValueError as exc:
         print(f"rexnet-brpc: error: {exc}", file=sys.stderr)
         return 2
     try:
         service = ModelService(model_dir, cpu_threads=options.cpu_threads, max_images=options.max_images,
-                               device=args.device, gpu_id=args.gpu_id)
+                               device=args.device, gpu_id=args.gpu_id,
+                               max_request_pixels=options.max_request_pixels)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         print(f"rexnet-brpc: cannot load the model in {model_dir}: {exc}", file=sys.stderr)
         return 1

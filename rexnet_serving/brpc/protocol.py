@@ -16,7 +16,7 @@ import gzip
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from google.protobuf.message import DecodeError
 
@@ -69,6 +69,12 @@ class Frame:
     meta: RpcMeta
     payload: bytes
     attachment: bytes = b""
+    skipped: bool = False  # the body was not admitted (read_frame's ``admit``): read past, not kept
+
+
+# A frame whose body is not admitted is still answered, so its meta (correlation id) is read; it must be
+# small, as real RpcMeta are (tens of bytes), or the frame is garbage.
+MAX_SKIPPED_META_SIZE = 64 * 1024
 
 
 def encode_frame(meta: RpcMeta, payload: bytes = b"", attachment: bytes = b"") -> bytes:
@@ -153,27 +159,39 @@ class FrameDecoder:
         return len(self._buffer)
 
 
+class IdleTimeout(Exception):
+    """No frame began within the idle timeout (the connection itself is fine)."""
+
+
 async def read_frame(reader: asyncio.StreamReader, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-                     body_timeout: Optional[float] = None) -> Optional[Frame]:
+                     body_timeout: Optional[float] = None, idle_timeout: Optional[float] = None,
+                     admit: Optional[Callable[[int], bool]] = None) -> Optional[Frame]:
     """The next frame, or None at a clean end of stream; FrameError for garbage or a truncated frame.
 
-    Waiting for a frame to begin has no time limit (an idle connection is fine); once its first byte has
-    arrived, the rest must follow within ``body_timeout`` seconds, so a peer that stalls mid-frame
-    cannot hold the connection forever. A first byte that cannot start ``PRPC`` fails at once.
+    Waiting for a frame to begin may take ``idle_timeout`` seconds (None: forever), then IdleTimeout;
+    once its first byte has arrived, the rest must follow within ``body_timeout`` seconds, so a peer
+    that stalls mid-frame cannot hold the connection forever. A first byte that cannot start ``PRPC``
+    fails at once. ``admit(body_size)`` is asked once the header is read: False reads the body past in
+    small pieces without keeping it and returns a ``skipped`` frame (meta only), so a memory budget
+    holds whatever peers send.
     """
     try:
-        first = await reader.readexactly(1)
+        # Cancelling readexactly(1) while it waits consumes nothing: a later call still sees every byte.
+        first = await asyncio.wait_for(reader.readexactly(1), idle_timeout)
     except asyncio.IncompleteReadError:
         return None
+    except asyncio.TimeoutError:
+        raise IdleTimeout(f"no frame within {idle_timeout:g}s") from None
     if first != MAGIC[:1]:
         raise FrameError(f"bad magic: first byte {first!r}, not a baidu_std frame")
     try:
-        return await asyncio.wait_for(_read_rest(reader, first, max_body_size), body_timeout)
+        return await asyncio.wait_for(_read_rest(reader, first, max_body_size, admit), body_timeout)
     except asyncio.TimeoutError:
         raise FrameError(f"frame not complete within {body_timeout:g}s") from None
 
 
-async def _read_rest(reader: asyncio.StreamReader, first: bytes, max_body_size: int) -> Frame:
+async def _read_rest(reader: asyncio.StreamReader, first: bytes, max_body_size: int,
+                     admit: Optional[Callable[[int], bool]]) -> Frame:
     try:
         header = first + await reader.readexactly(HEADER_SIZE - 1)
     except asyncio.IncompleteReadError as exc:
@@ -181,10 +199,17 @@ async def _read_rest(reader: asyncio.StreamReader, first: bytes, max_body_size: 
             from None
     body_size, meta_size = parse_header(header, max_body_size)
     try:
-        body = await reader.readexactly(body_size)
+        if admit is None or admit(body_size):
+            return split_body(await reader.readexactly(body_size), meta_size)
+        if meta_size > MAX_SKIPPED_META_SIZE:
+            raise FrameError(f"meta_size={meta_size} is not a plausible RpcMeta")
+        meta = parse_meta(await reader.readexactly(meta_size))
+        left = body_size - meta_size
+        while left:
+            left -= len(await reader.readexactly(min(left, 1 << 16)))
+        return Frame(meta, b"", skipped=True)
     except asyncio.IncompleteReadError as exc:
         raise FrameError(f"stream ended inside a body ({len(exc.partial)} of {body_size} bytes)") from None
-    return split_body(body, meta_size)
 
 
 def request_meta(service: str, method: str, correlation_id: int, log_id: int = 0,
@@ -205,14 +230,54 @@ def response_meta(correlation_id: int, error_code: int = 0, error_text: str = ""
     return meta
 
 
-def decompress(payload: bytes, compress_type: int) -> bytes:
-    """The payload as sent before compression; ValueError names an unknown or unsupported codec."""
+class PayloadTooLarge(ValueError):
+    """A compressed payload inflates past the size limit (a decompression bomb): a request error."""
+
+
+_INFLATE_STEP = 1 << 20  # bytes inflated per step: the overshoot past the limit is at most this
+
+
+def _inflate(data: bytes, wbits: int, max_size: int, codec: str) -> bytes:
+    """Inflate ``data`` (a zlib stream, or gzip members with ``wbits`` 31) to at most ``max_size`` bytes.
+
+    zlib.decompress / gzip.decompress materialise the whole output whatever its size (2 MiB of zlib
+    can hold 2 GiB of zeros); decompressobj.decompress with max_length is the standard library's only
+    bounded form, so the loop is written here. Output grows in steps of _INFLATE_STEP and the call
+    fails as soon as it passes max_size, so a bomb costs max_size + one step at most.
+    """
+    parts: List[bytes] = []  # joined once at the end: no growing buffer that over-allocates
+    size = 0
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        tail = data
+        while not inflater.eof:
+            chunk = inflater.decompress(tail, _INFLATE_STEP)
+            tail = inflater.unconsumed_tail
+            parts.append(chunk)
+            size += len(chunk)
+            if size > max_size:
+                raise PayloadTooLarge(f"the {codec} payload inflates past max_body_size={max_size} bytes")
+            if not chunk and not tail:
+                raise EOFError(f"the {codec} stream is truncated")
+        data = inflater.unused_data
+        # gzip (RFC 1952) allows several members back to back, as gzip.decompress reads them.
+        if wbits != 31 or not data.startswith(b"\x1f\x8b"):
+            return b"".join(parts)
+
+
+def decompress(payload: bytes, compress_type: int, max_size: int = DEFAULT_MAX_BODY_SIZE) -> bytes:
+    """The payload as sent before compression, at most ``max_size`` bytes of it.
+
+    PayloadTooLarge when it inflates past ``max_size`` (the body limit: a payload may not be bigger
+    inflated than it could have been sent plain); ValueError names an unknown or unsupported codec;
+    zlib.error / EOFError for corrupt or truncated data.
+    """
     if compress_type == CompressType.NONE:
         return payload
     if compress_type == CompressType.GZIP:
-        return gzip.decompress(payload)
+        return _inflate(payload, 31, max_size, "gzip")
     if compress_type == CompressType.ZLIB:
-        return zlib.decompress(payload)
+        return _inflate(payload, 15, max_size, "zlib")
     try:
         name = CompressType(compress_type).name.lower()
     except ValueError:

@@ -1,47 +1,54 @@
 """Native bRPC endpoint: Paddle Serving's GeneralModelService over baidu_std, served from Python.
 
 Answers ``baidu.paddle_serving.predictor.general_model.GeneralModelService`` (methods ``inference`` and
-``debug``, which C++ Serving runs the same way) with the messages of Paddle Serving 0.9.0's
-general_model_service.proto, so ``paddle_serving_client.Client`` and rexnet_serving.clients.brpc work
-unchanged. The two feed forms (tensor feeds; encoded images with top-k back as JSON) are described in
-rexnet_serving.brpc.tensors. The predictor is the service's own: rexnet_serving.classifier.Classifier
-(decode -> preprocess -> Paddle Inference -> top-k), with one InferenceModel clone per worker thread.
+``debug``, which C++ Serving runs the same way), so ``paddle_serving_client.Client`` and
+rexnet_serving.clients.brpc work unchanged. What a request does is rexnet_serving.brpc.service; this
+module is the network side.
 
-Concurrency: one asyncio loop owns every socket and does only framing, so thousands of idle or slow
-connections cost a coroutine each and several requests per connection run at once, answered by
-correlation_id in whatever order they finish. The work (payload parsing, decoding, preprocessing,
-inference, serialising) runs in a thread pool of ``workers`` threads: Paddle Inference, OpenCV and
-protobuf's C++ parser release the GIL, so the pool uses the cores. Admission is bounded
-(``max_concurrency`` requests queued or running); beyond it a request is refused with ELIMIT at once.
+Concurrency: one asyncio loop owns every socket and does only framing, so idle or slow connections cost
+a coroutine each and several requests per connection run at once, answered by correlation_id in
+whatever order they finish. The work (payload parsing, decoding, preprocessing, inference,
+serialising) runs in a thread pool of ``workers`` threads: Paddle Inference, OpenCV and protobuf's C++
+parser release the GIL, so the pool uses the cores.
+
+Every front-door resource is bounded, and refused at once past its bound (bRPC's own knobs in
+parentheses; its defaults leave most of them off):
+  * connections: ``max_connections`` open at once; one more is closed as soon as it is accepted
+    (bRPC has no such cap; a connection flood would otherwise cost memory and file descriptors);
+  * requests in flight on one connection: ``max_requests_per_connection``; one more is answered
+    ELIMIT without being read further, written inline so a peer that does not read its answers
+    stalls only its own connection (TCP back-pressure) instead of queueing answers in memory;
+  * requests queued or running in total: ``max_concurrency`` (-max_concurrency), then ELIMIT;
+  * memory: request bodies being read, queued or running take at most ``max_buffered_bytes``
+    together; a frame whose body would pass it is read past in small pieces, never kept, and
+    answered ELIMIT (connections x body size could otherwise reach many GiB);
+  * silence: a connection with nothing in flight that starts no frame for ``idle_timeout`` seconds is
+    closed (-idle_timeout_second);
+  * slow frames: once a frame's first byte arrived, the rest must follow within ``read_timeout``
+    seconds, or the connection is closed (a slow-loris peer holds a slot that long at most);
+  * size: ``max_body_size`` per frame (-max_body_size), and compressed payloads inflate to at most as
+    much (a zlib or gzip bomb gets EREQUEST after max_body_size bytes of output, never more).
 
 Garbage never reaches a worker: a bad magic, an oversized or inconsistent header, an undecodable RpcMeta,
-a frame cut short or a frame that stalls for ``read_timeout`` seconds closes that connection (as bRPC
-does); an unknown service or method, an undecodable payload and a wrong feed get an error response
-(ENOSERVICE, ENOMETHOD, EREQUEST); a failure inside the model gets EINTERNAL. Error codes are bRPC's
-(src/brpc/errno.proto).
+a frame cut short or stalled closes that connection (as bRPC does); an unknown service or method, an
+undecodable payload and a wrong feed get an error response (ENOSERVICE, ENOMETHOD, EREQUEST); a failure
+inside the model gets EINTERNAL.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
-
-import numpy as np
-from google.protobuf.message import DecodeError
+from typing import Any, Optional, Set, Tuple
 
 from ..defaults import BRPC_PORT
+from ..imageio import DecodeLimits
 from . import protocol
 from .protocol import Errno, Frame, FrameError
-from .tensors import (DEFAULT_TOP_K, ENGINE_NAME, IMAGE_FEED, PREDICTIONS_FETCH, TOP_K_FEED, ElemType,
-                      GeneralModelConfig, Request, Response, Tensor, from_tensor, load_model_config,
-                      to_tensor)
+from .service import handle_payload
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +56,10 @@ METHODS = ("inference", "debug")
 SERVICE_NAMES = (protocol.SERVICE_FULL_NAME, protocol.SERVICE_SHORT_NAME)
 
 
-class RequestError(ValueError):
-    """The request is wrong (answered with EREQUEST and this message)."""
-
-
 @dataclass(frozen=True)
 class ServerOptions:
+    """The endpoint's limits; `rexnet-brpc native --help` documents each as a flag."""
+
     host: str = "127.0.0.1"
     port: int = BRPC_PORT
     workers: int = 2                 # inference threads, one predictor each
@@ -62,164 +67,38 @@ class ServerOptions:
     max_concurrency: int = 256       # requests queued or running; more get ELIMIT
     max_body_size: int = protocol.DEFAULT_MAX_BODY_SIZE
     max_images: int = 64             # encoded images per request
+    max_request_pixels: int = DecodeLimits.max_request_pixels  # decoded pixels of one request's images
+    max_connections: int = 1024      # open connections; more are closed on accept
+    max_buffered_bytes: int = 256 * 1024 * 1024  # request bodies held (being read, queued, running)
+    max_requests_per_connection: int = 32  # requests in flight on one connection; more get ELIMIT
+    idle_timeout: float = 300.0      # seconds a connection with nothing in flight may stay silent
     read_timeout: float = 30.0       # seconds a started frame may take to arrive in full
     drain_timeout: float = 30.0      # seconds stop() waits for requests in flight
 
     def __post_init__(self) -> None:
-        for name in ("workers", "cpu_threads", "max_concurrency", "max_body_size", "max_images"):
+        for name in ("workers", "cpu_threads", "max_concurrency", "max_body_size", "max_images",
+                     "max_request_pixels", "max_connections", "max_requests_per_connection"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_buffered_bytes < self.max_body_size:
+            raise ValueError(f"max_buffered_bytes must be >= max_body_size ({self.max_body_size}), got "
+                             f"{self.max_buffered_bytes}")
+        for name in ("idle_timeout", "read_timeout", "drain_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
 
 
-class ModelService:
-    """GeneralModelService.inference as a plain function: Request -> Response, RequestError if wrong.
+class _Share:
+    """A request body's share of the server's buffer budget, given back exactly once."""
 
-    Thread-safe: each calling thread gets its own predictor clone on first use.
-    """
+    def __init__(self, server: "NativeServer", size: int) -> None:
+        self.server, self.size = server, size
 
-    def __init__(self, model_dir: Union[str, Path], cpu_threads: int = 1, max_images: int = 64,
-                 device: str = "cpu", gpu_id: int = 0) -> None:
-        from ..classifier import Classifier
-        from ..inference import InferenceModel
-
-        model = InferenceModel(model_dir, device=device, gpu_id=gpu_id, cpu_threads=cpu_threads,
-                               max_batch=max_images)
-        self.classifier = Classifier(model_dir, model=model)
-        manifest = self.classifier.manifest
-        self.config: GeneralModelConfig = load_model_config(manifest.serving_server_dir)
-        self.feeds = {var.alias_name: var for var in self.config.feed_var}
-        self.fetches = {var.alias_name: var for var in self.config.fetch_var}
-        self.max_images = max_images
-        self._local = threading.local()
-        self._base = model
-
-    def _model(self) -> Any:
-        model = getattr(self._local, "model", None)
-        if model is None:
-            model = self._local.model = self._base.clone()
-        return model
-
-    def __call__(self, request: Request) -> Response:
-        if not request.tensor:
-            raise RequestError("the request has no feed tensor")
-        names = [tensor.alias_name or tensor.name for tensor in request.tensor]
-        if IMAGE_FEED in names and IMAGE_FEED not in self.feeds:
-            return self._classify(request, names)
-        return self._predict(request, names)
-
-    # -- tensor feeds: the model's own inputs and outputs -------------------------------------------
-    def _predict(self, request: Request, names: List[str]) -> Response:
-        fetch_names = list(request.fetch_var_names) or list(self.fetches)
-        unknown = [name for name in fetch_names if name not in self.fetches]
-        if unknown:
-            raise RequestError(f"unknown fetch variable(s) {unknown}; this model fetches {list(self.fetches)}")
-        arrays: Dict[str, np.ndarray] = {}
-        for name, tensor in zip(names, request.tensor):
-            var = self.feeds.get(name)
-            if var is None:
-                raise RequestError(f"unknown feed {name!r}; this model's feeds are {list(self.feeds)} "
-                                   f"(or {IMAGE_FEED!r} for encoded images)")
-            if name in arrays:
-                raise RequestError(f"feed {name!r} appears twice")
-            if tensor.elem_type != var.feed_type:
-                raise RequestError(f"feed {name!r}: elem_type {tensor.elem_type}, the model takes "
-                                   f"{var.feed_type} ({ElemType(var.feed_type).name.lower()})")
-            try:
-                array = from_tensor(tensor)
-            except ValueError as exc:
-                raise RequestError(str(exc)) from None
-            expected = tuple(int(d) for d in var.shape)
-            if array.ndim != len(expected) + 1 or array.shape[1:] != expected or array.shape[0] == 0:
-                raise RequestError(f"feed {name!r}: shape {list(array.shape)} does not match "
-                                   f"[N, {', '.join(map(str, expected))}] with N >= 1")
-            arrays[name] = array
-        missing = [name for name in self.feeds if name not in arrays]
-        if missing:
-            raise RequestError(f"missing feed(s) {missing}")
-        (array,) = arrays.values()  # a ReXNet export has exactly one feed (its manifest says which)
-        model = self._model()
-        step = model.max_batch
-        outputs = np.concatenate([model.run(array[i:i + step]) for i in range(0, len(array), step)])
-        response = Response(log_id=request.log_id)
-        output = response.outputs.add(engine_name=ENGINE_NAME)
-        for name in fetch_names:
-            var = self.fetches[name]
-            output.tensor.append(to_tensor(outputs, alias=name, name=var.name, elem_type=var.fetch_type))
-        return response
-
-    # -- encoded images: the service's decoding, preprocessing and top-k ---------------------------
-    def _classify(self, request: Request, names: List[str]) -> Response:
-        payloads: List[Union[bytes, str]] = []
-        top_k = DEFAULT_TOP_K
-        for name, tensor in zip(names, request.tensor):
-            if name == TOP_K_FEED:
-                top_k = self._top_k(tensor)
-            elif name != IMAGE_FEED:
-                raise RequestError(f"unexpected feed {name!r} beside {IMAGE_FEED!r}; an image request "
-                                   f"has only {IMAGE_FEED!r} tensors and an optional {TOP_K_FEED!r}")
-            elif tensor.elem_type == ElemType.UINT8:
-                payloads.append(bytes(tensor.tensor_content))
-            elif tensor.elem_type == ElemType.STRING:
-                payloads.extend(tensor.data)  # base64 text, one image per entry
-            else:
-                raise RequestError(f"feed {IMAGE_FEED!r}: elem_type {tensor.elem_type}; send the encoded file "
-                                   f"as uint8 ({int(ElemType.UINT8)}) in tensor_content or as base64 "
-                                   f"strings ({int(ElemType.STRING)}) in data")
-        if not payloads:
-            raise RequestError(f"the {IMAGE_FEED!r} feed holds no image")
-        if len(payloads) > self.max_images:
-            raise RequestError(f"{len(payloads)} images in one request; the limit is {self.max_images}")
-        fetch = list(request.fetch_var_names)
-        if fetch and fetch != [PREDICTIONS_FETCH]:
-            raise RequestError(f"an image request fetches {PREDICTIONS_FETCH!r}, not {fetch}")
-        clf = self.classifier
-        images, errors = clf.decode(payloads)
-        probs = clf.probabilities(clf.preprocess(images), model=self._model()) if images \
-            else clf.probabilities([])
-        results = clf.results(len(payloads), probs, errors, top_k)
-        response = Response(log_id=request.log_id)
-        output = response.outputs.add(engine_name=ENGINE_NAME)
-        output.tensor.append(Tensor(alias_name=PREDICTIONS_FETCH, name=PREDICTIONS_FETCH,
-                                    elem_type=ElemType.STRING, shape=[len(results)],
-                                    data=[json.dumps(r.to_dict(), ensure_ascii=False) for r in results]))
-        return response
-
-    def _top_k(self, tensor: Tensor) -> int:
-        if tensor.elem_type not in (ElemType.INT64, ElemType.INT32):
-            raise RequestError(f"feed {TOP_K_FEED!r}: must be int64 or int32, not elem_type {tensor.elem_type}")
-        try:
-            values = from_tensor(tensor)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
-        if values.size != 1:
-            raise RequestError(f"feed {TOP_K_FEED!r}: one value expected, got {values.size}")
-        k = int(values.ravel()[0])
-        if not 1 <= k <= self.classifier.class_num:
-            raise RequestError(f"top_k must be 1..{self.classifier.class_num}, got {k}")
-        return k
-
-
-def handle_payload(service: Any, method: str, frame: Frame) -> Tuple[int, str, bytes]:
-    """(error_code, error_text, response payload) for one request frame; runs in a worker thread."""
-    try:
-        payload = protocol.decompress(frame.payload, frame.meta.compress_type)
-    except (ValueError, OSError, EOFError, zlib.error) as exc:  # unknown codec or corrupt data
-        return Errno.EREQUEST, f"undecodable payload (compress_type={frame.meta.compress_type}): {exc}", b""
-    request = Request()
-    try:
-        request.ParseFromString(payload)
-    except DecodeError as exc:
-        return Errno.EREQUEST, f"fail to parse request message ({len(payload)} bytes): {exc}", b""
-    try:
-        response = service(request)
-    except RequestError as exc:
-        return Errno.EREQUEST, str(exc), b""
-    except Exception as exc:  # noqa: BLE001 - a model failure must become an answer, not a dead worker
-        log.exception("inference failed (method %s, log_id %s)", method, request.log_id)
-        return Errno.EINTERNAL, f"internal error: {type(exc).__name__}: {exc}", b""
-    return 0, "", response.SerializeToString()
+    def give_back(self, *_: Any) -> None:
+        self.server.buffered_bytes -= self.size
+        self.size = 0
 
 
 class NativeServer:
@@ -238,6 +117,8 @@ class NativeServer:
         self._stopping: Optional[asyncio.Event] = None
         self._in_flight = 0
         self._connections: Set[asyncio.Task] = set()
+        self.refused_connections = 0  # closed on accept past max_connections (read by tests and logs)
+        self.buffered_bytes = 0       # request bodies held now, at most options.max_buffered_bytes
         self.port: Optional[int] = None
 
     # -- life cycle ---------------------------------------------------------------------------------
@@ -312,6 +193,11 @@ class NativeServer:
 
     # -- one connection -----------------------------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self.options.max_connections:
+            # Refused at once: no coroutine stays behind, and the log stays quiet under a flood.
+            self.refused_connections += 1
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         self._connections.add(task)
         write_lock = asyncio.Lock()
@@ -320,19 +206,31 @@ class NativeServer:
         try:
             while True:
                 try:
-                    frame = await protocol.read_frame(reader, self.options.max_body_size,
-                                                      body_timeout=self.options.read_timeout)
+                    frame, held = await self._read_frame(reader)
+                except protocol.IdleTimeout:
+                    if requests:
+                        continue  # silent while waiting for its answers: not idle
+                    log.debug("closing idle bRPC connection from %s", peer)
+                    break
                 except FrameError as exc:
                     log.warning("closing bRPC connection from %s: %s", peer, exc)
                     break
                 if frame is None:
                     break
+                refusal = self._refusal(frame, len(requests))
+                if refusal is not None or not frame.meta.HasField("request"):
+                    self.buffered_bytes -= held  # answered (or dropped) here: its body goes now
                 if not frame.meta.HasField("request"):
                     log.warning("closing bRPC connection from %s: a frame without request meta", peer)
                     break
-                request_task = asyncio.ensure_future(self._request(frame, writer, write_lock))
+                if refusal is not None:  # answered inline: a peer that does not read stalls only itself
+                    await self._answer(frame, writer, write_lock, Errno.ELIMIT, refusal)
+                    continue
+                share = _Share(self, held)
+                request_task = asyncio.ensure_future(self._request(frame, share, writer, write_lock))
                 requests.add(request_task)
                 request_task.add_done_callback(requests.discard)
+                request_task.add_done_callback(share.give_back)  # also when cancelled before it started
             # The peer may half-close after its last request: answer what is in flight before closing.
             if requests:
                 await asyncio.gather(*requests, return_exceptions=True)
@@ -344,9 +242,49 @@ class NativeServer:
             writer.close()
             self._connections.discard(task)
 
-    async def _request(self, frame: Frame, writer: asyncio.StreamWriter, write_lock: asyncio.Lock) -> None:
+    async def _read_frame(self, reader: asyncio.StreamReader) -> Tuple[Optional[Frame], int]:
+        """The next frame and the bytes of the buffer budget its body holds (0 when skipped)."""
+        held = 0
+
+        def admit(size: int) -> bool:
+            nonlocal held
+            if self.buffered_bytes + size > self.options.max_buffered_bytes:
+                return False
+            self.buffered_bytes += size
+            held = size
+            return True
+
+        try:
+            frame = await protocol.read_frame(reader, self.options.max_body_size,
+                                              body_timeout=self.options.read_timeout,
+                                              idle_timeout=self.options.idle_timeout, admit=admit)
+        except BaseException:  # cut short, timed out or cancelled: the body is not held any more
+            self.buffered_bytes -= held
+            raise
+        if frame is None:
+            self.buffered_bytes -= held
+            held = 0
+        return frame, held
+
+    def _refusal(self, frame: Frame, in_flight: int) -> Optional[str]:
+        """Why a frame is refused at once with ELIMIT, or None to run it."""
+        if frame.skipped:
+            return f"Reached max_buffered_bytes={self.options.max_buffered_bytes}"
+        if in_flight >= self.options.max_requests_per_connection:
+            return f"Reached max_requests_per_connection={self.options.max_requests_per_connection}"
+        return None
+
+    async def _request(self, frame: Frame, share: "_Share", writer: asyncio.StreamWriter,
+                       write_lock: asyncio.Lock) -> None:
+        try:
+            code, text, payload = await self._dispatch(frame)
+        finally:
+            share.give_back()  # the worker is done with the body
+        await self._answer(frame, writer, write_lock, code, text, payload)
+
+    async def _answer(self, frame: Frame, writer: asyncio.StreamWriter, write_lock: asyncio.Lock, code: int,
+                      text: str = "", payload: bytes = b"") -> None:
         meta = frame.meta.request
-        code, text, payload = await self._dispatch(frame)
         data = protocol.encode_frame(protocol.response_meta(frame.meta.correlation_id, code, text), payload)
         if code:
             log.info("bRPC %s/%s log_id=%s -> %s: %s", meta.service_name, meta.method_name, meta.log_id,
@@ -374,6 +312,6 @@ class NativeServer:
         self._in_flight += 1
         try:
             return await self._loop.run_in_executor(self._executor, handle_payload, self.service,
-                                                    meta.method_name, frame)
+                                                    meta.method_name, frame, self.options.max_body_size)
         finally:
             self._in_flight -= 1

@@ -9,13 +9,18 @@ rexnet_serving.brpc.tensors.
 One persistent TCP connection per client carries any number of requests at once: each gets a correlation
 id, a reader thread hands every response to the caller waiting for its id, so threads may share a
 client. A broken connection fails the calls in flight with TransientError and is reopened by the next call.
+``timeout`` is a deadline for the whole call -- connecting, sending and the answer -- and a call whose
+deadline passes closes the connection (DeadlineExceeded, a TransientError): a server that stopped
+reading can never block a caller past it.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import selectors
 import socket
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -44,13 +49,27 @@ def _split_address(address: str) -> tuple:
         raise ValueError(f"bad address {address!r}: expected host:port") from None
 
 
-class _Connection:
-    """One socket, many requests in flight: sends under a lock, a reader thread matches replies by id."""
+class DeadlineExceeded(TransientError):
+    """The call's deadline passed (while connecting, sending or waiting for the answer)."""
 
-    def __init__(self, address: str, connect_timeout: float, max_body_size: int) -> None:
+
+class _Connection:
+    """One socket, many requests in flight: sends under a lock, a reader thread matches replies by id.
+
+    The socket is non-blocking and every wait has a deadline: connecting, taking the send lock, each
+    send (a peer that stops reading fills the TCP buffers, and a blocking sendall would then wait
+    forever) and the answer. A deadline that passes closes the connection -- a frame may be half
+    sent, and a peer that stopped reading is not worth keeping -- so the calls still on it fail with
+    TransientError and the next call opens a new one.
+    """
+
+    def __init__(self, address: str, deadline: float, max_body_size: int) -> None:
         self.address = address
-        self._sock = socket.create_connection(_split_address(address), timeout=connect_timeout)
-        self._sock.settimeout(None)  # the reader blocks; per-call timeouts are on the futures
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            raise DeadlineExceeded(f"no time left to connect to {address}")
+        self._sock = socket.create_connection(_split_address(address), timeout=timeout)
+        self._sock.setblocking(False)  # every wait below goes through a selector with a deadline
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._max_body_size = max_body_size
         self._send_lock = threading.Lock()
@@ -64,20 +83,44 @@ class _Connection:
     def alive(self) -> bool:
         return self._error is None
 
-    def submit(self, correlation_id: int, data: bytes) -> Future:
+    def submit(self, correlation_id: int, data: bytes, deadline: float) -> Future:
         future: Future = Future()
         with self._lock:
             if self._error is not None:
                 raise self._error
             self._pending[correlation_id] = future
+        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self.forget(correlation_id)  # another caller is stuck sending; this one gives up, nothing sent
+            raise DeadlineExceeded(f"bRPC connection to {self.address}: the deadline passed while "
+                                   f"waiting to send")
         try:
-            with self._send_lock:
-                self._sock.sendall(data)
+            self._send(data, deadline)
+        except DeadlineExceeded as exc:
+            self.abort(exc)
+            raise
         except OSError as exc:
             error = TransientError(f"bRPC connection to {self.address} failed while sending: {exc}")
-            self._fail(error)
+            self.abort(error)
             raise error from None
+        finally:
+            self._send_lock.release()
         return future
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._sock, selectors.EVENT_WRITE)
+            while view:
+                try:
+                    view = view[self._sock.send(view):]
+                    continue
+                except BlockingIOError:
+                    pass
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise DeadlineExceeded(f"bRPC connection to {self.address}: the deadline passed with "
+                                           f"{len(view)} of {len(data)} bytes unsent (is the server "
+                                           f"reading?)")
 
     def forget(self, correlation_id: int) -> None:
         with self._lock:
@@ -86,19 +129,26 @@ class _Connection:
     def _read_loop(self) -> None:
         decoder = FrameDecoder(self._max_body_size)
         try:
-            while True:
-                data = self._sock.recv(1 << 16)
-                if not data:
-                    raise ConnectionError("the server closed the connection")
-                for frame in decoder.feed(data):
-                    with self._lock:
-                        future = self._pending.pop(frame.meta.correlation_id, None)
-                    if future is not None:  # None: the caller timed out and left
-                        future.set_result(frame)
-        except (OSError, FrameError) as exc:
-            self._fail(TransientError(f"bRPC connection to {self.address} lost: {exc}"))
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._sock, selectors.EVENT_READ)
+                while True:
+                    selector.select()  # woken by data, EOF, or abort()'s shutdown
+                    try:
+                        data = self._sock.recv(1 << 16)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        raise ConnectionError("the server closed the connection")
+                    for frame in decoder.feed(data):
+                        with self._lock:
+                            future = self._pending.pop(frame.meta.correlation_id, None)
+                        if future is not None:  # None: the caller timed out and left
+                            future.set_result(frame)
+        except (OSError, ValueError, FrameError) as exc:  # ValueError: the socket was closed under us
+            self.abort(TransientError(f"bRPC connection to {self.address} lost: {exc}"))
 
-    def _fail(self, error: TransientError) -> None:
+    def abort(self, error: TransientError) -> None:
+        """Fail every call in flight with ``error`` and shut the socket (the reader wakes and ends)."""
         with self._lock:
             if self._error is None:
                 self._error = error
@@ -107,15 +157,15 @@ class _Connection:
             if not future.done():
                 future.set_exception(error)
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader blocked in recv
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader waiting in select
         except OSError:
             pass
 
     def close(self) -> None:
-        self._fail(TransientError(f"bRPC connection to {self.address} was closed by the client"))
-        self._sock.close()
+        self.abort(TransientError(f"bRPC connection to {self.address} was closed by the client"))
         if threading.current_thread() is not self._reader:
             self._reader.join(timeout=5)
+        self._sock.close()
 
 
 class BrpcClient:
@@ -228,13 +278,16 @@ class BrpcClient:
         if len(data) - protocol.HEADER_SIZE > self.max_body_size:
             raise BadRequestError(f"request body of {len(data) - protocol.HEADER_SIZE} bytes exceeds "
                                   f"max_body_size={self.max_body_size}")
-        conn = self._connection()
-        future = conn.submit(correlation_id, data)
+        deadline = time.monotonic() + self.timeout
+        conn = self._connection(deadline)
+        future = conn.submit(correlation_id, data, deadline)
         try:
-            frame: Frame = future.result(timeout=self.timeout)
+            frame: Frame = future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
-            conn.forget(correlation_id)
-            raise TransientError(f"no response from {conn.address} within {self.timeout:g}s") from None
+            # A server that does not answer in time is treated as hung: the connection goes, and the
+            # calls still on it fail with TransientError (the next call reconnects).
+            conn.abort(DeadlineExceeded(f"no response from {conn.address} within {self.timeout:g}s"))
+            raise DeadlineExceeded(f"no response from {conn.address} within {self.timeout:g}s") from None
         return self._response(frame)
 
     def _response(self, frame: Frame) -> Response:
@@ -250,7 +303,8 @@ class BrpcClient:
             raise BadRequestError(message)
         response = Response()
         try:
-            response.ParseFromString(protocol.decompress(frame.payload, frame.meta.compress_type))
+            response.ParseFromString(protocol.decompress(frame.payload, frame.meta.compress_type,
+                                                         self.max_body_size))
         except (DecodeError, ValueError, OSError, EOFError) as exc:
             raise ClientError(f"undecodable response from {self._address()}: {exc}") from None
         if response.err_no:
@@ -258,8 +312,14 @@ class BrpcClient:
                               f"{response.err_msg}")
         return response
 
-    def _connection(self) -> _Connection:
-        with self._conn_lock:
+    def _connection(self, deadline: Optional[float] = None) -> _Connection:
+        """The open connection, or a new one to the first endpoint that accepts before ``deadline``."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        if not self._conn_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise DeadlineExceeded(f"the deadline passed while another call connected to "
+                                   f"{self._address()}")
+        try:
             if self._conn is not None and self._conn.alive:
                 return self._conn
             self._drop_connection()
@@ -268,11 +328,13 @@ class BrpcClient:
             errors = []
             for endpoint in self._endpoints:
                 try:
-                    self._conn = _Connection(endpoint, min(self.timeout, 10.0), self.max_body_size)
+                    self._conn = _Connection(endpoint, deadline, self.max_body_size)
                     return self._conn
                 except OSError as exc:
                     errors.append(f"{endpoint}: {exc}")
             raise TransientError("cannot connect to bRPC server " + "; ".join(errors))
+        finally:
+            self._conn_lock.release()
 
     def _drop_connection(self) -> None:
         if self._conn is not None:

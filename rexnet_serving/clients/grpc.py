@@ -30,6 +30,18 @@ _MESSAGE_BYTES = 256 * 1024 * 1024
 _TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
                     grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+# RESOURCE_EXHAUSTED means two things: load shedding (the server's concurrent-RPC cap; retry later) or a
+# message over a size limit, which gRPC core reports as "Received message larger than max" (the server's
+# or this channel's receive limit) or "Sent message larger than max" (a send limit). The second is the
+# request's fault: sending it again cannot help.
+_OVERSIZED_MESSAGE = "message larger than max"
+
+
+def error_class(code: Any, details: str) -> type:
+    """BadRequestError or TransientError for a failed RPC's status code and details."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _OVERSIZED_MESSAGE in (details or "").lower():
+        return BadRequestError
+    return TransientError if code in _TRANSIENT_CODES else BadRequestError
 
 
 def pipeline_messages() -> ModuleType:
@@ -76,8 +88,8 @@ class GrpcClient:
             return self._call(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
-            error = TransientError if code in _TRANSIENT_CODES else BadRequestError
             details = exc.details() if hasattr(exc, "details") else str(exc)
+            error = error_class(code, details)
             raise error(f"{self.address}: gRPC {getattr(code, 'name', code)}: {details}") from None
 
     def classify(self, images: Sequence[bytes], top_k: int = protocol.DEFAULT_TOP_K) -> List[ImageResult]:

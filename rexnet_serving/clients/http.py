@@ -17,6 +17,9 @@ from ..defaults import HTTP_PORT, SERVICE_NAME
 from ..results import ImageResult
 from .base import BadRequestError, ClientError, TransientError
 
+# Overload (429, 503: load shedding or draining) and gateway failures are worth retrying; every other
+# status, 413 (request body over the size limit) included, is the request's fault. Likewise err_no
+# OVERLOADED (54) is retryable and REQUEST_TOO_LARGE (53) is not (protocol.BAD_REQUEST_ERRNOS).
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
 
