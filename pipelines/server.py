@@ -210,21 +210,39 @@ class RexnetServer:
         finally:
             for client in clients:
                 client.close()
-        self._warm_up_other_models(image)
+        self._warm_up_models(image)
 
-    def _warm_up_other_models(self, image: bytes) -> None:
-        """One request through the DAG for every served model but the default (warmed up above)."""
+    def _warm_up_models(self, image: bytes) -> None:
+        """One request through the DAG for every served model but the default (warmed up above), and
+        one forward pass of ``max_batch_images`` on every predictor.
+
+        The full-size pass makes the inference engine grow its memory pool (about 0.5 GB for 32 images
+        of ReXNet_1_0 with Paddle Inference) now, while the service is not ready, instead of on the first
+        large auto-batch: the per-request memory budget is then measured from a steady state.
+        """
         from paddle_serving_server.pipeline.proto import pipeline_service_pb2
         for model in self._runtime.models.values():
-            if model is self._runtime.default or self.stop_event.is_set():
-                continue
-            request = pipeline_service_pb2.Request(
-                name=self.name, key=["image", "top_k", "model", "model_version"],
-                value=[base64.b64encode(image).decode(), "1", model.name, str(model.version)])
-            response = self._front.call(request)
-            if response.err_no != 0:
-                raise StartupError(f"warm-up of model {model.key} failed: err_no {response.err_no}: "
-                                   f"{response.err_msg}")
+            if self.stop_event.is_set():
+                return
+            if model is not self._runtime.default:
+                request = pipeline_service_pb2.Request(
+                    name=self.name, key=["image", "top_k", "model", "model_version"],
+                    value=[base64.b64encode(image).decode(), "1", model.name, str(model.version)])
+                response = self._front.call(request)
+                if response.err_no != 0:
+                    raise StartupError(f"warm-up of model {model.key} failed: err_no {response.err_no}: "
+                                       f"{response.err_msg}")
+            if self.floor or self.config.remote:
+                continue  # no local inference engine
+            size = model.classifier.manifest.input_size
+            batch = np.zeros((self._runtime.max_batch_images, 3, size, size), np.float32)
+            predictors = [model.predictors.get() for _ in range(model.predictors.qsize())]
+            try:
+                for predictor in predictors:
+                    model.classifier.probabilities(batch, predictor)
+            finally:
+                for predictor in predictors:
+                    model.predictors.put(predictor)
 
     def served_models(self) -> str:
         default = self._runtime.default
