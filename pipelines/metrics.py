@@ -7,7 +7,7 @@ default registry sees every op; no multiprocess mode is needed.
 """
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 STAGES = ("decode", "preprocess", "infer", "postprocess")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -22,6 +22,9 @@ STAGE_SECONDS = Histogram("rexnet_stage_seconds", "Time spent in one stage for o
                           "(infer: for one auto-batch)", ["stage"], buckets=_LATENCY_BUCKETS)
 BATCH_IMAGES = Histogram("rexnet_batch_images", "Images per forward pass", buckets=_BATCH_BUCKETS)
 IN_FLIGHT = Gauge("rexnet_in_flight_requests", "Requests received and not yet answered")
+# rexnet_runtime_info{runtime="openvino",precision="fp32",device="cpu"} 1: what the infer op really runs
+# (rexnet_serving.predictor.runtime_info of the loaded predictor), set once at start-up.
+RUNTIME = Info("rexnet_runtime", "Inference runtime, precision and device the service runs")
 READY = Gauge("rexnet_ready", "1 when the service takes requests (model loaded, warmed up, not draining)")
 
 for _stage in STAGES:  # export every stage from the start, so dashboards see zeros rather than gaps

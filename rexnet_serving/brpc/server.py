@@ -5,7 +5,8 @@ Answers ``baidu.paddle_serving.predictor.general_model.GeneralModelService`` (me
 general_model_service.proto, so ``paddle_serving_client.Client`` and rexnet_serving.clients.brpc work
 unchanged. The two feed forms (tensor feeds; encoded images with top-k back as JSON) are described in
 rexnet_serving.brpc.tensors. The predictor is the service's own: rexnet_serving.classifier.Classifier
-(decode -> preprocess -> Paddle Inference -> top-k), with one InferenceModel clone per worker thread.
+(decode -> preprocess -> inference -> top-k) on a predictor from rexnet_serving.inference.load_model
+(OpenVINO or Paddle Inference), with one clone per worker thread.
 
 Concurrency: one asyncio loop owns every socket and does only framing, so thousands of idle or slow
 connections cost a coroutine each and several requests per connection run at once, answered by
@@ -58,7 +59,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = BRPC_PORT
     workers: int = 2                 # inference threads, one predictor each
-    cpu_threads: int = 1             # Paddle math threads per predictor
+    cpu_threads: int = 1             # math threads per predictor
     max_concurrency: int = 256       # requests queued or running; more get ELIMIT
     max_body_size: int = protocol.DEFAULT_MAX_BODY_SIZE
     max_images: int = 64             # encoded images per request
@@ -76,16 +77,19 @@ class ServerOptions:
 class ModelService:
     """GeneralModelService.inference as a plain function: Request -> Response, RequestError if wrong.
 
-    Thread-safe: each calling thread gets its own predictor clone on first use.
+    Thread-safe: each calling thread gets its own predictor clone on first use. ``runtime``,
+    ``precision`` and ``streams`` (OpenVINO's parallel infer requests: the worker count) go to
+    rexnet_serving.inference.load_model.
     """
 
     def __init__(self, model_dir: Union[str, Path], cpu_threads: int = 1, max_images: int = 64,
-                 device: str = "cpu", gpu_id: int = 0) -> None:
+                 device: str = "cpu", gpu_id: int = 0, runtime: str = "paddle", precision: str = "fp32",
+                 streams: int = 1) -> None:
         from ..classifier import Classifier
-        from ..inference import InferenceModel
+        from ..inference import load_model
 
-        model = InferenceModel(model_dir, device=device, gpu_id=gpu_id, cpu_threads=cpu_threads,
-                               max_batch=max_images)
+        model = load_model(model_dir, runtime=runtime, precision=precision, device=device, gpu_id=gpu_id,
+                           cpu_threads=cpu_threads, max_batch=max_images, streams=streams)
         self.classifier = Classifier(model_dir, model=model)
         manifest = self.classifier.manifest
         self.config: GeneralModelConfig = load_model_config(manifest.serving_server_dir)
