@@ -129,10 +129,21 @@ def test_runtime_errors_name_the_file_and_key(tmp_path, extends, text, message):
     assert str(info.value).startswith(f"{path.resolve()}: ") and message in str(info.value)
 
 
-def test_serve_refuses_openvino_on_the_gpu_flag():
+def test_serve_refuses_openvino_on_the_gpu_and_bf16_on_paddle():
     run = run_serve("--config", str(CONFIG_DIR / "cpu.yml"), "--device", "gpu")
     assert run.returncode == 2
     assert "op.infer.local_service_conf.runtime: runtime openvino runs on the CPU only" in run.stderr
+    run = run_serve("--runtime", "paddle", "--precision", "bf16")
+    assert run.returncode == 2
+    assert "op.infer.local_service_conf.precision: precision bf16 needs runtime openvino" in run.stderr
+
+
+def test_runtime_and_precision_flags_override_the_config():
+    from rexnet_pipelines.cli import _overrides, build_parser
+    args = build_parser().parse_args(["--runtime", "paddle"])
+    assert load_config(None, _overrides(args)).infer_service["runtime"] == "paddle"
+    args = build_parser().parse_args(["--precision", "bf16"])
+    assert load_config(None, _overrides(args)).infer_service["precision"] == "bf16"
 
 
 def test_overrides_are_checked_like_files():

@@ -143,8 +143,8 @@ def _run_native(args: argparse.Namespace, model_dir: Path) -> int:
         print(f"rexnet-brpc: cannot load the model in {model_dir}: {exc}", file=sys.stderr)
         return 1
     used = runtime_info(service.classifier.model)
-    logging.getLogger("rexnet_brpc").info("inference: %s %s on %s, %d worker(s)", used["runtime"],
-                                          used["precision"], used["device"], options.workers)
+    print(f"rexnet-brpc: inference: {used['runtime']} {used['precision']} on {used['device']}, "
+          f"{options.workers} worker(s)", file=sys.stderr, flush=True)
     server = NativeServer(service, options)
     try:
         server.serve_forever(handle_signals=True)
