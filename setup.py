@@ -32,6 +32,7 @@ COMMON = [
     # grpcio 1.33.2 (grpc_tools, imported by `import grpc`) needs pkg_resources, which setuptools 81 removed.
     "setuptools>=64,<81",
     "psutil>=5.8",  # rexnet-bench: service RSS and CPU over its process tree
+    "tornado==6.5.10",  # rexnet-serve's HTTP front door (pipelines/http_front.py)
 ]
 EXTRAS = {
     # openvino: the CPU runtime (rexnet_serving/openvino_model.py); 2025.3.0 is its newest release with
@@ -44,7 +45,8 @@ EXTRAS = {
     # rexnet-bench's documented-way baseline: paddle_serving_app.reader imports these at import time (the
     # --no-deps install of paddle-serving-app leaves them out); scikit-learn ships the benchmark photos.
     "bench": ["sentencepiece==0.1.96", "pyclipper==1.3.0.post6", "shapely==2.0.7", "scikit-learn>=1.0"],
-    "test": ["pytest>=7", "pytest-timeout>=2", "scikit-learn>=1.0",
+    # h2: the front-door tests' HTTP/2 rapid-reset probe (tests/probes.py)
+    "test": ["pytest>=7", "pytest-timeout>=2", "scikit-learn>=1.0", "h2==4.2.0",
              "paddle2onnx==1.3.1", "onnxruntime==1.19.2", "onnx==1.14.1"],
 }
 

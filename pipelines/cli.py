@@ -1,8 +1,8 @@
 """``rexnet-serve``: the ReXNet classification service (Paddle Serving Pipeline: HTTP + gRPC).
 
-    rexnet-serve [--config serving_configs/cpu.yml] [--model-dir DIR] [--http-port N] [--grpc-port N]
-                 [--metrics-port N] [--device cpu|gpu] [--runtime openvino|paddle] [--precision P]
-                 [--workdir DIR]
+    rexnet-serve [--config serving_configs/cpu.yml] [--model-dir DIR] [--host ADDR] [--http-port N]
+                 [--grpc-port N] [--metrics-port N] [--device cpu|gpu] [--runtime openvino|paddle]
+                 [--precision P] [--workdir DIR]
     rexnet-serve brpc ...   (the bRPC endpoint: rexnet_serving.brpc.cli)
 
 Exit codes: 0 after a clean drain (SIGTERM/SIGINT), 1 when the service cannot start, 2 for a usage or
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"exported model (default: op.infer.local_service_conf.model_config, else "
                              f"${defaults.MODEL_DIR_ENV}, else models/{defaults.DEFAULT_ARCH}, exported "
                              "on first start)")
-    parser.add_argument("--http-port", type=int, help=f"HTTP gateway port (default {defaults.HTTP_PORT})")
+    parser.add_argument("--host", help="address every port listens on (default rexnet.host: 0.0.0.0)")
+    parser.add_argument("--http-port", type=int, help=f"HTTP port (default {defaults.HTTP_PORT})")
     parser.add_argument("--grpc-port", type=int, help=f"gRPC port (default {defaults.GRPC_PORT})")
     parser.add_argument("--metrics-port", type=int,
                         help=f"health and /metrics port (default {defaults.METRICS_PORT})")
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="fp32, bf16 (openvino) or fp16 (paddle, TensorRT); overrides "
                              "op.infer.local_service_conf.precision")
+    parser.add_argument("--floor", action="store_true",
+                        help="benchmark baseline: the same front doors and DAG with pass-through stages and "
+                             "no model (rexnet-bench's framework floor; answers carry no predictions)")
     parser.add_argument("--workdir", type=Path, help="where Paddle Serving writes its logs (default: "
                                                      "a rexnet-serve-<grpc port> dir under the temp dir)")
     return parser
@@ -66,6 +70,8 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
         rexnet["metrics_port"] = args.metrics_port
     if args.workdir is not None:
         rexnet["workdir"] = str(args.workdir)
+    if args.host is not None:
+        rexnet["host"] = args.host
     if rexnet:
         overrides["rexnet"] = rexnet
     service = {k: getattr(args, k) for k in ("runtime", "precision") if getattr(args, k) is not None}
@@ -141,8 +147,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     paddle.disable_signal_handler()
     _on_stop_signals(stop)
     log.disabled = False  # Paddle Serving's logging.config.dictConfig disabled existing loggers
+    # Paddle Serving logs several INFO lines per request into PipelineServingLogs/ (file I/O on the
+    # request path); keep its warnings and errors only.
+    logging.getLogger("paddle_serving_server").setLevel(logging.WARNING)
     logging.getLogger("paddle_serving_server.pipeline.operator").setLevel(logging.ERROR)  # per-request noise
-    return RexnetServer(config, model_dir, stop).run()
+    return RexnetServer(config, model_dir, stop, floor=args.floor).run()
 
 
 if __name__ == "__main__":

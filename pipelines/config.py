@@ -24,7 +24,7 @@ from rexnet_serving.predictor import PRECISIONS, RUNTIMES, OptionError, check_ru
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serving_configs"
 DEVICE_CONFIGS = {"cpu": CONFIG_DIR / "cpu.yml", "gpu": CONFIG_DIR / "gpu.yml"}
-OP_NAMES = ("decode", "preprocess", "infer", "postprocess")
+OP_NAMES = ("prepare", "infer")
 EXTENDS = "extends"
 PathLike = Union[str, Path]
 
@@ -101,7 +101,7 @@ _INFER = dict(_OP_COMMON, **{
 SCHEMA: Dict[str, Any] = {
     "http_port": Field((int, type(None)), None, **_PORT),
     "rpc_port": Field((int, type(None)), None, **_PORT),
-    "worker_num": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 gRPC threads"),
+    "worker_num": Field(int, 40, lambda v: 1 <= v <= 1024, "1..1024 gRPC threads"),
     "build_dag_each_worker": Field(bool, False, lambda v: v is False,
                                    "false (rexnet-serve runs one DAG in one process)"),
     "dag": {
@@ -109,11 +109,10 @@ SCHEMA: Dict[str, Any] = {
                               "true (ops pass device tensors as threads of one process)"),
         "retry": Field(int, 1, lambda v: 1 <= v <= 10, "1..10 attempts"),
         "use_profile": Field(bool, False),
-        "channel_size": Field(int, 0, lambda v: v >= 0, ">= 0 (0: unbounded)"),
+        "channel_size": Field(int, 64, lambda v: v >= 0, ">= 0 (0: unbounded; refused below)"),
         "tracer": {"interval_s": Field(int, -1, lambda v: v == -1 or v >= 1, "-1 (off) or seconds >= 1")},
     },
-    "op": {"decode": dict(_OP_COMMON), "preprocess": dict(_OP_COMMON), "infer": _INFER,
-           "postprocess": dict(_OP_COMMON)},
+    "op": {"prepare": dict(_OP_COMMON), "infer": _INFER},
     "rexnet": {
         "service_name": Field(str, defaults.SERVICE_NAME, lambda v: bool(v) and "/" not in v,
                               "a non-empty name without '/'"),
@@ -127,6 +126,18 @@ SCHEMA: Dict[str, Any] = {
         "max_batch_images": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 images per forward pass"),
         "default_top_k": Field(int, 5, lambda v: v >= 1, ">= 1"),
         "backend_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
+        # The front doors (rexnet_pipelines.frontdoor, http_front, admission): what one client can hold.
+        "host": Field(str, "0.0.0.0", lambda v: bool(v), "an address to listen on (0.0.0.0: every IPv4 one)"),
+        "max_in_flight_requests": Field(int, 32, lambda v: 1 <= v <= 4096, "1..4096 requests"),
+        "request_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
+        "max_request_bytes": Field(int, 64 * 2**20, lambda v: 1024 <= v <= 2**30, "1 KiB..1 GiB"),
+        "max_header_bytes": Field(int, 64 * 1024, lambda v: 1024 <= v <= 2**20, "1 KiB..1 MiB"),
+        "idle_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
+        "body_timeout_s": Field((int, float), 60, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
+        "http_max_connections": Field(int, 1024, lambda v: 1 <= v <= 65536, "1..65536 connections"),
+        "grpc_max_connections": Field(int, 256, lambda v: 1 <= v <= 65536, "1..65536 connections"),
+        "grpc_max_streams_per_connection": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 streams"),
+        "grpc_max_pending_rpcs": Field(int, 256, lambda v: 1 <= v <= 65536, "1..65536 RPCs"),
     },
 }
 
@@ -321,9 +332,15 @@ def _check_combination(conf: Dict[str, Any], source: str) -> None:
         if stray:
             raise ConfigError(f"{source}: op.infer.{stray[0]} is a remote-op key; set op.infer.client_type: "
                               f"brpc to forward inference to it, or remove it")
-    if infer["batch_size"] > 1 and infer["auto_batching_timeout"] == -1:
-        raise ConfigError(f"{source}: op.infer.batch_size {infer['batch_size']} needs "
-                          "auto_batching_timeout > 0 (else a lone request waits for a full batch)")
+    rex = conf["rexnet"]
+    if conf["worker_num"] < rex["max_in_flight_requests"]:
+        raise ConfigError(f"{source}: worker_num ({conf['worker_num']} gRPC threads) must be at least "
+                          f"rexnet.max_in_flight_requests ({rex['max_in_flight_requests']}), or admitted gRPC "
+                          "requests would wait for a thread")
+    if conf["dag"]["channel_size"] == 0 or conf["dag"]["channel_size"] < rex["max_in_flight_requests"]:
+        raise ConfigError(f"{source}: dag.channel_size must bound the DAG's queues at or above "
+                          f"rexnet.max_in_flight_requests ({rex['max_in_flight_requests']}), got "
+                          f"{conf['dag']['channel_size']}")
 
 
 def check_with_paddle(config: ServingConfig) -> None:

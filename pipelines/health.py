@@ -1,6 +1,7 @@
 """Health probes and Prometheus metrics over HTTP (Paddle Serving has neither).
 
-GET /healthz  200 while the process serves (liveness).
+GET /healthz  200 while the process serves: its HTTP and gRPC front doors are up (liveness); 503 with
+              the reason when one of them died, so Kubernetes restarts the pod.
 GET /readyz   200 once the model is loaded and a warm-up request went through the whole DAG; 503 before
               that and while draining after SIGTERM (readiness, Kubernetes probe semantics).
 GET /metrics  Prometheus text format (prometheus_client's WSGI app).
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Callable, Iterable, List, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import make_wsgi_app
@@ -54,7 +55,10 @@ def _json(start_response: Callable, status: str, body: dict) -> List[bytes]:
     return [data]
 
 
-def make_app(state: ServiceState) -> Callable:
+LiveCheck = Callable[[], Optional[str]]  # None when alive, else what is dead
+
+
+def make_app(state: ServiceState, live_check: LiveCheck = lambda: None) -> Callable:
     metrics_app = make_wsgi_app()
 
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -62,6 +66,9 @@ def make_app(state: ServiceState) -> Callable:
         if path == "/metrics":
             return metrics_app(environ, start_response)
         if path == "/healthz":
+            dead = live_check()
+            if dead is not None:
+                return _json(start_response, "503 Service Unavailable", {"status": "dead", "reason": dead})
             return _json(start_response, "200 OK", {"status": "alive"})
         if path == "/readyz":
             status = state.status
@@ -76,8 +83,9 @@ def make_app(state: ServiceState) -> Callable:
 class HealthServer:
     """The probe/metrics HTTP server in a background thread."""
 
-    def __init__(self, state: ServiceState, port: int, host: str = "0.0.0.0") -> None:
-        self._server = make_server(host, port, make_app(state), ThreadingWSGIServer,
+    def __init__(self, state: ServiceState, port: int, host: str = "0.0.0.0",
+                 live_check: LiveCheck = lambda: None) -> None:
+        self._server = make_server(host, port, make_app(state, live_check), ThreadingWSGIServer,
                                    handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 STAGES = ("decode", "preprocess", "infer", "postprocess")
+REFUSAL_REASONS = ("overloaded", "deadline", "cancelled", "draining")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -21,7 +22,13 @@ REQUEST_SECONDS = Histogram("rexnet_request_seconds", "Time from receiving a req
 STAGE_SECONDS = Histogram("rexnet_stage_seconds", "Time spent in one stage for one request "
                           "(infer: for one auto-batch)", ["stage"], buckets=_LATENCY_BUCKETS)
 BATCH_IMAGES = Histogram("rexnet_batch_images", "Images per forward pass", buckets=_BATCH_BUCKETS)
-IN_FLIGHT = Gauge("rexnet_in_flight_requests", "Requests received and not yet answered")
+BATCH_WAIT = Histogram("rexnet_batch_wait_seconds", "Time an auto-batch waited for requests still being "
+                       "prepared, after its first request (0 when nothing was on its way)",
+                       buckets=(0.0, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1))
+IN_FLIGHT = Gauge("rexnet_in_flight_requests", "Requests admitted and not yet answered")
+REFUSED = Counter("rexnet_refused_requests", "Requests refused or dropped before their work was done, by "
+                  "reason: overloaded (admission limit), deadline, cancelled (client gone), draining",
+                  ["reason"])
 # rexnet_runtime_info{runtime="openvino",precision="fp32",device="cpu"} 1: what the infer op really runs
 # (rexnet_serving.predictor.runtime_info of the loaded predictor), set once at start-up.
 RUNTIME = Info("rexnet_runtime", "Inference runtime, precision and device the service runs")
@@ -30,3 +37,5 @@ READY = Gauge("rexnet_ready", "1 when the service takes requests (model loaded, 
 for _stage in STAGES:  # export every stage from the start, so dashboards see zeros rather than gaps
     STAGE_SECONDS.labels(_stage)
 REQUESTS.labels("0")
+for _reason in REFUSAL_REASONS:
+    REFUSED.labels(_reason)

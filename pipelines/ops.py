@@ -1,43 +1,51 @@
-"""The service DAG on Paddle Serving's Pipeline: request -> decode -> preprocess -> infer -> postprocess.
+"""The service DAG on Paddle Serving's Pipeline: request -> prepare -> infer -> response.
 
 Each Op is a thin adapter: Paddle Serving's hook tuples (``(data, is_skip, err_no, err_msg)`` from
 ``preprocess``, ``(data, err_no, err_msg)`` from ``process``) stay here; the work is done by the stage
-functions of rexnet_serving.classifier, which are tested without a server.
+functions of rexnet_serving.classifier (decode, preprocess, probabilities, results), which are tested
+without a server and timed one by one into ``rexnet_stage_seconds``.
+
+Why this shape (measured on the 2-core CI machine with pass-through ops: every op hop costs about
+0.5 ms and a thread): decode and preprocess run in one op (``prepare``), whose threads work on
+different requests in parallel; the infer op runs one forward pass per auto-batch; top-k and the JSON
+answer are built by the response op, which Paddle Serving runs in the calling front-door thread, so
+they cost no hop and no thread of their own.
 
 How Paddle Serving runs them (operator.py, thread mode): an op's ``preprocess`` hook runs once per
-request, ``process`` once per auto-batch (``batch_size`` requests collected for at most
-``auto_batching_timeout`` ms, their dict values merged with ``np.append``), ``postprocess`` once per
-request again. Only the infer op does work in ``process``, so only it batches across requests.
-Thread ops hand Python objects to each other by reference (ThreadChannel with one consumer), so decoded
-images and the preprocessed batch stay where they are (on the GPU when serving on one). With
-``client_type: brpc`` the infer op's predictor is rexnet_serving.remote.RemotePredictor: the batch is
-copied to the host and forwarded to the bRPC backend, and a backend failure fails the auto-batch's
-requests with BACKEND_ERROR (retryable: clients raise TransientError) while the service stays up.
+request, ``process`` once per auto-batch (requests merged with ``np.append``), ``postprocess`` once per
+request again. Thread ops hand Python objects to each other by reference (ThreadChannel with one
+consumer), so decoded images and the preprocessed batch stay where they are (on the GPU when serving on
+one). With ``client_type: brpc`` the infer op's predictor is rexnet_serving.remote.RemotePredictor: a
+backend failure fails the auto-batch's requests with BACKEND_ERROR (retryable) while the service stays up.
+
+Every request carries its admission ticket (rexnet_pipelines.admission) from the front door: a request
+whose client is gone or whose deadline passed is dropped before decoding and before inference.
 """
 from __future__ import annotations
 
 import rexnet_serving.imageio  # noqa: F401  (first: binds zlib before Paddle does; see that module)
 
 import queue
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from paddle_serving_server.pipeline import Op, RequestOp, ResponseOp
-from paddle_serving_server.pipeline.channel import ChannelDataType
+from paddle_serving_server.pipeline.channel import ChannelDataType, ChannelTimeoutError
 from paddle_serving_server.pipeline.error_catch import CustomExceptionCode
 
 from rexnet_serving.classifier import Classifier
 from rexnet_serving.clients.base import ClientError
 from rexnet_serving.imageio import DecodeLimits
 
-from . import metrics, protocol
+from . import admission, metrics, protocol
 
-# Keys of the dicts the ops pass along (never on the wire).
-PAYLOADS, TOP_K, COUNT, IMAGES, ERRORS, BATCH, PROBS = (
-    "payloads", "top_k", "count", "images", "errors", "batch", "probs")
-_FEED = "x"           # the infer op's feed: an object array of per-image [3, S, S] tensors
-_FAILED = "_failed"   # set by the postprocess op when no image of the request could be classified
+# Keys of the dicts the ops pass along (never on the wire; a client key is a str from the request).
+TICKET, TOP_K, COUNT, ERRORS, BATCH, PROBS = ("ticket", "top_k", "count", "errors", "batch", "probs")
+_FEED = "x"             # the infer op's feed: an object array of per-image [3, S, S] tensors
+_FAILED = "_failed"     # set by the response op when no image of the request could be classified
+_POLL = 1e-9            # ThreadChannel.front timeout that only looks (0 would mean "wait forever")
 # err_no of requests whose forward pass failed in the bRPC backend (down, timed out, mismatched): Paddle
 # Serving's code for a failed inference client, 9000. Not in protocol.BAD_REQUEST_ERRNOS: retryable.
 BACKEND_ERROR = CustomExceptionCode.CLIENT_ERROR.value
@@ -45,7 +53,7 @@ BACKEND_ERROR = CustomExceptionCode.CLIENT_ERROR.value
 
 @dataclass
 class ServiceRuntime:
-    """What the ops share: the loaded classifier, one predictor per infer thread, and the limits."""
+    """What the ops share: the loaded classifier, one predictor per infer thread, limits, admission."""
 
     classifier: Classifier
     limits: DecodeLimits
@@ -53,15 +61,17 @@ class ServiceRuntime:
     default_top_k: int
     max_batch_images: int
     predictors: "queue.Queue[Any]"
+    admission: admission.Admission
 
     @classmethod
     def create(cls, classifier: Classifier, predictor_count: int, limits: DecodeLimits, max_images: int,
-               default_top_k: int, max_batch_images: int) -> "ServiceRuntime":
+               default_top_k: int, max_batch_images: int,
+               gate: admission.Admission) -> "ServiceRuntime":
         predictors: "queue.Queue[Any]" = queue.Queue()
         predictors.put(classifier.model)
-        for _ in range(predictor_count - 1):  # Paddle predictors are not thread-safe: one per thread
+        for _ in range(predictor_count - 1):  # predictors are not thread-safe: one per thread
             predictors.put(classifier.model.clone())
-        return cls(classifier, limits, max_images, default_top_k, max_batch_images, predictors)
+        return cls(classifier, limits, max_images, default_top_k, max_batch_images, predictors, gate)
 
     def close(self) -> None:
         """Close what the predictors hold open (a remote predictor's connection)."""
@@ -75,11 +85,23 @@ class ServiceRuntime:
                 close()
 
 
-class RexnetRequestOp(RequestOp):
-    """Request -> {field: text or bytes}. Bytes tensors (elem_type 13) are taken as the encoded image.
+def _dropped(ticket: Optional[admission.Ticket], stage: str) -> Optional[Tuple]:
+    """The preprocess-hook answer for a request that must not be worked on any more, else None."""
+    why = ticket.dropped_because() if ticket is not None else None
+    if why is None:
+        return None
+    metrics.REFUSED.labels(why).inc()
+    return None, True, protocol.TIMEOUT, f"{why}: dropped before {stage} (the client gave up or the " \
+                                         "request's deadline passed)"
 
-    The stock RequestOp passes byte_data to ``np.load(allow_pickle=True)``, which unpickles whatever a
-    client sends (code execution); here those bytes are never interpreted, only decoded as an image.
+
+class RexnetRequestOp(RequestOp):
+    """Request -> {field: text or bytes} plus the admission ticket of the calling front door.
+
+    Bytes tensors (elem_type 13) are taken as the encoded image. The stock RequestOp passes byte_data to
+    ``np.load(allow_pickle=True)``, which unpickles whatever a client sends (code execution); here those
+    bytes are never interpreted, only decoded as an image. The request may be Paddle's protobuf message
+    (gRPC) or any object with the same fields (rexnet_pipelines.http_front builds one from JSON).
     """
 
     def unpack_request_package(self, request: Any) -> Tuple[Dict[str, Any], int, Optional[int], str]:
@@ -106,47 +128,45 @@ class RexnetRequestOp(RequestOp):
         problems = [p for p in problems if p]
         if problems:
             return {}, request.logid, protocol.INVALID_REQUEST, f"invalid_request: {problems[0]}"
-        return fields, request.logid, None, ""
+        return {"fields": fields, TICKET: admission.current_ticket()}, request.logid, None, ""
 
 
-class DecodeOp(Op):
-    """Check the request's keys and decode each image (a bad image becomes that image's error)."""
-
-    def __init__(self, runtime: ServiceRuntime, input_ops: List[Op]) -> None:
-        super().__init__(name="decode", input_ops=input_ops)
-        self.runtime = runtime
-
-    def preprocess(self, input_dicts: Dict[str, Any], data_id: int = 0, log_id: int = 0) -> Tuple:
-        (fields,) = input_dicts.values()
-        rt = self.runtime
-        try:
-            payloads, top_k = protocol.parse_fields(fields, rt.max_images, rt.classifier.class_num, rt.default_top_k)
-        except protocol.RequestError as exc:
-            return None, True, protocol.INVALID_REQUEST, f"{exc.code}: {exc.message}"
-        with metrics.STAGE_SECONDS.labels("decode").time():
-            images, errors = rt.classifier.decode(payloads)
-        return {COUNT: len(payloads), TOP_K: top_k, IMAGES: images, ERRORS: errors}, True, None, ""
-
-
-class PreprocessOp(Op):
-    """The eval preprocessing of every decoded image of a request, as one [N, 3, S, S] tensor."""
+class PrepareOp(Op):
+    """Check the request's keys, decode each image (a bad image becomes that image's error) and run
+    the eval preprocessing of the decoded ones as one [N, 3, S, S] batch."""
 
     def __init__(self, runtime: ServiceRuntime, input_ops: List[Op]) -> None:
-        super().__init__(name="preprocess", input_ops=input_ops)
+        super().__init__(name="prepare", input_ops=input_ops)
         self.runtime = runtime
 
     def preprocess(self, input_dicts: Dict[str, Any], data_id: int = 0, log_id: int = 0) -> Tuple:
         (data,) = input_dicts.values()
-        images = data.pop(IMAGES)
-        batch = None
-        if images:
-            with metrics.STAGE_SECONDS.labels("preprocess").time():
-                batch = self.runtime.classifier.preprocess(images)
-        return dict(data, **{BATCH: batch}), True, None, ""
+        ticket = data[TICKET]
+        try:
+            dropped = _dropped(ticket, "decoding")
+            if dropped is not None:
+                return dropped
+            rt = self.runtime
+            try:
+                payloads, top_k = protocol.parse_fields(data["fields"], rt.max_images, rt.classifier.class_num,
+                                                        rt.default_top_k)
+            except protocol.RequestError as exc:
+                return None, True, protocol.INVALID_REQUEST, f"{exc.code}: {exc.message}"
+            with metrics.STAGE_SECONDS.labels("decode").time():
+                images, errors = rt.classifier.decode(payloads)
+            batch = None
+            if images:
+                with metrics.STAGE_SECONDS.labels("preprocess").time():
+                    batch = rt.classifier.preprocess(images)
+            return {COUNT: len(payloads), TOP_K: top_k, ERRORS: errors, BATCH: batch, TICKET: ticket}, \
+                True, None, ""
+        finally:
+            if ticket is not None:
+                ticket.prepared()
 
 
 class InferOp(Op):
-    """One forward pass per auto-batch: the images of every request Paddle Serving merged."""
+    """One forward pass per auto-batch: the images of every request taken together."""
 
     def __init__(self, runtime: ServiceRuntime, input_ops: List[Op]) -> None:
         super().__init__(name="infer", input_ops=input_ops)
@@ -160,8 +180,46 @@ class InferOp(Op):
     def init_client(self, client_config: Any, server_endpoints: Any) -> Any:
         return self.runtime.predictors  # loaded before the DAG starts (a load error exits cleanly)
 
+    def _auto_batching_generator(self, input_channel: Any, op_name: str, batch_size: int,
+                                 timeout: Optional[float], op_info_prefix: str) -> Any:
+        """Batches that never wait when there is nothing to wait for.
+
+        Paddle Serving's generator waits up to ``auto_batching_timeout`` for *each* missing request
+        whenever a batch is not full, so a lone request always pays the timeout. Here: block for the
+        first request, take every request already queued (those that arrived while the previous pass
+        ran), and wait for more (up to the timeout in all) only while admitted requests are still being
+        prepared, i.e. only when one is on its way.
+        """
+        gate = self.runtime.admission
+        while True:
+            batch = [input_channel.front(op_name)]
+            waited, give_up_at = 0.0, None
+            while len(batch) < batch_size:
+                try:
+                    batch.append(input_channel.front(op_name, _POLL))
+                    continue
+                except ChannelTimeoutError:
+                    pass
+                if timeout is None or gate.preparing == 0:
+                    break
+                now = time.monotonic()
+                give_up_at = give_up_at or now + timeout
+                if now >= give_up_at:
+                    break
+                try:
+                    batch.append(input_channel.front(op_name, give_up_at - now))
+                except ChannelTimeoutError:
+                    break
+                finally:
+                    waited += time.monotonic() - now
+            metrics.BATCH_WAIT.observe(waited)
+            yield batch
+
     def preprocess(self, input_dicts: Dict[str, Any], data_id: int = 0, log_id: int = 0) -> Tuple:
         (data,) = input_dicts.values()
+        dropped = _dropped(data[TICKET], "inference")
+        if dropped is not None:
+            return dropped[0], False, dropped[2], dropped[3]
         batch = data[BATCH]
         # Paddle Serving merges a batch's feeds with np.append and splits the outputs by each feed's
         # length: an object array of per-image tensors merges without copying them off the device.
@@ -171,14 +229,13 @@ class InferOp(Op):
         return {_FEED: feed}, False, None, ""
 
     def process(self, feed_batch: List[Dict[str, Any]], typical_logid: int = 0) -> Tuple:
-        import paddle
         images = list(feed_batch[0][_FEED])
         metrics.BATCH_IMAGES.observe(len(images))
         classifier, step = self.runtime.classifier, self.runtime.max_batch_images
         predictor = self.runtime.predictors.get()
         try:
             with metrics.STAGE_SECONDS.labels("infer").time():
-                parts = [classifier.probabilities(paddle.stack(images[i:i + step]), predictor)
+                parts = [classifier.probabilities(classifier.stack(images[i:i + step]), predictor)
                          for i in range(0, len(images), step)]
         except ClientError as exc:  # only a remote predictor raises these: the backend failed
             return {}, BACKEND_ERROR, str(exc)
@@ -190,38 +247,34 @@ class InferOp(Op):
     def postprocess(self, input_data: Dict[str, Any], fetch_data: Dict[str, Any], data_id: int = 0,
                     log_id: int = 0) -> Tuple:
         (data,) = input_data.values()
-        out = {k: v for k, v in data.items() if k != BATCH}  # let the device batch go
+        out = {k: v for k, v in data.items() if k not in (BATCH, TICKET)}  # let the device batch go
         out[PROBS] = fetch_data[PROBS]
         return out, None, ""
 
 
-class PostprocessOp(Op):
-    """Top-k classes with label names per image, errors slotted back in order, as JSON text."""
+class RexnetResponseOp(ResponseOp):
+    """Top-k classes with label names per image, errors slotted back in order, as the JSON answer.
+
+    Paddle Serving calls this in the front-door thread that waits for the request (DAGExecutor.call),
+    so the postprocess stage runs there, in parallel across requests, with no op hop of its own. When
+    no image could be classified, err_no says so while the results still name why.
+    """
 
     def __init__(self, runtime: ServiceRuntime, input_ops: List[Op]) -> None:
-        super().__init__(name="postprocess", input_ops=input_ops)
+        super().__init__(input_ops=input_ops)
         self.runtime = runtime
-
-    def preprocess(self, input_dicts: Dict[str, Any], data_id: int = 0, log_id: int = 0) -> Tuple:
-        (data,) = input_dicts.values()
-        with metrics.STAGE_SECONDS.labels("postprocess").time():
-            results = self.runtime.classifier.results(data[COUNT], data[PROBS], data[ERRORS], data[TOP_K])
-        for result in results:
-            metrics.IMAGES.labels(result.error_code or "ok").inc()
-        out = {protocol.RESULTS_KEY: protocol.encode_results(results)}
-        if not any(r.ok for r in results):
-            out[_FAILED] = "; ".join(f"image {i}: {r.error_code}: {r.error_message}"
-                                     for i, r in enumerate(results))
-        return out, True, None, ""
-
-
-class RexnetResponseOp(ResponseOp):
-    """The response; when no image could be classified, err_no says so while results still name why."""
 
     def pack_response_package(self, channeldata: Any) -> Any:
         failed = None
-        if channeldata.datatype == ChannelDataType.DICT.value:
-            failed = channeldata.dictdata.pop(_FAILED, None)
+        if channeldata.error_code == 0 and channeldata.datatype == ChannelDataType.DICT.value:
+            data = channeldata.dictdata
+            with metrics.STAGE_SECONDS.labels("postprocess").time():
+                results = self.runtime.classifier.results(data[COUNT], data[PROBS], data[ERRORS], data[TOP_K])
+            for result in results:
+                metrics.IMAGES.labels(result.error_code or "ok").inc()
+            channeldata.dictdata = {protocol.RESULTS_KEY: protocol.encode_results(results)}
+            if not any(r.ok for r in results):
+                failed = "; ".join(f"image {i}: {r.error_code}: {r.error_message}" for i, r in enumerate(results))
         response = super().pack_response_package(channeldata)
         if failed is not None and response.err_no == protocol.OK:
             response.err_no = protocol.INVALID_IMAGE
@@ -241,8 +294,5 @@ def backend_error_message(paddle_message: str) -> str:
 
 
 def build_dag(runtime: ServiceRuntime, request_op: RequestOp) -> Op:
-    """decode -> preprocess -> infer -> postprocess; returns the last op (Paddle adds the response)."""
-    decode = DecodeOp(runtime, [request_op])
-    pre = PreprocessOp(runtime, [decode])
-    infer = InferOp(runtime, [pre])
-    return PostprocessOp(runtime, [infer])
+    """prepare -> infer; returns the last op (the response op follows it)."""
+    return InferOp(runtime, [PrepareOp(runtime, [request_op])])

@@ -36,6 +36,7 @@ _INDEXED_IMAGE_KEY = re.compile(r"^image_(0|[1-9][0-9]*)$")
 OK = 0
 INVALID_REQUEST = 51   # ours: missing/unknown key, bad top_k, unsupported tensor: fix the request
 INVALID_IMAGE = 52     # ours: no image of the request could be classified (details per image in results)
+OVERLOADED = 54        # ours: refused at once by admission control (too many requests in progress): retry
 CLOSED_ERROR = 3001    # Paddle Serving: the DAG is stopping (the service is draining)
 NO_SERVICE = 3002      # Paddle Serving: the request named another service
 INPUT_PARAMS_ERROR = 5000

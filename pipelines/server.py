@@ -1,11 +1,12 @@
-"""The service's life cycle on Paddle Serving's PipelineServer: load, warm up, ready, serve, drain.
+"""The service's life cycle on Paddle Serving's Pipeline: load, warm up, ready, serve, drain.
 
 Paddle Serving's ``PipelineServer.run_server`` blocks in ``wait_for_termination`` with no way to stop
-gracefully, and starts the HTTP gateway (a Go library, libproxy_server.so, run in a forked process) as a
-daemon it never stops. So ``prepare_server`` (config checks, op setup) is Paddle's, and the run step is
-done here with the same parts: a gRPC server with Paddle's PipelineServicer and the gateway process,
-both kept at hand so SIGTERM can drain them (Kubernetes pod termination: readiness off, finish what is
-in flight, exit 0).
+gracefully and serves HTTP through a Go gateway process it never watches. So ``prepare_server`` (config
+checks, op setup) and the DAG are Paddle's, and the serving is done here: the front doors
+(rexnet_pipelines.frontdoor: gRPC PipelineService with admission control and connection limits;
+rexnet_pipelines.http_front: Paddle Serving's HTTP API in-process) in front of Paddle's DAGExecutor, all
+kept at hand so SIGTERM can drain them (Kubernetes pod termination: readiness off, finish what is in
+flight, exit 0), and watched by the liveness probe.
 
 Import this module only after the working directory is set (rexnet_pipelines.cli does): importing
 Paddle Serving's pipeline package writes PipelineServingLogs/ into the current directory.
@@ -14,14 +15,9 @@ from __future__ import annotations
 
 import rexnet_serving.imageio  # noqa: F401  (first: binds zlib before Paddle does; see that module)
 
-import ctypes
 import logging
-import multiprocessing
-import signal
-import sys
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -30,7 +26,6 @@ import grpc
 import numpy as np
 from paddle_serving_server.pipeline import PipelineServer
 from paddle_serving_server.pipeline.pipeline_server import PipelineServicer
-from paddle_serving_server.pipeline.proto import pipeline_service_pb2, pipeline_service_pb2_grpc
 from paddle_serving_server.web_service import WebService
 
 from rexnet_serving.classifier import Classifier, inference_model_options
@@ -41,13 +36,15 @@ from rexnet_serving.imageio import DecodeLimits
 from rexnet_serving.predictor import runtime_info
 from rexnet_serving.remote import RemotePredictor
 
-from . import metrics, protocol
+from . import metrics
+from .admission import Admission
 from .config import ServingConfig, check_with_paddle
+from .frontdoor import FrontDoor, start_grpc_server
 from .health import DRAINING, READY, HealthServer, ServiceState
+from .http_front import HttpFrontDoor
 from .ops import RexnetRequestOp, RexnetResponseOp, ServiceRuntime, build_dag
 
 log = logging.getLogger("rexnet_serve")
-_GRPC_MESSAGE_BYTES = 256 * 1024 * 1024  # Paddle Serving's own limit (pipeline_server.py)
 
 
 class StartupError(RuntimeError):
@@ -67,48 +64,12 @@ class RexnetWebService(WebService):
     def prepare_pipeline_config(self, yml_file: Optional[str] = None, yml_dict: Optional[dict] = None) -> None:
         # WebService's version hard-wires the stock RequestOp/ResponseOp; ours differ (see ops.py).
         last_op = self.get_pipeline_response(RexnetRequestOp())
-        self._server.set_response_op(RexnetResponseOp(input_ops=[last_op]))
+        self._server.set_response_op(RexnetResponseOp(self.runtime, input_ops=[last_op]))
         self._server.prepare_server(yml_file=yml_file, yml_dict=yml_dict)
 
     @property
     def pipeline_server(self) -> PipelineServer:
         return self._server
-
-
-class RexnetServicer(PipelineServicer):
-    """Paddle's servicer plus request metrics and a clearer answer to a wrong service name."""
-
-    def inference(self, request: Any, context: Any) -> Any:
-        start = time.perf_counter()
-        metrics.IN_FLIGHT.inc()
-        err_no = "exception"
-        try:
-            if request.name and request.name != self._name:
-                response = pipeline_service_pb2.Response(
-                    err_no=protocol.NO_SERVICE,
-                    err_msg=f"unknown service {request.name!r}: this server serves {self._name!r} "
-                            f"(POST /{self._name}/prediction)")
-            else:
-                response = super().inference(request, context)
-            err_no = str(response.err_no)
-            return response
-        finally:
-            metrics.IN_FLIGHT.dec()
-            metrics.REQUEST_SECONDS.observe(time.perf_counter() - start)
-            metrics.REQUESTS.labels(err_no).inc()
-
-
-def _run_gateway(grpc_port: int, http_port: int) -> None:
-    """Body of the gateway process: Paddle Serving's Go HTTP->gRPC proxy (blocks forever)."""
-    # The Go runtime takes over this process; a Python SIGTERM handler would never run (the main thread
-    # stays inside Go), so restore the default actions, and die with the parent even if it is SIGKILLed.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    from paddle_serving_server.pipeline import gateway
-    library = Path(gateway.__file__).resolve().parent / "libproxy_server.so"
-    ctypes.cdll.LoadLibrary(str(library)).run_proxy_server(grpc_port, http_port)
 
 
 def warmup_image() -> bytes:
@@ -124,16 +85,19 @@ def warmup_image() -> bytes:
 class RexnetServer:
     """Runs the service until ``stop_event`` is set, then drains; ``run()`` returns the exit code."""
 
-    def __init__(self, config: ServingConfig, model_dir: Path, stop_event: threading.Event) -> None:
+    def __init__(self, config: ServingConfig, model_dir: Path, stop_event: threading.Event,
+                 floor: bool = False) -> None:
         self.config = config
+        self.floor = floor  # rexnet-bench's framework floor: no model, pass-through stages (floor.py)
         self.model_dir = model_dir
         self.stop_event = stop_event
         self.state = ServiceState()
         self.name = config.rexnet["service_name"]
         self._health: Optional[HealthServer] = None
         self._grpc: Optional[grpc.Server] = None
-        self._servicer: Optional[RexnetServicer] = None
-        self._gateway: Optional[multiprocessing.Process] = None
+        self._http: Optional[HttpFrontDoor] = None
+        self._front: Optional[FrontDoor] = None
+        self._dag: Any = None  # Paddle Serving's DAGExecutor
         self._runtime: Optional[ServiceRuntime] = None
 
     # -- start ------------------------------------------------------------------------------------
@@ -149,16 +113,21 @@ class RexnetServer:
             paddle.set_device(f"gpu:{options['gpu_id']}")
         limits = DecodeLimits(rex["max_image_bytes"], rex["max_image_pixels"])
         try:
-            classifier = Classifier(self.model_dir, limits=limits, model=self._remote_predictor(), **options)
+            if self.floor:
+                from .floor import FloorClassifier
+                classifier = FloorClassifier(self.model_dir)
+            else:
+                classifier = Classifier(self.model_dir, limits=limits, model=self._remote_predictor(), **options)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise StartupError(f"cannot load the model in {self.model_dir}: {exc}") from None
         fetch = self.config.infer["fetch_list"]
         if fetch is not None and list(fetch) != [classifier.manifest.fetch.alias]:
             raise StartupError(f"op.infer.fetch_list {fetch} in {self.config.source} does not match the "
                                f"model in {self.model_dir}, which fetches [{classifier.manifest.fetch.alias!r}]")
+        gate = Admission(rex["max_in_flight_requests"], rex["request_timeout_s"])
         return ServiceRuntime.create(classifier, self.config.data["op"]["infer"]["concurrency"], limits,
                                      rex["max_images_per_request"], rex["default_top_k"],
-                                     rex["max_batch_images"])
+                                     rex["max_batch_images"], gate)
 
     def _remote_predictor(self) -> Optional[RemotePredictor]:
         """With client_type brpc: the predictor that forwards to the backend (no local model is loaded);
@@ -180,20 +149,25 @@ class RexnetServer:
         except SystemExit as exc:  # Paddle Serving exits on a busy port or a bad config
             raise StartupError(f"Paddle Serving refused to start: {exc}") from None
         conf = service.pipeline_server._conf
-        self._servicer = RexnetServicer(self.name, service.pipeline_server._response_op, conf)
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=conf["worker_num"]),
-                                 options=[("grpc.max_send_message_length", _GRPC_MESSAGE_BYTES),
-                                          ("grpc.max_receive_message_length", _GRPC_MESSAGE_BYTES)])
-        pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(self._servicer, self._grpc)
-        if self._grpc.add_insecure_port(f"[::]:{self.config.rpc_port}") == 0:
-            raise StartupError(f"cannot listen on gRPC port {self.config.rpc_port}")
-        self._grpc.start()
-        self._gateway = multiprocessing.Process(target=_run_gateway, name="rexnet-gateway",
-                                                args=(self.config.rpc_port, self.config.http_port))
-        self._gateway.start()
+        # Paddle's servicer builds and starts the DAG (op threads); its gRPC method is not used.
+        self._dag = PipelineServicer(self.name, service.pipeline_server._response_op, conf)._dag_executor
+        self._front = FrontDoor(self._dag, runtime.admission, self.name)
+        rex, host = self.config.rexnet, self.config.rexnet["host"]
+        try:
+            self._grpc = start_grpc_server(self._front, host, self.config.rpc_port, conf["worker_num"], rex)
+            self._http = HttpFrontDoor(self._front, host, self.config.http_port, rex)
+            self._http.start()
+        except OSError as exc:
+            raise StartupError(str(exc)) from None
+
+    def live_check(self) -> Optional[str]:
+        """None while the front doors serve, else what died (the liveness probe's answer)."""
+        if self._http is not None and not self._http.alive():
+            return "the HTTP front door stopped"
+        return None
 
     def _warm_up(self, deadline: float) -> None:
-        """One real request through the gRPC endpoint (the whole DAG), then one through the gateway.
+        """One real request through the gRPC endpoint (the whole DAG), then one over HTTP.
 
         With a bRPC backend the request goes through it too, so the service turns ready only once the
         backend answers (until then it keeps trying, up to startup_timeout_s).
@@ -209,7 +183,7 @@ class RexnetServer:
                         return
                     try:
                         results = client.classify([image], top_k=1)
-                    except ClientError as exc:  # the gateway takes a moment to listen
+                    except ClientError as exc:  # a bRPC backend may not be up yet
                         if time.monotonic() > deadline:
                             raise StartupError(f"warm-up failed: {exc}") from None
                         if self.config.remote and not waiting_logged:
@@ -240,7 +214,8 @@ class RexnetServer:
         deadline = time.monotonic() + self.config.rexnet["startup_timeout_s"]
         try:
             try:
-                self._health = HealthServer(self.state, self.config.metrics_port)
+                self._health = HealthServer(self.state, self.config.metrics_port, self.config.rexnet["host"],
+                                            self.live_check)
             except OSError as exc:
                 raise StartupError(f"cannot listen on metrics port {self.config.metrics_port}: {exc}") from None
             self._health.start()
@@ -268,23 +243,27 @@ class RexnetServer:
 
     # -- stop -------------------------------------------------------------------------------------
     def drain(self, quiet: bool = False) -> int:
-        """Readiness off, let in-flight requests finish (up to drain_timeout_s), stop every part."""
+        """Readiness off, refuse new requests, let in-flight ones finish (up to drain_timeout_s), stop
+        every part."""
         self.state.set(DRAINING)
         timeout = self.config.rexnet["drain_timeout_s"]
+        give_up_at = time.monotonic() + timeout
         if not quiet:
             log.info("draining: finishing in-flight requests (up to %ss)", timeout)
+        if self._front is not None:
+            self._front.draining = True  # new requests on open connections: 3001 / HTTP 503
+        if self._http is not None:
+            self._http.stop_listening()
         if self._grpc is not None:
-            # New RPCs are refused at once (UNAVAILABLE; the gateway answers HTTP 503); running ones
-            # get `timeout` seconds.
+            # New RPCs are refused at once (UNAVAILABLE); running ones get the rest of the budget.
             self._grpc.stop(grace=timeout).wait(timeout + 5)
-        if self._gateway is not None and self._gateway.pid is not None:
-            self._gateway.terminate()
-            self._gateway.join(5)
-            if self._gateway.is_alive():
-                self._gateway.kill()
-                self._gateway.join(5)
-        if self._servicer is not None:
-            self._servicer._dag_executor.stop()  # op threads end on ChannelStopError
+        if self._runtime is not None:
+            while self._runtime.admission.in_flight and time.monotonic() < give_up_at:
+                time.sleep(0.05)  # HTTP requests in flight (gRPC ones were waited for above)
+        if self._http is not None:
+            self._http.stop()
+        if self._dag is not None:
+            self._dag.stop()  # op threads end on ChannelStopError
         if self._runtime is not None:
             self._runtime.close()
         if self._health is not None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import postprocess
 from .imageio import DecodeLimits, ImageError, decode_base64_image, decode_image, decode_jpeg_on_device
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, verify_files
 from .preprocess import PreprocessConfig, preprocess
 from .results import ImageResult
 
@@ -104,7 +104,8 @@ class Classifier:
     def __init__(self, model_dir: Union[str, Path], limits: DecodeLimits = DecodeLimits(),
                  model: Any = None, **model_options: Any) -> None:
         from .inference import load_model
-        self.manifest: Manifest = load_manifest(model_dir)
+        # Also with a remote ``model``: labels and preprocessing come from these files.
+        self.manifest: Manifest = verify_files(model_dir)
         self.labels: List[str] = self.manifest.labels()
         self.limits = limits
         self.model = model if model is not None else load_model(model_dir, **model_options)
@@ -123,6 +124,15 @@ class Classifier:
 
     def preprocess(self, images: Sequence[Decoded]) -> Any:
         return preprocess_images(images, self.manifest.preprocess)
+
+    @staticmethod
+    def stack(images: Sequence[Any]) -> Any:
+        """Per-image [3, S, S] tensors (as preprocess returns them, split) back into one batch, on the
+        device they are on: paddle.stack for Paddle tensors, np.stack for NumPy arrays."""
+        if images and not isinstance(images[0], np.ndarray):
+            import paddle
+            return paddle.stack(list(images))
+        return np.stack(images)
 
     def probabilities(self, batch: Any, model: Any = None) -> np.ndarray:
         """Class probabilities [N, C] for a preprocessed batch (softmax here when the export has none).

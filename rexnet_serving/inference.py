@@ -31,8 +31,8 @@ import numpy as np
 import paddle
 from paddle import inference as paddle_infer
 
-from .manifest import MODEL_FILE, PARAMS_FILE, Manifest, load_manifest
-from .predictor import check_batch_shape, check_runtime_options
+from .manifest import Manifest, verify_files
+from .predictor import check_batch_shape, check_runtime_options, model_files
 
 DEVICES = ("cpu", "gpu")
 GPU_MEMORY_POOL_MB = 256  # initial pool; Paddle grows it on demand
@@ -45,12 +45,7 @@ Batch = Union[np.ndarray, paddle.Tensor]
 
 def _build_config(manifest: Manifest, device: str, gpu_id: int, cpu_threads: int, mkldnn: bool,
                   trt_fp16: bool, max_batch: int) -> Any:
-    inference_dir = manifest.inference_dir
-    model_file, params_file = inference_dir / MODEL_FILE, inference_dir / PARAMS_FILE
-    for path in (model_file, params_file):
-        if not path.is_file():
-            raise FileNotFoundError(f"not an exported model directory: {path} is missing "
-                                    "(re-run rexnet-export)")
+    model_file, params_file = model_files(manifest)
     config = paddle_infer.Config(str(model_file), str(params_file))
     config.switch_ir_optim(True)
     config.enable_memory_optim()
@@ -104,7 +99,7 @@ class InferenceModel:
             raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.manifest: Manifest = load_manifest(model_dir)
+        self.manifest: Manifest = verify_files(model_dir)  # refuses damaged or old exports
         self.device = device
         self.gpu_id = gpu_id
         self.max_batch = max_batch

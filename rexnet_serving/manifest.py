@@ -6,18 +6,28 @@ architecture, the feed/fetch tensors, the preprocessing constants and the label 
 by ``rexnet-export`` and everything downstream (ops, clients, checks) reads them from here.
 
 Loading is strict: an unknown or missing key is an error naming the file and the key.
+
+Integrity: ``files`` records the size and sha256 of every file of the export (manifest.json aside) and
+``content_sha256`` is the sha256 of the manifest's own canonical JSON without that key, so a damaged
+weights file of the same size, a missing file, or a hand edit of the manifest (say, the normalisation
+constants) is refused by ``verify_files`` before anything is loaded. Every loader calls it (Paddle
+Inference, the Classifier, the bRPC endpoint, the C++ Serving launcher, the benchmark's baseline).
+Exports written before the digests existed (format_version 1) are refused with how to re-export.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .preprocess import PreprocessConfig
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ``files`` and ``content_sha256`` (integrity); 1 had neither
+CHUNK_BYTES = 1 << 20  # hashing reads; larger chunks measured no faster
 PathLike = Union[str, Path]
 
 # Keys of ``paths``: the directories/files of an export, relative to the model directory.
@@ -75,6 +85,33 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class FileRecord:
+    """Size and sha256 of one file of the export, as ``rexnet-export`` wrote it."""
+
+    size: int
+    sha256: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str, source: str) -> "FileRecord":
+        _check_keys(data, ("size", "sha256"), (), where, source)
+        size, sha = data["size"], data["sha256"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"{source}: {where}.size must be a non-negative integer, got {size!r}")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise ValueError(f"{source}: {where}.sha256 must be a 64-digit lower-case hex string")
+        return cls(size=size, sha256=sha)
+
+
+def _check_relative(name: str, source: str) -> None:
+    parts = PurePosixPath(name).parts
+    if not name or name.startswith("/") or ".." in parts or "\\" in name or name == MANIFEST_FILE:
+        raise ValueError(f"{source}: files: {name!r} is not a file path inside the export")
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The contents of ``manifest.json``; ``model_dir`` is where it was loaded from (not stored)."""
 
@@ -91,6 +128,7 @@ class Manifest:
     exported_at: str
     versions: Dict[str, str]
     paths: Dict[str, str]
+    files: Dict[str, FileRecord] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     model_dir: Optional[Path] = field(default=None, compare=False)
 
@@ -152,11 +190,15 @@ class Manifest:
             "exported_at": self.exported_at,
             "versions": dict(self.versions),
             "paths": dict(self.paths),
+            "files": {name: record.to_dict() for name, record in sorted(self.files.items())},
         }
 
     def write(self, model_dir: PathLike) -> Path:
+        """Write manifest.json with ``content_sha256``, the digest of everything else in it."""
+        data = self.to_dict()
+        data[CONTENT_KEY] = content_digest(data)
         target = Path(model_dir) / MANIFEST_FILE
-        target.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        target.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return target
 
     @classmethod
@@ -164,6 +206,13 @@ class Manifest:
                   model_dir: Optional[PathLike] = None) -> "Manifest":
         """Validate and build; ``source`` names the file in error messages."""
         stored = tuple(f.name for f in fields(cls) if f.name != "model_dir")
+        if not isinstance(data, Mapping):
+            _check_keys(data, stored, (), "", source)  # raises: not an object
+        if data.get("format_version") == 1:
+            raise ValueError(f"{source}: this export predates file digests (format_version 1), so it "
+                             "cannot be checked and is not served: re-export it with rexnet-export "
+                             f"--arch {data.get('arch', '<arch>')} --weights <its weights> "
+                             f"-o {model_dir or '<model dir>'} --force (plus the flags used before)")
         _check_keys(data, stored, (), "", source)
         if data["format_version"] != FORMAT_VERSION:
             raise ValueError(f"{source}: format_version {data['format_version']!r} is not supported "
@@ -186,6 +235,12 @@ class Manifest:
                              "(random_init is true exactly when there is no weights hash)")
         _check_keys(data["paths"], REQUIRED_PATH_KEYS, (ONNX,), "paths", source)
         _check_keys(data["versions"], ("paddle", "rexnet_serving"), (), "versions", source)
+        if not isinstance(data["files"], Mapping) or not data["files"]:
+            raise ValueError(f"{source}: files must be a non-empty object (path -> size, sha256)")
+        files = {}
+        for name, record in data["files"].items():
+            _check_relative(name, source)
+            files[name] = FileRecord.from_dict(record, f"files.{name}", source)
         try:
             preprocess = PreprocessConfig.from_dict(data["preprocess"])
         except (TypeError, ValueError) as exc:
@@ -206,7 +261,7 @@ class Manifest:
             weights_sha256=sha, random_init=data["random_init"], exported_at=data["exported_at"],
             versions={str(k): str(v) for k, v in data["versions"].items()},
             paths={str(k): str(v) for k, v in data["paths"].items()},
-            format_version=data["format_version"],
+            files=files, format_version=data["format_version"],
             model_dir=Path(model_dir).resolve() if model_dir is not None else None,
         )
 
@@ -225,7 +280,108 @@ def load_manifest(model_dir: PathLike) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(data, dict):
+        data.pop(CONTENT_KEY, None)  # checked by verify_files, which reads the file again
     return Manifest.from_dict(data, source=str(path), model_dir=directory)
+
+
+# -- integrity ---------------------------------------------------------------------------------------
+CONTENT_KEY = "content_sha256"
+
+
+class IntegrityError(ValueError):
+    """A file of the export is missing, damaged or not the one the manifest describes; the message
+    names the file."""
+
+
+def content_digest(data: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces) without ``content_sha256``."""
+    rest = {key: value for key, value in data.items() if key != CONTENT_KEY}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: PathLike) -> str:
+    """sha256 of a file read in 1 MiB chunks into one reused buffer (hashlib.file_digest is 3.11+)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            count = f.readinto(buffer)
+            if not count:
+                break
+            digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def record_files(model_dir: PathLike) -> Dict[str, FileRecord]:
+    """Size and sha256 of every file under ``model_dir`` but manifest.json (what rexnet-export stores)."""
+    root = Path(model_dir)
+    records = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = path.relative_to(root).as_posix()
+        if name != MANIFEST_FILE:
+            records[name] = FileRecord(size=path.stat().st_size, sha256=file_sha256(path))
+    return records
+
+
+# (manifest path) -> stat signature of the manifest and its files when they last verified in this
+# process: Classifier and InferenceModel both verify the same export, and hashing ReXNet_3_0's 280 MB
+# twice at start-up buys nothing. Any write to a file changes its ctime/mtime, so a file changed since
+# is hashed again.
+_verified: Dict[Path, Tuple[Any, ...]] = {}
+_verified_lock = threading.Lock()
+
+
+def _signature(paths: Sequence[Path]) -> Tuple[Any, ...]:
+    signature = []
+    for path in paths:
+        st = path.stat()
+        signature.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(signature)
+
+
+def verify_files(model_dir: PathLike) -> Manifest:
+    """The export's manifest, after checking that manifest.json is as written and every file it lists
+    has its recorded size and sha256. Call before loading anything from ``model_dir``.
+
+    Raises FileNotFoundError / ValueError from load_manifest (not an export, or an export that predates
+    the digests) and IntegrityError naming the first file that differs.
+    """
+    manifest = load_manifest(model_dir)
+    root = Path(model_dir).resolve()
+    manifest_path = root / MANIFEST_FILE
+    listed = [(name, root / name) for name in sorted(manifest.files)]
+    for name, path in listed:
+        if not path.is_file():
+            raise IntegrityError(f"{path}: missing (listed in {manifest_path}); the export is incomplete: "
+                                 "re-export or re-fetch it")
+    try:
+        signature = _signature([manifest_path] + [path for _, path in listed])
+    except OSError as exc:
+        raise IntegrityError(f"{exc.filename}: cannot read it ({exc.strerror})") from None
+    with _verified_lock:
+        if _verified.get(manifest_path) == signature:
+            return manifest
+    raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    stored = raw.get(CONTENT_KEY)
+    if stored != content_digest(raw):
+        raise IntegrityError(f"{manifest_path}: edited after export ({CONTENT_KEY} "
+                             f"{'is missing' if stored is None else 'does not match its content'}): "
+                             "re-export the model instead of editing its manifest")
+    for name, path in listed:
+        expected = manifest.files[name]
+        size = path.stat().st_size
+        if size != expected.size:
+            raise IntegrityError(f"{path}: {size} bytes, but the manifest records {expected.size} "
+                                 "(truncated or replaced): re-export or re-fetch the model")
+        if file_sha256(path) != expected.sha256:
+            raise IntegrityError(f"{path}: sha256 differs from the manifest's (the file is damaged or "
+                                 "was replaced; same size): re-export or re-fetch the model")
+    with _verified_lock:
+        _verified[manifest_path] = signature
+    return manifest
 
 
 def read_labels(path: PathLike) -> List[str]:

@@ -25,8 +25,8 @@ from typing import Any, Union
 
 import numpy as np
 
-from .manifest import MODEL_FILE, PARAMS_FILE, Manifest, load_manifest
-from .predictor import check_batch_shape, check_runtime_options
+from .manifest import Manifest, verify_files
+from .predictor import check_batch_shape, check_runtime_options, model_files
 
 # OpenVINO's element type names (``openvino.Type.get_type_name()``) for our precision names.
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -77,13 +77,9 @@ class OpenVinoModel:
         for name, value in (("cpu_threads", cpu_threads), ("streams", streams), ("max_batch", max_batch)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        self.manifest: Manifest = load_manifest(model_dir)
+        self.manifest: Manifest = verify_files(model_dir)  # refuses damaged or old exports
         self.max_batch = max_batch
-        model_file = self.manifest.inference_dir / MODEL_FILE
-        for path in (model_file, self.manifest.inference_dir / PARAMS_FILE):
-            if not path.is_file():
-                raise FileNotFoundError(f"not an exported model directory: {path} is missing "
-                                        "(re-run rexnet-export)")
+        model_file, _ = model_files(self.manifest)
         core = _core()
         # The program's feed is [-1, 3, S, S]: the batch stays dynamic (1..max_batch is checked in run).
         self._compiled = core.compile_model(core.read_model(str(model_file)), "CPU", {

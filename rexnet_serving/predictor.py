@@ -9,9 +9,10 @@ modules so neither imports the other.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Tuple
 
-from .manifest import Manifest
+from .manifest import MODEL_FILE, PARAMS_FILE, Manifest
 
 RUNTIMES = ("paddle", "openvino")
 # fp16: TensorRT on the GPU (runtime paddle); bf16: OpenVINO on a CPU with BF16 instructions.
@@ -65,6 +66,16 @@ def check_batch_shape(manifest: Manifest, max_batch: int, shape: Any) -> None:
         raise ValueError(f"expected a batch of shape [N, 3, {size}, {size}], got {list(shape)}")
     if not 1 <= shape[0] <= max_batch:
         raise ValueError(f"batch size must be 1..{max_batch}, got {shape[0]}")
+
+
+def model_files(manifest: Manifest) -> Tuple[Path, Path]:
+    """``inference/inference.pdmodel`` and ``.pdiparams`` of the export, which both runtimes read;
+    FileNotFoundError naming the one that is missing."""
+    files = (manifest.inference_dir / MODEL_FILE, manifest.inference_dir / PARAMS_FILE)
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"not an exported model directory: {path} is missing (re-run rexnet-export)")
+    return files
 
 
 def runtime_info(model: Any) -> Dict[str, str]:

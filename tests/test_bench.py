@@ -17,8 +17,8 @@ def test_bench_runs_end_to_end_and_writes_its_reports(random_model_dir, tmp_path
     from rexnet_serving.bench.monitor import process_tree
 
     out = tmp_path / "out"
-    code = main(["--model-dir", str(random_model_dir), "--protocols", "http", "--concurrency", "2", "--rate", "4",
-                 "--duration", "1.5", "--warmup", "0.5", "--baselines", "inprocess", "--batches", "1",
+    code = main(["--model-dir", str(random_model_dir), "--protocols", "http", "--concurrency", "1", "--rate", "4",
+                 "--duration", "1.5", "--warmup", "0.5", "--baselines", "inprocess,floor", "--batches", "1",
                  "--runtime-batches", "1", "--compare-serve-runtime", "paddle",
                  "--no-calibration", "--quick", "--out", str(out)])
     assert code == 0, (out / "bench.md").read_text()
@@ -26,14 +26,15 @@ def test_bench_runs_end_to_end_and_writes_its_reports(random_model_dir, tmp_path
     result = json.loads((out / "bench.json").read_text())
     assert result["failures"] == []
     points = {(p["target"], p["mode"], p["level"]): p for p in result["points"]}
-    assert set(points) == {("http", "closed", 2), ("http", "open", 4.0), ("http@paddle", "closed", 2),
-                           ("http@paddle", "open", 4.0)}
+    assert set(points) == {(t, m, level) for t in ("http", "http-x8", "floor-http", "http@paddle")
+                           for m, level in (("closed", 1), ("open", 4.0))}
+    assert points[("http-x8", "closed", 1)]["images_per_request"] == 8
     for point in points.values():
         assert point["errors"] == 0 and point["requests"] > 0
         assert point["images_per_s"] > 0
         assert 0 < point["p50_ms"] <= point["p90_ms"] <= point["p99_ms"] <= point["max_ms"]
         assert point["server_rss_peak_mb"] > 50
-        assert point["stages"]["infer_ms"] > 0  # scraped from the service's /metrics
+        assert point["stages"]["infer_ms"] >= 0  # scraped from the service's /metrics (the floor infers nothing)
     server = result["servers"]["pipeline"]
     assert 0 < server["rss_idle_mb"] <= server["rss_peak_mb"]
     assert server["runtime"] == {"runtime": "openvino", "precision": "fp32", "device": "cpu"}
@@ -58,8 +59,10 @@ def test_bench_runs_end_to_end_and_writes_its_reports(random_model_dir, tmp_path
     assert any(t["target"].startswith("pipeline service RSS") for t in result["targets"])
 
     markdown = (out / "bench.md").read_text()
-    assert "| HTTP (rexnet-serve) | 2 |" in markdown and "## In-process limit" in markdown
-    assert "| HTTP (rexnet-serve) on paddle | 2 |" in markdown and "## CPU runtimes side by side" in markdown
+    assert "| HTTP (rexnet-serve) | 1 |" in markdown and "## In-process limit" in markdown
+    assert "| HTTP (rexnet-serve) on paddle | 1 |" in markdown and "## CPU runtimes side by side" in markdown
+    assert "## Where a lone request's time goes" in markdown and "| http |" in markdown
+    assert result["servers"]["floor"]["rss_idle_mb"] < server["rss_idle_mb"]  # no model loaded
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((out / "images").glob("*.jpg"))) == 14
     # Every server the tool started is gone.

@@ -136,5 +136,6 @@ def test_missing_model_file_is_a_clear_error(exported, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(exported[0], copy)
     (copy / "inference" / "inference.pdiparams").unlink()
-    with pytest.raises(FileNotFoundError, match=r"inference\.pdiparams is missing"):
+    from rexnet_serving.manifest import IntegrityError
+    with pytest.raises(IntegrityError, match=r"inference\.pdiparams: missing"):
         InferenceModel(copy)

@@ -18,6 +18,7 @@ import pytest
 from conftest import shared_file
 from images import PHOTO_SET, photo
 from rexnet_serving.inference import InferenceModel, load_model
+from rexnet_serving.manifest import IntegrityError
 from rexnet_serving.models import MODELS, build_model
 from rexnet_serving.openvino_model import OpenVinoModel, check_bf16, cpu_capabilities
 from rexnet_serving.predictor import OptionError
@@ -196,7 +197,7 @@ def test_missing_files_and_bad_arguments(small_export, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(small_export, copy)
     (copy / "inference" / "inference.pdiparams").unlink()
-    with pytest.raises(FileNotFoundError, match=r"inference\.pdiparams is missing"):
+    with pytest.raises(IntegrityError, match=r"inference\.pdiparams: missing"):
         OpenVinoModel(copy)
     with pytest.raises(ValueError, match="streams must be >= 1, got 0"):
         OpenVinoModel(small_export, streams=0)

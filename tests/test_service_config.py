@@ -48,7 +48,7 @@ def test_extends_merges_key_by_key(tmp_path):
     assert infer["batch_size"] == 4
     assert infer["auto_batching_timeout"] == 5          # from cpu.yml
     assert infer["local_service_conf"]["use_mkldnn"] is True  # from cpu.yml
-    assert config.data["worker_num"] == 32              # from base.yml
+    assert config.data["worker_num"] == 40              # from base.yml
     assert config.rexnet["max_image_bytes"] == 1000
     assert config.rexnet["drain_timeout_s"] == 30
 
@@ -66,7 +66,7 @@ def test_command_line_overrides_ports(tmp_path):
     ("rexnet:\n  drain_timeout: 5\n", "unknown key 'rexnet.drain_timeout'"),
     ("op:\n  infer:\n    batch_size: 0\n", "op.infer.batch_size must be 1..256"),
     ("op:\n  infer:\n    local_service_conf:\n      device_type: 3\n", "device_type must be 0 (CPU)"),
-    ("op:\n  decode:\n    concurrency: yes\n", "op.decode.concurrency must be int"),
+    ("op:\n  prepare:\n    concurrency: yes\n", "op.prepare.concurrency must be int"),
     ("http_port: 70000\n", "http_port must be a port 1..65535"),
     ("op:\n  infer:\n    timeout: 1000\n", "op.infer.timeout must be -1"),
     ("rexnet:\n  drain_timeout_s: 0\n", "rexnet.drain_timeout_s must be 0 < seconds"),
@@ -91,7 +91,9 @@ def test_error_in_an_extended_file_names_that_file(tmp_path):
     ("op:\n  infer:\n    local_service_conf:\n      precision: fp16\n", "precision fp16 needs device_type 2"),
     ("op:\n  infer:\n    local_service_conf:\n      device_type: 1\n      devices: '0'\n      runtime: paddle\n",
      "use_mkldnn is a CPU setting"),
-    ("op:\n  infer:\n    auto_batching_timeout: -1\n", "needs auto_batching_timeout > 0"),
+    ("worker_num: 8\n", "worker_num \\(8 gRPC threads\\) must be at least rexnet.max_in_flight_requests"),
+    ("dag:\n  channel_size: 0\n", "dag.channel_size must bound the DAG's queues"),
+    ("rexnet:\n  max_in_flight_requests: 100\n", "worker_num \\(40 gRPC threads\\)"),
     ("http_port: 9000\nrpc_port: 9000\n", "must differ"),
 ])
 def test_combinations_are_checked(tmp_path, text, message):

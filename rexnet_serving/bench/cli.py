@@ -35,9 +35,10 @@ from .. import defaults
 from .loadgen import ARRIVALS, RunResult, closed_loop, open_loop
 from ..predictor import RUNTIMES
 from .payloads import PayloadError, describe, generate_photos, load_payloads
+from .servers import IMAGES_PER_REQUEST
 
 PROTOCOLS = ("http", "grpc", "brpc")
-BASELINES = ("inprocess", "documented")
+BASELINES = ("inprocess", "floor", "documented")
 QUICK = {"duration": 4.0, "warmup": 2.0, "concurrency": [1, 8], "batches": [1, 8], "inprocess_seconds": 2.0,
          "calibration_seconds": 2.0}
 FULL = {"duration": 15.0, "warmup": 3.0, "concurrency": [1, 2, 4, 8, 16], "batches": [1, 2, 4, 8, 16],
@@ -179,6 +180,10 @@ class Bench:
                 run = open_loop(factory, self.payloads, level, s["duration"], s["warmup"], self.args.arrivals,
                                 self.args.max_outstanding, monitor)
         point = {"target": target, "mode": mode, "level": level, **run.summary(), **monitor.result}
+        per_request = IMAGES_PER_REQUEST.get(target, 1)
+        if per_request != 1:
+            point["images_per_request"] = per_request
+            point["images_per_s"] = round(point["images_per_s"] * per_request, 2)
         if mode == "open":
             point["arrivals"] = self.args.arrivals
         if point["requests"]:
@@ -226,8 +231,12 @@ class Bench:
         per_target = len(s["concurrency"]) + (0 if s["rate"] == "none" else
                                               len(AUTO_RATE_FRACTIONS) if s["rate"] == "auto" else len(s["rate"]))
         count = len(self.args.protocols) * per_target
+        serve_protocols = len({"http", "grpc"} & set(self.args.protocols))
+        count += per_target if "http" in self.args.protocols else 0  # http-x8
+        if "floor" in self.args.baselines:
+            count += serve_protocols * per_target
         if self.args.compare_serve_runtime:
-            count += len({"http", "grpc"} & set(self.args.protocols)) * per_target
+            count += serve_protocols * per_target
         if "documented" in self.args.baselines:
             count += len(s["concurrency"])
         if not self.args.no_calibration:
@@ -276,17 +285,26 @@ class Bench:
             raise RuntimeError(f"exit code {proc.returncode}; see {log}")
         return json.loads(proc.stdout.decode().strip().splitlines()[-1])
 
-    def pipeline(self, runtime: Optional[str] = None) -> None:
-        """rexnet-serve with its config's runtime, or (``runtime``) with --runtime that one."""
+    def pipeline(self, floor: bool = False, runtime: Optional[str] = None) -> None:
+        """rexnet-serve under load; with ``floor``, the same service with no model (rexnet-serve --floor:
+        same front doors, same DAG, pass-through stages), whose latency is the framework's floor; with
+        ``runtime``, rexnet-serve --runtime that one (targets ``http@<runtime>``, ``grpc@<runtime>``)."""
         from . import servers
         ports = servers.PipelinePorts.free()
-        suffix, work = (f"@{runtime}", self.work / runtime) if runtime else ("", self.work)
-        work.mkdir(exist_ok=True)
-        extra = shlex.split(self.args.serve_args) + (["--runtime", runtime] if runtime else [])
-        server = servers.pipeline_server(self.model_dir, ports, work, self.payloads[0], self.args.timeout, extra)
-        loads = [(p + suffix, f"127.0.0.1:{ports.http if p == 'http' else ports.grpc}")
+        name, prefix = ("floor", "floor-") if floor else ("pipeline", "")
+        suffix = f"@{runtime}" if runtime else ""
+        extra = (shlex.split(self.args.serve_args) + (["--floor"] if floor else [])
+                 + (["--runtime", runtime] if runtime else []))
+        server = servers.pipeline_server(self.model_dir, ports, self.work, self.payloads[0], self.args.timeout,
+                                         extra, name + suffix)
+        loads = [(prefix + p + suffix, f"127.0.0.1:{ports.http if p == 'http' else ports.grpc}")
                  for p in ("http", "grpc") if p in self.args.protocols]
-        self.serve_and_load("pipeline" + suffix, server, loads, f"http://127.0.0.1:{ports.metrics}/metrics")
+        if not floor and not runtime and "http" in self.args.protocols:
+            loads.append(("http-x8", f"127.0.0.1:{ports.http}"))
+        self.serve_and_load(name + suffix, server, loads, f"http://127.0.0.1:{ports.metrics}/metrics")
+
+    def floor(self) -> None:
+        self.pipeline(floor=True)
 
     def brpc(self) -> None:
         from . import servers
@@ -393,7 +411,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         phases.append(("rexnet-serve", bench.pipeline))
         if args.compare_serve_runtime:
             phases.append((f"rexnet-serve --runtime {args.compare_serve_runtime}",
-                           lambda: bench.pipeline(args.compare_serve_runtime)))
+                           lambda: bench.pipeline(runtime=args.compare_serve_runtime)))
+    if {"http", "grpc"} & set(args.protocols) and "floor" in args.baselines:
+        phases.append(("framework floor", bench.floor))
     if "brpc" in args.protocols:
         phases.append(("rexnet-brpc", bench.brpc))
     if "documented" in args.baselines:

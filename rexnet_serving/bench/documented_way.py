@@ -39,9 +39,9 @@ LABEL_FILE = "imagenet.label"  # read from the working directory by the example'
 
 
 def pipeline_config(model_dir: Path, http_port: int, grpc_port: int) -> Dict[str, Any]:
-    """PaddleClas's deploy/paddleserving/config.yml for the CPU, on this model and these ports."""
-    from ..manifest import load_manifest
-    manifest = load_manifest(model_dir)
+    """PaddleClas's deploy/paddleserving/config.yml for the CPU, on this model (verified) and these ports."""
+    from ..manifest import verify_files
+    manifest = verify_files(model_dir)
     return {
         "worker_num": 1,
         "http_port": http_port,

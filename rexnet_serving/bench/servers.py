@@ -30,6 +30,7 @@ from ..clients.http import HttpClient, check_response
 from .loadgen import SenderFactory
 
 STOP_GRACE_S = 20.0
+IMAGES_PER_REQUEST = {"http-x8": 8}  # targets whose requests carry several images (default 1)
 
 
 class ServerError(RuntimeError):
@@ -108,29 +109,38 @@ class KeepAliveJsonPoster:
 
 
 class HttpSender:
-    """The service's HTTP API as HttpClient speaks it (same body, same answer checks), on a lean transport."""
+    """The service's HTTP API as HttpClient speaks it (same body, same answer checks), on a lean transport.
 
-    def __init__(self, address: str, timeout: float, payloads: Sequence[bytes]) -> None:
+    ``images``: images per request (the payload repeated), for the several-images-per-request target.
+    """
+
+    def __init__(self, address: str, timeout: float, payloads: Sequence[bytes], images: int = 1) -> None:
         client = HttpClient(address, timeout=timeout)  # builds bodies only; its session stays unused
         path = "/" + client.url.split("/", 3)[3]
-        self._poster = KeepAliveJsonPoster(address, path, timeout, lambda d: client.request_body([d], 5), payloads)
+        self._images = images
+        self._poster = KeepAliveJsonPoster(address, path, timeout,
+                                           lambda d: client.request_body([d] * images, 5), payloads)
         client.close()
 
     def send(self, data: bytes) -> None:
         answer = self._poster.post(data)
-        result = check_response(int(answer.get("err_no", 0)), answer.get("err_msg", ""), answer.get("key", []),
-                                answer.get("value", []), 1)[0]
-        if not result.ok:
-            raise ImageFailed(f"{result.error_code}: {result.error_message}")
+        for result in check_response(int(answer.get("err_no", 0)), answer.get("err_msg", ""),
+                                     answer.get("key", []), answer.get("value", []), self._images):
+            if not result.ok:
+                raise ImageFailed(f"{result.error_code}: {result.error_message}")
 
     def close(self) -> None:
         self._poster.close()
 
 
 def sender_for(target: str, address: str, timeout: float, payloads: Sequence[bytes]) -> SenderFactory:
-    """The sender factory of a target: http, grpc, brpc (the project's clients) or documented."""
+    """The sender factory of a target: http, grpc, brpc (the project's clients), documented, the floor's
+    (``floor-http``, ``floor-grpc``: the same clients) or ``http-x8`` (HTTP, 8 images per request)."""
+    target = target[len("floor-"):] if target.startswith("floor-") else target
     if target == "http":
         return lambda: HttpSender(address, timeout, payloads)
+    if target == "http-x8":
+        return lambda: HttpSender(address, timeout, payloads, images=IMAGES_PER_REQUEST[target])
     if target == "documented":
         from .documented_way import DocumentedClient
         return lambda: DocumentedClient(address, timeout, payloads)
@@ -238,7 +248,7 @@ class PipelinePorts:
 
 
 def pipeline_server(model_dir: Path, ports: PipelinePorts, workdir: Path, probe: bytes, timeout: float,
-                    extra_args: Sequence[str] = ()) -> ServerProcess:
+                    extra_args: Sequence[str] = (), name: str = "pipeline") -> ServerProcess:
     def ready() -> bool:
         try:
             if requests.get(f"http://127.0.0.1:{ports.metrics}/readyz", timeout=2).status_code != 200:
@@ -249,8 +259,8 @@ def pipeline_server(model_dir: Path, ports: PipelinePorts, workdir: Path, probe:
                    for p, port in (("http", ports.http), ("grpc", ports.grpc)))
     argv = _python("rexnet_pipelines.cli", "--model-dir", str(model_dir), "--http-port", str(ports.http),
                    "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
-                   "--workdir", str(workdir / "pipeline"), *extra_args)
-    return ServerProcess("rexnet-serve", argv, workdir / "pipeline.log", ready)
+                   "--workdir", str(workdir / name), *extra_args)
+    return ServerProcess(f"rexnet-serve ({name})", argv, workdir / f"{name}.log", ready)
 
 
 def brpc_server(model_dir: Path, port: int, workdir: Path, probe: bytes, timeout: float,

@@ -133,12 +133,19 @@ def serving_command(server: "Server", binary: Path) -> List[str]:
 
 
 def model_serving_dir(model_dir: Path) -> Path:
-    """``serving_server/`` of an export (read from its manifest), or ``model_dir`` if it is one itself."""
+    """``serving_server/`` of an export (read from its manifest, after verify_files), or ``model_dir`` if
+    it is one itself (then the export around it, if any, is verified; a bare Paddle Serving model made
+    elsewhere has no digests to check)."""
+    from ..manifest import MANIFEST_FILE, verify_files
     if (model_dir / "serving_server_conf.prototxt").is_file():
+        if (model_dir.parent / MANIFEST_FILE).is_file():
+            try:
+                verify_files(model_dir.parent)
+            except (OSError, ValueError) as exc:
+                raise BackendError(f"{model_dir.parent}: {exc}") from None
         return model_dir.resolve()
-    from ..manifest import load_manifest
     try:
-        return load_manifest(model_dir).serving_server_dir.resolve()
+        return verify_files(model_dir).serving_server_dir.resolve()
     except (OSError, ValueError, KeyError) as exc:
         raise BackendError(f"{model_dir}: not an exported model ({exc})") from None
 

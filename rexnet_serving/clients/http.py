@@ -1,4 +1,4 @@
-"""HTTP client of the Pipeline service: ``POST /{name}/prediction`` through Paddle Serving's gateway.
+"""HTTP client of the Pipeline service: ``POST /{name}/prediction`` (Paddle Serving's HTTP API).
 
 Body (Paddle Serving's Pipeline JSON): ``{"key": ["image", "top_k"], "value": ["<base64>", "5"]}``;
 several images go as ``image_0``, ``image_1``, ... (rexnet_pipelines.protocol). The answer carries

@@ -6,7 +6,7 @@ Layout (all paths recorded in ``manifest.json``):
     serving_client/  Paddle Serving 0.9.0 client config: serving_client_conf*
     onnx/model.onnx  optional, Paddle2ONNX
     labels.txt       "<id> <name>" per class
-    manifest.json    the contract (rexnet_serving.manifest)
+    manifest.json    the contract (rexnet_serving.manifest), with the size and sha256 of every file above
 
 The directory is built beside ``out_dir`` under a temporary name and renamed into place only when
 complete and checked (Paddle Inference reproduces the eager model on a random batch), so a reader
@@ -15,7 +15,6 @@ never sees a half-written model.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import paddle
 from .. import __version__
 from ..defaults import LABELS_FILE
 from ..manifest import (INFERENCE, MANIFEST_FILE, ONNX, SERVING_CLIENT, SERVING_SERVER, Manifest,
-                        TensorSpec, load_manifest, read_labels, write_labels)
+                        TensorSpec, file_sha256, read_labels, record_files, verify_files, write_labels)
 from ..models import MODELS, VARIANTS, build_model, load_weights, read_state_dict
 from ..models.rexnet import PENULTIMATE_CHANNELS
 from ..models.weights import CLASSIFIER_PREFIX, WeightsError
@@ -50,14 +49,6 @@ Progress = Callable[[str], None]
 
 class ExportError(RuntimeError):
     """Bad export input (weights, labels, output directory) or an export that failed its check."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _arch_of(state: Dict[str, np.ndarray]) -> Optional[str]:
@@ -103,7 +94,7 @@ def _load_model(arch: str, weights: Optional[str], class_num: Optional[int]):
         load_weights(model, str(path), strict=True)
     except WeightsError as exc:
         raise ExportError(f"{path} does not fit {arch}: {exc}") from None
-    return model, file_classes, _sha256(path)
+    return model, file_classes, file_sha256(path)
 
 
 def _write_labels(target: Path, class_num: int, labels: Optional[str]) -> None:
@@ -203,7 +194,8 @@ def export_model(arch: str, out_dir: Union[str, Path], weights: Optional[str] = 
             preprocess=replace(config_for(arch), crop_size=size), feed=feed, fetch=fetch, softmax=softmax,
             labels_file=LABELS_NAME, weights_sha256=sha, random_init=sha is None,
             exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            versions={"paddle": paddle.__version__, "rexnet_serving": __version__}, paths=paths)
+            versions={"paddle": paddle.__version__, "rexnet_serving": __version__}, paths=paths,
+            files=record_files(staging))
         manifest.write(staging)
         say("checking the export against the eager model")
         _verify(staging, model, softmax, size)
@@ -211,7 +203,7 @@ def export_model(arch: str, out_dir: Union[str, Path], weights: Optional[str] = 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return load_manifest(out_dir)
+    return verify_files(out_dir)
 
 
 def _verify(staging: Path, model: paddle.nn.Layer, softmax: bool, size: int) -> None:

@@ -1,0 +1,111 @@
+"""The service's front doors onto the DAG: one call path for gRPC and HTTP, and the hardened gRPC server.
+
+Every request, whatever protocol brought it, goes through :meth:`FrontDoor.call`: service-name check,
+admission (a bounded number in progress, refusals at once: rexnet_pipelines.admission), a deadline and
+a cancellation hook bound to the request's ticket, Paddle Serving's DAGExecutor, request metrics.
+
+The gRPC server is grpcio's, with the limits that keep one client from taking the port down. Measured
+here against the rapid-reset pattern (CVE-2023-44487: open an HTTP/2 stream and reset it at once, in a
+loop): every reset stream becomes a call that the Python server hands to its thread pool, whose queue is
+unbounded, so a few connections queue hundreds of thousands of dead calls ahead of every real one.
+``grpc.max_concurrent_streams`` with gRPC core's overload protection (``grpc.http.overload_protection``,
+on by default since 1.58) counts a stream against that limit until the application has finished with
+it, so each connection can have at most that many calls waiting in Python and the transport refuses the
+rest itself (RST_STREAM REFUSED_STREAM) without any Python work. ``maximum_concurrent_rpcs`` bounds what
+all connections together can queue (RESOURCE_EXHAUSTED past it).
+"""
+from __future__ import annotations
+
+import time
+from concurrent import futures
+from typing import Any, Callable, Dict, Optional
+
+import grpc
+from paddle_serving_server.pipeline.proto import pipeline_service_pb2, pipeline_service_pb2_grpc
+
+from . import admission, metrics, protocol
+
+Watch = Callable[[admission.Ticket], None]
+
+
+class FrontDoor:
+    """Admit, run through the DAG, count: what every protocol's handler calls."""
+
+    def __init__(self, dag_executor: Any, gate: admission.Admission, name: str) -> None:
+        self._dag = dag_executor
+        self.gate = gate
+        self.name = name
+        self.draining = False
+
+    def call(self, request: Any, timeout_s: Optional[float] = None, watch: Optional[Watch] = None) -> Any:
+        """The Pipeline Response for ``request`` (Paddle's message, or an object with its fields).
+
+        ``timeout_s``: the client's remaining deadline (None: the configured default); ``watch``: gets the
+        ticket to cancel it when the client goes away.
+        """
+        start = time.perf_counter()
+        response = self._call(request, timeout_s, watch)
+        metrics.REQUEST_SECONDS.observe(time.perf_counter() - start)
+        metrics.REQUESTS.labels(str(response.err_no)).inc()
+        return response
+
+    def _call(self, request: Any, timeout_s: Optional[float], watch: Optional[Watch]) -> Any:
+        if request.name and request.name != self.name:
+            return pipeline_service_pb2.Response(
+                err_no=protocol.NO_SERVICE, err_msg=f"unknown service {request.name!r}: this server serves "
+                                                    f"{self.name!r} (POST /{self.name}/prediction)")
+        if self.draining:
+            metrics.REFUSED.labels(admission.DRAINING).inc()
+            return pipeline_service_pb2.Response(err_no=protocol.CLOSED_ERROR,
+                                                 err_msg="the service is shutting down; retry elsewhere")
+        try:
+            ticket = self.gate.admit(timeout_s)
+        except admission.Overloaded as exc:
+            return pipeline_service_pb2.Response(err_no=protocol.OVERLOADED, err_msg=str(exc))
+        try:
+            if watch is not None:
+                watch(ticket)
+            with admission.bound(ticket):
+                return self._dag.call(request)
+        finally:
+            ticket.release()
+
+
+class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
+    """Paddle Serving's PipelineService over gRPC, through the front door (PipelineClient works as is)."""
+
+    def __init__(self, front: FrontDoor) -> None:
+        self.front = front
+
+    def inference(self, request: Any, context: Any) -> Any:
+        return self.front.call(request, context.time_remaining(),
+                               lambda ticket: context.add_callback(ticket.cancel))
+
+
+def grpc_options(limits: Dict[str, Any]) -> list:
+    """Channel arguments of the gRPC server from the config's ``rexnet`` limits."""
+    return [
+        ("grpc.max_receive_message_length", limits["max_request_bytes"]),
+        ("grpc.max_send_message_length", limits["max_request_bytes"]),
+        ("grpc.max_concurrent_streams", limits["grpc_max_streams_per_connection"]),
+        ("grpc.max_allowed_incoming_connections", limits["grpc_max_connections"]),
+        ("grpc.http.overload_protection", 1),  # explicit: our stream bound relies on it (see above)
+        ("grpc.max_connection_idle_ms", int(limits["idle_timeout_s"] * 1000)),
+        ("grpc.so_reuseport", 0),  # a port already taken is an error, not a silently shared socket
+    ]
+
+
+def start_grpc_server(front: FrontDoor, host: str, port: int, workers: int, limits: Dict[str, Any]) -> grpc.Server:
+    """The PipelineService on ``host:port``; raises OSError when the port cannot be bound."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+                         options=grpc_options(limits), maximum_concurrent_rpcs=limits["grpc_max_pending_rpcs"])
+    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(front), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio >= 1.50 raises instead of returning 0
+        raise OSError(f"cannot listen on gRPC {address}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"cannot listen on gRPC {address}")
+    server.start()
+    return server

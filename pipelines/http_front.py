@@ -1,0 +1,225 @@
+"""Paddle Serving's HTTP API (``POST /{name}/prediction``), served in-process by Tornado.
+
+Paddle Serving 0.9.0 serves HTTP through a Go grpc-gateway (libproxy_server.so, Go 1.17.2 and
+grpc-gateway v1.16.0 from 2021) started as a separate process that nobody watches: every request was
+parsed as JSON in Go, re-encoded as protobuf, sent over loopback gRPC and answered back the same way.
+Here the same JSON (the gateway's protobuf JSON mapping of pipeline_service.proto's Request, parsed with
+protobuf's own json_format) goes straight to the front door (rexnet_pipelines.frontdoor), and the answer
+has the same fields and error codes: one hop and two encodings fewer, and a maintained server.
+
+Tornado, because it is maintained, runs on asyncio (an idle or slow connection costs a socket, not a
+thread) and enforces the limits a public HTTP port needs: the header size, a deadline for the request
+head and for idle keep-alive connections (``idle_connection_timeout``: a slow-loris client is dropped),
+and a deadline for the body. On top of that this module refuses a body over the size limit with 413
+before reading it (from Content-Length, or as soon as a chunked body passes it) and caps the number of
+open connections. The DAG call
+blocks, so it runs in a thread pool as large as the admission limit.
+
+Deadlines: a ``Grpc-Timeout`` header (the gateway's convention, e.g. ``500m``, ``2S``) sets the
+request's deadline; the configured default applies otherwise. A client that disconnects cancels its
+request (it is dropped before decoding or inference).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+from concurrent import futures
+from typing import Any, Dict, Optional
+
+import tornado.httpserver
+import tornado.web
+from google.protobuf import json_format
+from paddle_serving_server.pipeline.proto import pipeline_service_pb2
+
+from . import protocol
+from .frontdoor import FrontDoor
+
+_GRPC_TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+# grpc-gateway's error body: {"code": <gRPC status>, "message": ...}; 3 = INVALID_ARGUMENT, 5 = NOT_FOUND.
+_INVALID_ARGUMENT, _NOT_FOUND, _UNAVAILABLE = 3, 5, 14
+
+
+def parse_grpc_timeout(value: Optional[str]) -> Optional[float]:
+    """Seconds from a gRPC timeout header value (``<digits><unit>``); None when absent; ValueError
+    when malformed."""
+    if value is None:
+        return None
+    found = _GRPC_TIMEOUT.match(value.strip())
+    if found is None:
+        raise ValueError(f"Grpc-Timeout must be up to 8 digits and a unit (H, M, S, m, u, n), got {value!r}")
+    return int(found.group(1)) * _TIMEOUT_UNITS[found.group(2)]
+
+
+def response_json(response: Any) -> Dict[str, Any]:
+    """The gateway's JSON form of a Pipeline Response (every field, original names)."""
+    return {"err_no": response.err_no, "err_msg": response.err_msg, "key": list(response.key),
+            "value": list(response.value),
+            "tensors": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in response.tensors]}
+
+
+@tornado.web.stream_request_body
+class _PredictionHandler(tornado.web.RequestHandler):
+    """The body is streamed in (and counted) so an oversized one is refused with 413 from its
+    Content-Length, before it is read, or as soon as a chunked one passes the limit."""
+
+    def initialize(self, front: FrontDoor, pool: futures.ThreadPoolExecutor, max_bytes: int) -> None:
+        self.front = front
+        self.pool = pool
+        self.max_bytes = max_bytes
+        self.ticket = None
+        self._chunks: list = []
+        self._size = 0
+
+    def _error(self, status: int, code: int, message: str) -> None:
+        self.set_status(status)
+        self.finish({"code": code, "message": message, "details": []})
+
+    def _too_large(self, size: int) -> None:
+        self._error(413, _INVALID_ARGUMENT, f"the request body is {size} bytes, over the limit of "
+                                            f"{self.max_bytes} (rexnet.max_request_bytes)")
+
+    def prepare(self) -> None:
+        if self.request.method != "POST":
+            return
+        try:
+            declared = int(self.request.headers.get("Content-Length", "0"))
+        except ValueError:
+            return self._error(400, _INVALID_ARGUMENT, "Content-Length is not a number")
+        if declared > self.max_bytes:
+            self._too_large(declared)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._finished:
+            return
+        self._size += len(chunk)
+        if self._size > self.max_bytes:
+            self._chunks = []
+            return self._too_large(self._size)
+        self._chunks.append(chunk)
+
+    async def post(self, name: str) -> None:
+        try:
+            request = json_format.Parse(b"".join(self._chunks) or b"{}", pipeline_service_pb2.Request())
+            timeout_s = parse_grpc_timeout(self.request.headers.get("Grpc-Timeout"))
+        except (json_format.ParseError, ValueError, UnicodeDecodeError) as exc:
+            return self._error(400, _INVALID_ARGUMENT, str(exc))
+        request.name = name  # the URL names the service, as the gateway did
+
+        def watch(ticket: Any) -> None:
+            self.ticket = ticket
+
+        response = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self.front.call, request, timeout_s, watch)
+        if response.err_no in (protocol.OVERLOADED, protocol.CLOSED_ERROR):
+            self.set_status(503)  # load balancers and clients retry elsewhere / later
+            self.set_header("Retry-After", "1")
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(response_json(response), ensure_ascii=False))
+
+    def on_connection_close(self) -> None:
+        if self.ticket is not None:
+            self.ticket.cancel()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:  # 405, 413, 500 ... as gateway JSON
+        self.finish({"code": _INVALID_ARGUMENT if status_code < 500 else _UNAVAILABLE,
+                     "message": self._reason, "details": []})
+
+
+class _NotFound(tornado.web.RequestHandler):
+    def prepare(self) -> None:
+        self.set_status(404)
+        self.finish({"code": _NOT_FOUND, "message": f"no route for {self.request.method} {self.request.path}; "
+                                                    "POST /{name}/prediction", "details": []})
+
+
+class _CappedHTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's server with a cap on open connections (Tornado has none): past it, a new connection is
+    closed at once instead of holding a socket and a parser."""
+
+    max_connections = 1024
+
+    def handle_stream(self, stream: Any, address: Any) -> None:
+        if len(self._connections) >= self.max_connections:
+            stream.close()
+            return
+        super().handle_stream(stream, address)
+
+
+class HttpFrontDoor:
+    """The HTTP server in a thread of its own (an asyncio loop); ``alive()`` for the liveness probe."""
+
+    def __init__(self, front: FrontDoor, host: str, port: int, limits: Dict[str, Any]) -> None:
+        self.front = front
+        self.host, self.port = host, port
+        self._limits = limits
+        self._pool = futures.ThreadPoolExecutor(max_workers=limits["max_in_flight_requests"] + 1,
+                                                thread_name_prefix="http")
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._server: Optional[_CappedHTTPServer] = None
+        self._thread = threading.Thread(target=self._run, name="http-front", daemon=True)
+        self._started = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._heartbeat = time.monotonic()
+
+    def _app(self) -> tornado.web.Application:
+        return tornado.web.Application(
+            [(r"/([^/]+)/prediction", _PredictionHandler,
+              {"front": self.front, "pool": self._pool, "max_bytes": self._limits["max_request_bytes"]})],
+            default_handler_class=_NotFound)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        self._loop = asyncio.get_event_loop()
+        limits = self._limits
+        try:
+            # Tornado's own body limit is only a backstop here (it answers 400): the handler says 413 first.
+            server = _CappedHTTPServer(
+                self._app(), max_body_size=2 * limits["max_request_bytes"], max_header_size=limits["max_header_bytes"],
+                idle_connection_timeout=limits["idle_timeout_s"], body_timeout=limits["body_timeout_s"])
+            server.max_connections = limits["http_max_connections"]
+            server.listen(self.port, address=self.host)
+            self._server = server
+        except BaseException as exc:  # noqa: BLE001 (reported to start())
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self._beat()
+        self._loop.run_forever()
+        self._loop.close()
+
+    def _beat(self) -> None:
+        self._heartbeat = time.monotonic()
+        self._loop.call_later(1.0, self._beat)
+
+    def start(self) -> None:
+        """Listen; raises OSError when the port cannot be bound."""
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise OSError(f"cannot listen on HTTP {self.host}:{self.port}: {self._error}")
+
+    def alive(self, stale_after_s: float = 10.0) -> bool:
+        """The server thread runs and its event loop has turned within ``stale_after_s``."""
+        return self._thread.is_alive() and time.monotonic() - self._heartbeat < stale_after_s
+
+    def stop_listening(self) -> None:
+        """Accept no new connections (drain); requests on open connections are still answered."""
+        if self._loop is not None and self._server is not None:
+            self._loop.call_soon_threadsafe(self._server.stop)
+
+    def stop(self) -> None:
+        """Close everything and end the thread."""
+        if self._loop is not None and self._loop.is_running():
+            async def close() -> None:
+                if self._server is not None:
+                    self._server.stop()
+                    await self._server.close_all_connections()
+                self._loop.stop()
+            asyncio.run_coroutine_threadsafe(close(), self._loop)
+            self._thread.join(10)
+        self._pool.shutdown(wait=False)
