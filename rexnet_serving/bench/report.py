@@ -94,20 +94,28 @@ def check_targets(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     return checks
 
 
-    if http1 and http1["level"] == 1 and single and http1.get("p50_ms") is not None:
-        extra = http1["p50_ms"] - single
-        add(f"HTTP p50 at concurrency 1 minus in-process single-image p50 ({single:.1f} ms)", round(extra, 1),
-            f"<= {SINGLE_LATENCY_MARGIN_MS} ms", extra <= SINGLE_LATENCY_MARGIN_MS)
-    for other in ("grpc", "brpc"):
-        point = point_at(result, other, TARGET_CONCURRENCY)
-        if http and point:
-            ratio = point["images_per_s"] / http["images_per_s"]
-            add(f"{other} / HTTP img/s at concurrency {point['level']}", round(ratio, 2), ">= 1.0", ratio >= 1.0)
-        single_point = point_at(result, other, 1)
-        if http1 and single_point and single_point["level"] == 1 and http1.get("p50_ms") and single_point.get("p50_ms"):
-            add(f"{other} p50 at concurrency 1 (HTTP {http1['p50_ms']:.1f} ms)", single_point["p50_ms"],
-                f"<= {http1['p50_ms']:.1f} ms", single_point["p50_ms"] <= http1["p50_ms"])
-    checks += runtime_targets(result)
+def runtime_targets(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """OpenVINO FP32 against Paddle Inference: in-process at batch 1, and the HTTP service at its best."""
+    checks: List[Dict[str, Any]] = []
+    rows = {(r["runtime"], r["precision"]): r for r in (result.get("runtimes") or {}).get("rows", [])}
+    paddle, openvino = rows.get(("paddle", "fp32"), {}), rows.get(("openvino", "fp32"), {})
+    for mode, what in (("infer", "inference only"), ("opencv", "with OpenCV decode + preprocessing")):
+        base = [r for r in paddle.get(mode, []) if r["batch"] == 1]
+        fast = [r for r in openvino.get(mode, []) if r["batch"] == 1]
+        if base and fast:
+            ratio = fast[0]["images_per_s"] / base[0]["images_per_s"]
+            checks.append({"target": f"in-process OpenVINO FP32 / Paddle Inference img/s at batch 1, {what}",
+                           "measured": round(ratio, 2), "goal": f">= {OPENVINO_VS_PADDLE_INPROCESS}",
+                           "met": ratio >= OPENVINO_VS_PADDLE_INPROCESS})
+    service = (result.get("servers", {}).get("pipeline") or {}).get("runtime") or {}
+    for other in [t for t in {p["target"] for p in result.get("points", [])} if t.startswith("http@")]:
+        best, base = best_rate(result, "http"), best_rate(result, other)
+        if best and base and (service.get("runtime"), service.get("precision")) == ("openvino", "fp32"):
+            ratio = best / base
+            checks.append({"target": f"HTTP service best img/s on OpenVINO FP32 / on {other.partition('@')[2]} "
+                                     f"({base:.1f} img/s)", "measured": round(ratio, 2),
+                           "goal": f">= {OPENVINO_VS_PADDLE_SERVICE}", "met": ratio >= OPENVINO_VS_PADDLE_SERVICE})
+    return checks
 
 
 def latency_split(result: Dict[str, Any]) -> List[Dict[str, Any]]:
