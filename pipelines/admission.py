@@ -31,11 +31,17 @@ _CALLER = threading.local()
 class Ticket:
     """One admitted request: its deadline (``time.monotonic()`` seconds) and whether it still matters."""
 
-    __slots__ = ("deadline", "cancelled", "_admission", "_preparing", "_released")
+    __slots__ = ("deadline", "cancelled", "payload", "model", "outcome", "_admission", "_preparing", "_released")
 
-    def __init__(self, admission: "Admission", deadline: float) -> None:
+    def __init__(self, admission: "Admission", deadline: float, payload: Optional[dict] = None) -> None:
         self.deadline = deadline
         self.cancelled = False
+        # An in-process front door's request (instead of the wire fields) and where its answer goes:
+        # payload {"fields": {...}} or {"tensor": array, "top_k": k, "fields": {model keys}}; outcome
+        # (probabilities [N, C], per-image results) once answered. model: the served model's key.
+        self.payload = payload
+        self.model: Optional[str] = None
+        self.outcome: Optional[tuple] = None
         self._admission = admission
         self._preparing = True
         self._released = False
@@ -94,7 +100,7 @@ class Admission:
         """Admitted requests that have not reached the infer op yet."""
         return self._preparing
 
-    def admit(self, timeout_s: Optional[float] = None) -> Ticket:
+    def admit(self, timeout_s: Optional[float] = None, payload: Optional[dict] = None) -> Ticket:
         """A ticket for a new request, or Overloaded. ``timeout_s``: the client's remaining deadline;
         the configured default applies when it is None or longer."""
         budget = self.default_timeout_s if timeout_s is None else min(timeout_s, self.default_timeout_s)
@@ -106,7 +112,7 @@ class Admission:
             self._in_flight += 1
             self._preparing += 1
         metrics.IN_FLIGHT.inc()
-        return Ticket(self, time.monotonic() + budget)
+        return Ticket(self, time.monotonic() + budget, payload)
 
     def _prepared(self) -> None:
         with self._lock:

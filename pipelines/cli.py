@@ -1,8 +1,9 @@
 """``rexnet-serve``: the ReXNet classification service (Paddle Serving Pipeline: HTTP + gRPC).
 
-    rexnet-serve [--config serving_configs/cpu.yml] [--model-dir DIR] [--host ADDR] [--http-port N]
+    rexnet-serve [--config serving_configs/cpu.yml] [--model-dir DIR | --model-repository DIR] [--host ADDR]
+                 [--http-port N]
                  [--grpc-port N] [--metrics-port N] [--device cpu|gpu] [--runtime openvino|paddle]
-                 [--precision P] [--workdir DIR]
+                 [--precision P] [--workdir DIR] [--floor]
     rexnet-serve brpc ...   (the bRPC endpoint: rexnet_serving.brpc.cli)
 
 Exit codes: 0 after a clean drain (SIGTERM/SIGINT), 1 when the service cannot start, 2 for a usage or
@@ -22,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 from rexnet_serving import defaults
 from rexnet_serving.predictor import PRECISIONS, RUNTIMES
+from rexnet_serving.repository import scan_repository
 
 from .config import ConfigError, ServingConfig, load_config
 
@@ -35,10 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "probes and Prometheus metrics. `rexnet-serve brpc --help` for the bRPC endpoint.")
     parser.add_argument("--config", type=Path, help="serving config file (default: serving_configs/cpu.yml, "
                                                     "or gpu.yml with --device gpu)")
-    parser.add_argument("--model-dir", type=Path,
-                        help=f"exported model (default: op.infer.local_service_conf.model_config, else "
+    models = parser.add_mutually_exclusive_group()
+    models.add_argument("--model-dir", type=Path,
+                        help=f"one exported model (default: op.infer.local_service_conf.model_config, else "
                              f"${defaults.MODEL_DIR_ENV}, else models/{defaults.DEFAULT_ARCH}, exported "
                              "on first start)")
+    models.add_argument("--model-repository", type=Path,
+                        help="serve every export under DIR: DIR/<name>/ (an export) or DIR/<name>/<version>/ "
+                             "(the highest version unless rexnet.model_versions lists others); requests pick "
+                             "one with the 'model' key, else rexnet.default_model")
     parser.add_argument("--host", help="address every port listens on (default rexnet.host: 0.0.0.0)")
     parser.add_argument("--http-port", type=int, help=f"HTTP port (default {defaults.HTTP_PORT})")
     parser.add_argument("--grpc-port", type=int, help=f"gRPC port (default {defaults.GRPC_PORT})")
@@ -135,12 +142,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"rexnet-serve: {exc}", file=sys.stderr)
         return 2
     try:
-        model_dir = resolve_model_dir(args.model_dir, config)
+        root = args.model_repository or resolve_model_dir(args.model_dir, config)
+        rex = config.rexnet
+        repository = scan_repository(root, rex["model_versions"], rex["default_model"])
     except (OSError, ValueError) as exc:
         print(f"rexnet-serve: {exc}", file=sys.stderr)
         return 1
     workdir = prepare_workdir(config)
-    log.info("starting: model %s, config %s, logs in %s", model_dir, config.source, workdir)
+    log.info("starting: models %s in %s, config %s, logs in %s", ", ".join(sorted(repository.models)),
+             repository.root, config.source, workdir)
     from .server import RexnetServer  # after prepare_workdir: importing Paddle Serving writes logs
     import paddle
     # Paddle's C++ handlers turn SIGTERM into a "FatalError" abort; drain instead.
@@ -151,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # request path); keep its warnings and errors only.
     logging.getLogger("paddle_serving_server").setLevel(logging.WARNING)
     logging.getLogger("paddle_serving_server.pipeline.operator").setLevel(logging.ERROR)  # per-request noise
-    return RexnetServer(config, model_dir, stop, floor=args.floor).run()
+    return RexnetServer(config, repository, stop, floor=args.floor).run()
 
 
 if __name__ == "__main__":

@@ -65,6 +65,12 @@ def _names_ok(value: Optional[list]) -> bool:
     return value is None or (bool(value) and all(isinstance(v, str) and v for v in value))
 
 
+def _versions_ok(value: Optional[dict]) -> bool:
+    return value is None or all(isinstance(k, str) and isinstance(v, list) and v
+                                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
+                                for k, v in value.items())
+
+
 _PORT = dict(check=lambda v: v is None or 1 <= v <= 65535, rule="a port 1..65535")
 _OP_COMMON = {
     "concurrency": Field(int, 1, lambda v: 1 <= v <= 64, "1..64 threads"),
@@ -126,6 +132,11 @@ SCHEMA: Dict[str, Any] = {
         "max_batch_images": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 images per forward pass"),
         "default_top_k": Field(int, 5, lambda v: v >= 1, ">= 1"),
         "backend_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
+        # Several models (rexnet-serve --model-repository): the one requests get when they name none
+        # (null: the only one, else the first by name) and the versions to serve per model (default: highest).
+        "default_model": Field((str, type(None)), None, lambda v: v is None or bool(v), "null or a model name"),
+        "model_versions": Field((dict, type(None)), None, _versions_ok,
+                                "null or a mapping of model name to a non-empty list of version numbers"),
         # The front doors (rexnet_pipelines.frontdoor, http_front, admission): what one client can hold.
         "host": Field(str, "0.0.0.0", lambda v: bool(v), "an address to listen on (0.0.0.0: every IPv4 one)"),
         "max_in_flight_requests": Field(int, 32, lambda v: 1 <= v <= 4096, "1..4096 requests"),

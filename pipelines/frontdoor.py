@@ -37,19 +37,27 @@ class FrontDoor:
         self.name = name
         self.draining = False
 
-    def call(self, request: Any, timeout_s: Optional[float] = None, watch: Optional[Watch] = None) -> Any:
+    def call(self, request: Any, timeout_s: Optional[float] = None, watch: Optional[Watch] = None,
+             payload: Optional[dict] = None) -> Any:
         """The Pipeline Response for ``request`` (Paddle's message, or an object with its fields).
 
         ``timeout_s``: the client's remaining deadline (None: the configured default); ``watch``: gets the
-        ticket to cancel it when the client goes away.
+        ticket (to cancel it when the client goes away, or to read its outcome); ``payload``: an
+        in-process front door's request (see admission.Ticket), with an empty ``request``.
         """
         start = time.perf_counter()
-        response = self._call(request, timeout_s, watch)
-        metrics.REQUEST_SECONDS.observe(time.perf_counter() - start)
+        model: list = []
+        response = self._call(request, timeout_s, watch, payload, model)
+        seconds = time.perf_counter() - start
+        metrics.REQUEST_SECONDS.observe(seconds)
         metrics.REQUESTS.labels(str(response.err_no)).inc()
+        name, version = model[0].split("/") if model and model[0] else ("", "")
+        metrics.MODEL_REQUESTS.labels(name, version, str(response.err_no)).inc()
+        metrics.MODEL_REQUEST_SECONDS.labels(name, version).observe(seconds)
         return response
 
-    def _call(self, request: Any, timeout_s: Optional[float], watch: Optional[Watch]) -> Any:
+    def _call(self, request: Any, timeout_s: Optional[float], watch: Optional[Watch], payload: Optional[dict],
+              model: list) -> Any:
         if request.name and request.name != self.name:
             return pipeline_service_pb2.Response(
                 err_no=protocol.NO_SERVICE, err_msg=f"unknown service {request.name!r}: this server serves "
@@ -59,7 +67,7 @@ class FrontDoor:
             return pipeline_service_pb2.Response(err_no=protocol.CLOSED_ERROR,
                                                  err_msg="the service is shutting down; retry elsewhere")
         try:
-            ticket = self.gate.admit(timeout_s)
+            ticket = self.gate.admit(timeout_s, payload)
         except admission.Overloaded as exc:
             return pipeline_service_pb2.Response(err_no=protocol.OVERLOADED, err_msg=str(exc))
         try:
@@ -69,6 +77,7 @@ class FrontDoor:
                 return self._dag.call(request)
         finally:
             ticket.release()
+            model.append(ticket.model)
 
 
 class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):

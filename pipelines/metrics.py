@@ -29,6 +29,11 @@ IN_FLIGHT = Gauge("rexnet_in_flight_requests", "Requests admitted and not yet an
 REFUSED = Counter("rexnet_refused_requests", "Requests refused or dropped before their work was done, by "
                   "reason: overloaded (admission limit), deadline, cancelled (client gone), draining",
                   ["reason"])
+MODEL_REQUESTS = Counter("rexnet_model_requests", "Requests answered, by the model and version they went to "
+                         "(empty when refused before a model was chosen) and err_no",
+                         ["model", "version", "err_no"])
+MODEL_REQUEST_SECONDS = Histogram("rexnet_model_request_seconds", "Time from receiving a request to answering "
+                                  "it, by model and version", ["model", "version"], buckets=_LATENCY_BUCKETS)
 # rexnet_runtime_info{runtime="openvino",precision="fp32",device="cpu"} 1: what the infer op really runs
 # (rexnet_serving.predictor.runtime_info of the loaded predictor), set once at start-up.
 RUNTIME = Info("rexnet_runtime", "Inference runtime, precision and device the service runs")

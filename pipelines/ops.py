@@ -28,7 +28,8 @@ import rexnet_serving.imageio  # noqa: F401  (first: binds zlib before Paddle do
 import queue
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from paddle_serving_server.pipeline import Op, RequestOp, ResponseOp
@@ -42,8 +43,10 @@ from rexnet_serving.imageio import DecodeLimits
 from . import admission, metrics, protocol
 
 # Keys of the dicts the ops pass along (never on the wire; a client key is a str from the request).
-TICKET, TOP_K, COUNT, ERRORS, BATCH, PROBS = ("ticket", "top_k", "count", "errors", "batch", "probs")
-_FEED = "x"             # the infer op's feed: an object array of per-image [3, S, S] tensors
+TICKET, TOP_K, COUNT, ERRORS, BATCH, PROBS, MODEL = ("ticket", "top_k", "count", "errors", "batch", "probs",
+                                                     "model")
+_FEED = "x"             # the infer op's feed: an object array of per-image [3, S, S] tensors ...
+_MODELS = "models"      # ... and, in step, the key of the model each image goes to
 _FAILED = "_failed"     # set by the response op when no image of the request could be classified
 _POLL = 1e-9            # ThreadChannel.front timeout that only looks (0 would mean "wait forever")
 # err_no of requests whose forward pass failed in the bRPC backend (down, timed out, mismatched): Paddle
@@ -52,37 +55,82 @@ BACKEND_ERROR = CustomExceptionCode.CLIENT_ERROR.value
 
 
 @dataclass
-class ServiceRuntime:
-    """What the ops share: the loaded classifier, one predictor per infer thread, limits, admission."""
+class ModelRuntime:
+    """One served model version: its classifier (stage functions, labels) and one predictor per infer
+    thread (predictors are not thread-safe; each thread takes one from the queue)."""
 
-    classifier: Classifier
+    name: str
+    version: int
+    classifier: Any  # rexnet_serving.classifier.Classifier (or the framework floor's stand-in)
+    predictors: "queue.Queue[Any]"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    @classmethod
+    def create(cls, name: str, version: int, classifier: Any, predictor_count: int) -> "ModelRuntime":
+        predictors: "queue.Queue[Any]" = queue.Queue()
+        predictors.put(classifier.model)
+        for _ in range(predictor_count - 1):
+            predictors.put(classifier.model.clone())
+        return cls(name, version, classifier, predictors)
+
+
+@dataclass
+class ServiceRuntime:
+    """What the ops share: the served models, the request limits and the admission control."""
+
+    models: Dict[str, ModelRuntime]  # by key "name/version"
+    default_model: str               # the name requests get when they name none
     limits: DecodeLimits
     max_images: int
     default_top_k: int
     max_batch_images: int
-    predictors: "queue.Queue[Any]"
     admission: admission.Admission
 
-    @classmethod
-    def create(cls, classifier: Classifier, predictor_count: int, limits: DecodeLimits, max_images: int,
-               default_top_k: int, max_batch_images: int,
-               gate: admission.Admission) -> "ServiceRuntime":
-        predictors: "queue.Queue[Any]" = queue.Queue()
-        predictors.put(classifier.model)
-        for _ in range(predictor_count - 1):  # predictors are not thread-safe: one per thread
-            predictors.put(classifier.model.clone())
-        return cls(classifier, limits, max_images, default_top_k, max_batch_images, predictors, gate)
+    def __post_init__(self) -> None:
+        self.latest: Dict[str, ModelRuntime] = {}
+        for model in sorted(self.models.values(), key=lambda m: m.version):
+            self.latest[model.name] = model
+        if self.default_model not in self.latest:
+            raise ValueError(f"default model {self.default_model!r} is not served")
+
+    @property
+    def default(self) -> ModelRuntime:
+        return self.latest[self.default_model]
+
+    @property
+    def classifier(self) -> Any:
+        """The default model's classifier."""
+        return self.default.classifier
+
+    def resolve(self, name: Optional[str], version: Optional[int] = None) -> ModelRuntime:
+        """The model a request asks for (its highest served version unless it names one)."""
+        name = self.default_model if name is None else name
+        if name not in self.latest:
+            raise protocol.RequestError("unknown_model", f"no model {name!r}; this service serves "
+                                                         f"{', '.join(sorted(self.latest))}")
+        if version is None:
+            return self.latest[name]
+        model = self.models.get(f"{name}/{version}")
+        if model is None:
+            served = sorted(m.version for m in self.models.values() if m.name == name)
+            raise protocol.RequestError("unknown_model", f"model {name!r} has no served version {version} "
+                                                         f"(served: {', '.join(map(str, served))})")
+        return model
 
     def close(self) -> None:
         """Close what the predictors hold open (a remote predictor's connection)."""
-        while True:
-            try:
-                predictor = self.predictors.get_nowait()
-            except queue.Empty:
-                return
-            close = getattr(predictor, "close", None)
-            if close is not None:
-                close()
+        for model in self.models.values():
+            while True:
+                try:
+                    predictor = model.predictors.get_nowait()
+                except queue.Empty:
+                    break
+                close = getattr(predictor, "close", None)
+                if close is not None:
+                    close()
 
 
 def _dropped(ticket: Optional[admission.Ticket], stage: str) -> Optional[Tuple]:
@@ -146,23 +194,37 @@ class PrepareOp(Op):
             dropped = _dropped(ticket, "decoding")
             if dropped is not None:
                 return dropped
+            # In-process front doors (the Open Inference Protocol) hand their request over on the ticket.
+            payload = ticket.payload if ticket is not None and ticket.payload is not None else {}
+            fields = payload.get("fields", data["fields"])
             rt = self.runtime
             try:
-                payloads, top_k = protocol.parse_fields(data["fields"], rt.max_images, rt.classifier.class_num,
+                model = rt.resolve(*protocol.model_of(fields))
+                if ticket is not None:
+                    ticket.model = model.key
+                if "tensor" in payload:  # already preprocessed: [N, 3, S, S] float32
+                    return self._prepared(model, len(payload["tensor"]), payload["top_k"], {}, payload["tensor"],
+                                          ticket)
+                payloads, top_k = protocol.parse_fields(fields, rt.max_images, model.classifier.class_num,
                                                         rt.default_top_k)
             except protocol.RequestError as exc:
                 return None, True, protocol.INVALID_REQUEST, f"{exc.code}: {exc.message}"
             with metrics.STAGE_SECONDS.labels("decode").time():
-                images, errors = rt.classifier.decode(payloads)
+                images, errors = model.classifier.decode(payloads)
             batch = None
             if images:
                 with metrics.STAGE_SECONDS.labels("preprocess").time():
-                    batch = rt.classifier.preprocess(images)
-            return {COUNT: len(payloads), TOP_K: top_k, ERRORS: errors, BATCH: batch, TICKET: ticket}, \
-                True, None, ""
+                    batch = model.classifier.preprocess(images)
+            return self._prepared(model, len(payloads), top_k, errors, batch, ticket)
         finally:
             if ticket is not None:
                 ticket.prepared()
+
+    @staticmethod
+    def _prepared(model: ModelRuntime, count: int, top_k: int, errors: Dict[int, Any], batch: Any,
+                  ticket: Optional[admission.Ticket]) -> Tuple:
+        return {COUNT: count, TOP_K: top_k, ERRORS: errors, BATCH: batch, TICKET: ticket, MODEL: model.key}, \
+            True, None, ""
 
 
 class InferOp(Op):
@@ -178,7 +240,7 @@ class InferOp(Op):
         self.with_serving = True
 
     def init_client(self, client_config: Any, server_endpoints: Any) -> Any:
-        return self.runtime.predictors  # loaded before the DAG starts (a load error exits cleanly)
+        return self.runtime.models  # loaded before the DAG starts (a load error exits cleanly)
 
     def _auto_batching_generator(self, input_channel: Any, op_name: str, batch_size: int,
                                  timeout: Optional[float], op_info_prefix: str) -> Any:
@@ -222,33 +284,48 @@ class InferOp(Op):
             return dropped[0], False, dropped[2], dropped[3]
         batch = data[BATCH]
         # Paddle Serving merges a batch's feeds with np.append and splits the outputs by each feed's
-        # length: an object array of per-image tensors merges without copying them off the device.
-        feed = np.empty(0 if batch is None else len(batch), dtype=object)
-        for i in range(len(feed)):
-            feed[i] = batch[i]
-        return {_FEED: feed}, False, None, ""
+        # length: object arrays of per-image tensors merge without copying them off the device.
+        count = 0 if batch is None else len(batch)
+        feed, models = np.empty(count, dtype=object), np.empty(count, dtype=object)
+        for i in range(count):
+            feed[i], models[i] = batch[i], data[MODEL]
+        return {_FEED: feed, _MODELS: models}, False, None, ""
 
     def process(self, feed_batch: List[Dict[str, Any]], typical_logid: int = 0) -> Tuple:
-        images = list(feed_batch[0][_FEED])
+        images, keys = list(feed_batch[0][_FEED]), list(feed_batch[0][_MODELS])
         metrics.BATCH_IMAGES.observe(len(images))
-        classifier, step = self.runtime.classifier, self.runtime.max_batch_images
-        predictor = self.runtime.predictors.get()
+        rows = np.empty(len(images), dtype=object)  # one probability row per image, in feed order
+        by_model: Dict[str, List[int]] = defaultdict(list)
+        for index, key in enumerate(keys):
+            by_model[key].append(index)
         try:
             with metrics.STAGE_SECONDS.labels("infer").time():
-                parts = [classifier.probabilities(classifier.stack(images[i:i + step]), predictor)
-                         for i in range(0, len(images), step)]
+                for key, indices in by_model.items():
+                    self._forward(self.runtime.models[key], images, indices, rows)
         except ClientError as exc:  # only a remote predictor raises these: the backend failed
             return {}, BACKEND_ERROR, str(exc)
+        return {PROBS: rows}, 0, ""
+
+    def _forward(self, model: ModelRuntime, images: Sequence[Any], indices: List[int], rows: np.ndarray) -> None:
+        """The images at ``indices`` through ``model``, at most max_batch_images per forward pass."""
+        step, classifier = self.runtime.max_batch_images, model.classifier
+        predictor = model.predictors.get()
+        try:
+            for start in range(0, len(indices), step):
+                chunk = indices[start:start + step]
+                probs = classifier.probabilities(classifier.stack([images[i] for i in chunk]), predictor)
+                for i, row in zip(chunk, probs):
+                    rows[i] = row
         finally:
-            self.runtime.predictors.put(predictor)
-        probs = np.concatenate(parts) if parts else classifier.probabilities([])
-        return {PROBS: probs}, 0, ""
+            model.predictors.put(predictor)
 
     def postprocess(self, input_data: Dict[str, Any], fetch_data: Dict[str, Any], data_id: int = 0,
                     log_id: int = 0) -> Tuple:
         (data,) = input_data.values()
         out = {k: v for k, v in data.items() if k not in (BATCH, TICKET)}  # let the device batch go
-        out[PROBS] = fetch_data[PROBS]
+        rows = list(fetch_data[PROBS])
+        classes = self.runtime.models[data[MODEL]].classifier.class_num
+        out[PROBS] = np.stack(rows) if rows else np.zeros((0, classes), np.float32)
         return out, None, ""
 
 
@@ -268,8 +345,12 @@ class RexnetResponseOp(ResponseOp):
         failed = None
         if channeldata.error_code == 0 and channeldata.datatype == ChannelDataType.DICT.value:
             data = channeldata.dictdata
+            classifier = self.runtime.models[data[MODEL]].classifier
             with metrics.STAGE_SECONDS.labels("postprocess").time():
-                results = self.runtime.classifier.results(data[COUNT], data[PROBS], data[ERRORS], data[TOP_K])
+                results = classifier.results(data[COUNT], data[PROBS], data[ERRORS], data[TOP_K])
+            ticket = admission.current_ticket()  # this runs in the calling front door's thread
+            if ticket is not None and ticket.payload is not None:
+                ticket.outcome = (data[PROBS], results)
             for result in results:
                 metrics.IMAGES.labels(result.error_code or "ok").inc()
             channeldata.dictdata = {protocol.RESULTS_KEY: protocol.encode_results(results)}

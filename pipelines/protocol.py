@@ -24,6 +24,8 @@ from rexnet_serving.results import ImageResult
 
 IMAGE_KEY = "image"
 TOP_K_KEY = "top_k"
+MODEL_KEY = "model"                  # optional: which served model (default: the service's default model)
+MODEL_VERSION_KEY = "model_version"  # optional: which of its served versions (default: the highest)
 RESULTS_KEY = "results"
 DEFAULT_TOP_K = 5
 BYTES_ELEM_TYPE = 13   # pipeline_service.proto Tensor.elem_type for raw bytes in byte_data
@@ -42,6 +44,8 @@ NO_SERVICE = 3002      # Paddle Serving: the request named another service
 INPUT_PARAMS_ERROR = 5000
 TIMEOUT = 6000
 RPC_PACKAGE_ERROR = 8000
+
+_OPTIONAL_KEYS = (TOP_K_KEY, MODEL_KEY, MODEL_VERSION_KEY)
 
 # err_no values where sending the same request again cannot help.
 BAD_REQUEST_ERRNOS = frozenset({INVALID_REQUEST, INVALID_IMAGE, NO_SERVICE, INPUT_PARAMS_ERROR,
@@ -102,10 +106,11 @@ def parse_top_k(text: Optional[str], max_top_k: int, default: int = DEFAULT_TOP_
 def parse_fields(fields: Mapping[str, Any], max_images: int, max_top_k: int,
                  default_top_k: int) -> Tuple[List[Any], int]:
     """The payloads (in result order) and top_k of a request's fields; RequestError when malformed."""
-    unknown = [k for k in fields if k != TOP_K_KEY and not is_image_key(k)]
+    unknown = [k for k in fields if k not in _OPTIONAL_KEYS and not is_image_key(k)]
     if unknown:
         raise RequestError("unknown_key", f"unknown key(s) {', '.join(sorted(unknown))}: send 'image' "
-                                          "(or 'image_0', 'image_1', ...) and optionally 'top_k'")
+                                          "(or 'image_0', 'image_1', ...) and optionally 'top_k', 'model', "
+                                          "'model_version'")
     keys = order_image_keys([k for k in fields if is_image_key(k)])
     if len(keys) > max_images:
         raise RequestError("too_many_images",
@@ -114,6 +119,19 @@ def parse_fields(fields: Mapping[str, Any], max_images: int, max_top_k: int,
     if top_k is not None and not isinstance(top_k, str):
         raise RequestError("invalid_top_k", "top_k must be sent as text (a key/value pair)")
     return [fields[k] for k in keys], parse_top_k(top_k, max_top_k, default_top_k)
+
+
+def model_of(fields: Mapping[str, Any]) -> Tuple[Optional[str], Optional[int]]:
+    """The model name and version a request asks for (None: the default / the highest served)."""
+    name, version = fields.get(MODEL_KEY), fields.get(MODEL_VERSION_KEY)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise RequestError("unknown_model", "model must be a model name sent as text")
+    if version is None:
+        return name, None
+    text = version if isinstance(version, str) else ""
+    if not text.strip().isdigit():
+        raise RequestError("unknown_model", f"model_version must be a version number, got {version!r}")
+    return name, int(text)
 
 
 def encode_results(results: Sequence[ImageResult]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import rexnet_serving.imageio  # noqa: F401  (first: binds zlib before Paddle does; see that module)
 
+import base64
 import logging
 import threading
 import time
@@ -35,6 +36,7 @@ from rexnet_serving.clients.http import HttpClient
 from rexnet_serving.imageio import DecodeLimits
 from rexnet_serving.predictor import runtime_info
 from rexnet_serving.remote import RemotePredictor
+from rexnet_serving.repository import Repository
 
 from . import metrics
 from .admission import Admission
@@ -42,7 +44,7 @@ from .config import ServingConfig, check_with_paddle
 from .frontdoor import FrontDoor, start_grpc_server
 from .health import DRAINING, READY, HealthServer, ServiceState
 from .http_front import HttpFrontDoor
-from .ops import RexnetRequestOp, RexnetResponseOp, ServiceRuntime, build_dag
+from .ops import ModelRuntime, RexnetRequestOp, RexnetResponseOp, ServiceRuntime, build_dag
 
 log = logging.getLogger("rexnet_serve")
 
@@ -85,11 +87,11 @@ def warmup_image() -> bytes:
 class RexnetServer:
     """Runs the service until ``stop_event`` is set, then drains; ``run()`` returns the exit code."""
 
-    def __init__(self, config: ServingConfig, model_dir: Path, stop_event: threading.Event,
+    def __init__(self, config: ServingConfig, repository: Repository, stop_event: threading.Event,
                  floor: bool = False) -> None:
         self.config = config
         self.floor = floor  # rexnet-bench's framework floor: no model, pass-through stages (floor.py)
-        self.model_dir = model_dir
+        self.repository = repository
         self.stop_event = stop_event
         self.state = ServiceState()
         self.name = config.rexnet["service_name"]
@@ -102,8 +104,8 @@ class RexnetServer:
 
     # -- start ------------------------------------------------------------------------------------
     def _load(self) -> ServiceRuntime:
-        service = self.config.infer_service
-        rex = self.config.rexnet
+        """Every served version of every model of the repository, each with its predictors."""
+        service, rex = self.config.infer_service, self.config.rexnet
         options = inference_model_options(service["device_type"], service["devices"], service["thread_num"],
                                           service["use_mkldnn"], service["precision"],
                                           rex["max_batch_images"], service["runtime"],  # runtime (issue 10)
@@ -112,31 +114,43 @@ class RexnetServer:
             import paddle
             paddle.set_device(f"gpu:{options['gpu_id']}")
         limits = DecodeLimits(rex["max_image_bytes"], rex["max_image_pixels"])
+        versions = [v for m in self.repository.models.values() for v in m.served_versions()]
+        if self.config.remote and len(versions) > 1:
+            raise StartupError(f"op.infer.client_type brpc in {self.config.source} forwards to one backend "
+                               f"model, but the repository serves {len(versions)} model versions")
+        models = {}
+        for model in self.repository.models.values():
+            for version in model.served_versions():
+                classifier = self._classifier(version.path, limits, options)
+                loaded = ModelRuntime.create(model.name, version.version, classifier,
+                                             self.config.infer["concurrency"])
+                models[loaded.key] = loaded
+        gate = Admission(rex["max_in_flight_requests"], rex["request_timeout_s"])
+        return ServiceRuntime(models, self.repository.default_model, limits, rex["max_images_per_request"],
+                              rex["default_top_k"], rex["max_batch_images"], gate)
+
+    def _classifier(self, model_dir: Path, limits: DecodeLimits, options: dict) -> Any:
         try:
             if self.floor:
                 from .floor import FloorClassifier
-                classifier = FloorClassifier(self.model_dir)
-            else:
-                classifier = Classifier(self.model_dir, limits=limits, model=self._remote_predictor(), **options)
+                return FloorClassifier(model_dir)
+            classifier = Classifier(model_dir, limits=limits, model=self._remote_predictor(model_dir), **options)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise StartupError(f"cannot load the model in {self.model_dir}: {exc}") from None
+            raise StartupError(f"cannot load the model in {model_dir}: {exc}") from None
         fetch = self.config.infer["fetch_list"]
         if fetch is not None and list(fetch) != [classifier.manifest.fetch.alias]:
             raise StartupError(f"op.infer.fetch_list {fetch} in {self.config.source} does not match the "
-                               f"model in {self.model_dir}, which fetches [{classifier.manifest.fetch.alias!r}]")
-        gate = Admission(rex["max_in_flight_requests"], rex["request_timeout_s"])
-        return ServiceRuntime.create(classifier, self.config.data["op"]["infer"]["concurrency"], limits,
-                                     rex["max_images_per_request"], rex["default_top_k"],
-                                     rex["max_batch_images"], gate)
+                               f"model in {model_dir}, which fetches [{classifier.manifest.fetch.alias!r}]")
+        return classifier
 
-    def _remote_predictor(self) -> Optional[RemotePredictor]:
+    def _remote_predictor(self, model_dir: Path) -> Optional[RemotePredictor]:
         """With client_type brpc: the predictor that forwards to the backend (no local model is loaded);
         else None (the Classifier loads its InferenceModel)."""
         if not self.config.remote:
             return None
         infer = self.config.infer
         try:
-            return RemotePredictor(self.model_dir, infer["server_endpoints"], infer["client_config"],
+            return RemotePredictor(model_dir, infer["server_endpoints"], infer["client_config"],
                                    timeout=self.config.rexnet["backend_timeout_s"], fetch=infer["fetch_list"])
         except (OSError, ValueError, KeyError) as exc:
             raise StartupError(f"cannot set up the bRPC backend client (op.infer in {self.config.source}): "
@@ -198,6 +212,26 @@ class RexnetServer:
         finally:
             for client in clients:
                 client.close()
+        self._warm_up_other_models(image)
+
+    def _warm_up_other_models(self, image: bytes) -> None:
+        """One request through the DAG for every served model but the default (warmed up above)."""
+        from paddle_serving_server.pipeline.proto import pipeline_service_pb2
+        for model in self._runtime.models.values():
+            if model is self._runtime.default or self.stop_event.is_set():
+                continue
+            request = pipeline_service_pb2.Request(
+                name=self.name, key=["image", "top_k", "model", "model_version"],
+                value=[base64.b64encode(image).decode(), "1", model.name, str(model.version)])
+            response = self._front.call(request)
+            if response.err_no != 0:
+                raise StartupError(f"warm-up of model {model.key} failed: err_no {response.err_no}: "
+                                   f"{response.err_msg}")
+
+    def served_models(self) -> str:
+        default = self._runtime.default
+        return ", ".join(f"{key} ({m.classifier.manifest.arch}{', default' if m is default else ''})"
+                         for key, m in sorted(self._runtime.models.items()))
 
     def urls(self) -> List[str]:
         host = "127.0.0.1"
@@ -221,16 +255,16 @@ class RexnetServer:
             self._health.start()
             check_with_paddle(self.config)
             runtime = self._runtime = self._load()
-            manifest = runtime.classifier.manifest
-            used = runtime_info(runtime.classifier.model)  # runtime really used (issue 10)
+            used = runtime_info(runtime.default.classifier.model)  # runtime really used (issue 10)
             metrics.RUNTIME.info(used)  # rexnet_runtime_info on /metrics (issue 10)
             if not self.stop_event.is_set():
                 self._start_pipeline(runtime)
                 self._warm_up(deadline)
             if not self.stop_event.is_set():
                 self.state.set(READY)
-                log.info("ready: %s (%s, %s, %s %s) from %s\n  %s", self.name, manifest.arch, self.config.device,
-                         used["runtime"], used["precision"], self.model_dir, "\n  ".join(self.urls()))
+                log.info("ready: %s (%s, %s %s) from %s: %s\n  %s", self.name, self.config.device,
+                         used["runtime"], used["precision"], self.repository.root, self.served_models(),
+                         "\n  ".join(self.urls()))
                 # Wake up now and then: a signal caught by another thread runs its Python handler only
                 # when the main thread executes bytecode, never while it sleeps in a bare wait().
                 while not self.stop_event.wait(0.2):

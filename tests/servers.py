@@ -19,7 +19,8 @@ BIN = Path(sys.executable).parent
 
 
 class ServiceProcess:
-    def __init__(self, model_dir: Path, work: Path, config_text: str = "", start_timeout: float = 240) -> None:
+    def __init__(self, model_dir: Path, work: Path, config_text: str = "", start_timeout: float = 240,
+                 model_flag: str = "--model-dir") -> None:
         self.work = work
         config = work / "test.yml"
         config.write_text(f"extends: {REPO_ROOT / 'serving_configs' / 'cpu.yml'}\n{config_text}", encoding="utf-8")
@@ -27,7 +28,7 @@ class ServiceProcess:
         self.log = work / "serve.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [str(BIN / "rexnet-serve"), "--config", str(config), "--model-dir", str(model_dir), "--host",
+                [str(BIN / "rexnet-serve"), "--config", str(config), model_flag, str(model_dir), "--host",
                  "127.0.0.1", "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port",
                  str(self.metrics), "--workdir", str(work / "wd")],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -47,14 +47,14 @@ def test_bench_runs_end_to_end_and_writes_its_reports(random_model_dir, tmp_path
         if "skipped" in row:  # BF16 on a CPU without it
             assert "BF16" in row["skipped"]
             continue
-        assert [r["batch"] for r in row["infer"]] == [1] == [r["batch"] for r in row["opencv"]]
+        assert [r["batch"] for r in row["infer"]] == [1] == [r["batch"] for r in row["pipeline"]]
         assert row["infer"][0]["images_per_s"] > 0 and row["agreement"]["images"] == 14
     assert rows["Paddle Inference + oneDNN"]["agreement"]["max_abs_output_diff"] == 0.0
     assert rows["OpenVINO FP32"]["agreement"]["max_abs_output_diff"] <= 1e-5
     assert any(t["target"].startswith("in-process OpenVINO FP32 / Paddle") for t in result["targets"])
     assert any(t["target"].startswith("HTTP service best img/s on OpenVINO FP32 / on paddle")
                for t in result["targets"])
-    assert [row["batch"] for row in inproc["project"]] == [1] == [row["batch"] for row in inproc["opencv"]]
+    assert [row["batch"] for row in inproc["project"]] == [1] == [row["batch"] for row in inproc["paddle_ops"]]
     assert inproc["project_single_p50_ms"] > 0 and inproc["stages_batch1"]["infer_ms"] > 0
     assert any(t["target"].startswith("pipeline service RSS") for t in result["targets"])
 

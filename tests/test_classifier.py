@@ -12,8 +12,9 @@ from conftest import SCORED_CLASSES
 from images import encode, make_photo_set, photo
 from rexnet_pipelines import protocol
 from rexnet_serving import postprocess
-from rexnet_serving.classifier import Classifier, decode_payloads, inference_model_options
+from rexnet_serving.classifier import Classifier, decode_payloads, inference_model_options, preprocess_images
 from rexnet_serving.imageio import DecodeLimits, ImageError
+from rexnet_serving.preprocess import preprocess, preprocess_opencv
 from rexnet_serving.results import Prediction
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,25 @@ def test_classify_one_at_a_time_equals_batched(classifier):
         assert [p.class_id for p in alone.predictions] == [p.class_id for p in together.predictions]
         assert [p.score for p in alone.predictions] == pytest.approx(
             [p.score for p in together.predictions], abs=1e-5)
+
+
+def test_preprocessing_follows_the_inference_device(classifier):
+    import paddle
+    images = [photo("china", (200, 150)), photo("flower", (150, 220))]
+    cfg = classifier.preprocess_config  # the manifest's constants, for both paths
+    host = classifier.preprocess(images)  # a CPU classifier: OpenCV on the host
+    assert isinstance(host, np.ndarray)
+    np.testing.assert_array_equal(host, preprocess_opencv(images, cfg))
+    on_device = preprocess_images(images, cfg, on_device=True)  # the GPU path, here on the current device
+    assert isinstance(on_device, paddle.Tensor)
+    np.testing.assert_array_equal(on_device.numpy(), preprocess(images, cfg).numpy())
+    # The infer op re-stacks per-image rows where they are: NumPy rows with NumPy, tensors with Paddle.
+    np.testing.assert_array_equal(Classifier.stack(list(host)), host)
+    stacked = Classifier.stack([on_device[0], on_device[1]])
+    assert isinstance(stacked, paddle.Tensor)
+    np.testing.assert_array_equal(stacked.numpy(), on_device.numpy())
+    # Both batches feed the predictor: the same top class from either path.
+    assert (classifier.probabilities(host).argmax(1) == classifier.probabilities(on_device).argmax(1)).all()
 
 
 def test_classify_reports_limits_and_bad_images_per_image(classifier):

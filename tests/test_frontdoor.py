@@ -185,7 +185,8 @@ def test_overload_is_shed_at_once_and_accepted_requests_all_answered(service):
           f"{len(refused)} refused (p99 {refused[int(0.99 * len(refused))] * 1e3:.0f} ms)")
     assert other == [], other[:3]
     assert accepted and refused
-    assert refused[int(0.99 * len(refused))] < 0.5  # refused at once, not after waiting
+    # Refused at once, not after waiting in a queue (the bound allows for a loaded CI machine).
+    assert refused[int(0.99 * len(refused))] < max(0.5, P99_FACTOR * base.p99())
     assert service.metric("rexnet_refused_requests_total", reason="overloaded") - refused_before == len(refused)
     assert service.metric("rexnet_in_flight_requests") == 0
     start = time.perf_counter()

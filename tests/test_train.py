@@ -8,8 +8,8 @@ is kept small rather than the images.
 from __future__ import annotations
 
 import json
+import math
 import os
-import random
 import subprocess
 import sys
 import time
@@ -21,7 +21,6 @@ import pytest
 import yaml
 
 from rexnet_train import cli
-from rexnet_train.augment import RANDAUGMENT_OPS, RandAugment, TrainTransform, random_erase
 from rexnet_train.config import CONFIG_DIR, SCHEMA, ConfigError, config_path, load_config
 from rexnet_train.data import DataError, load_split, read_list_file
 
@@ -39,6 +38,7 @@ SMALL_RUN = [
     "Data.batch_size=16", "Data.eval_batch_size=50", "Data.num_workers=0",
     "Augment.crop_size=32", "Augment.hflip_prob=0", "Augment.crop_scale=[0.8,1.0]",
     "Augment.randaugment_magnitude=1", "Optimizer.lr=0.32", "Optimizer.warmup_epochs=0",
+    "Optimizer.cooldown_epochs=0",
     "Eval.resize_short=36", "Eval.crop_size=32",
 ]
 
@@ -95,13 +95,15 @@ def _weights(path: Path) -> Dict[str, np.ndarray]:
 def test_width_configs_share_the_official_recipe(arch):
     config = load_config(config_path(arch))
     assert config["Arch"]["name"] == arch
-    assert config["Optimizer"] == {"momentum": 0.9, "weight_decay": 1e-5, "lr": 0.5, "lr_batch_size": 512,
-                                   "warmup_epochs": 5, "min_lr": 0.0}
-    assert config["Global"]["epochs"] == 400
+    assert config["Optimizer"] == {"momentum": 0.9, "use_nesterov": True, "weight_decay": 1e-5,
+                                   "one_dim_param_no_weight_decay": True, "lr": 0.5, "lr_batch_size": 512,
+                                   "warmup_epochs": 5, "warmup_lr": 1e-4, "min_lr": 1e-5,
+                                   "cooldown_epochs": 10}
+    assert config["Global"]["epochs"] == 410 and config["Global"]["use_amp"] is True
     assert config["Loss"]["label_smoothing"] == 0.1
     aug = config["Augment"]
-    assert (aug["crop_size"], aug["randaugment_ops"], aug["randaugment_magnitude"],
-            aug["random_erasing_prob"]) == (224, 2, 9, 0.2)
+    assert (aug["crop_size"], aug["interpolation"], aug["randaugment_ops"], aug["randaugment_magnitude"],
+            aug["randaugment_magnitude_std"], aug["random_erasing_prob"]) == (224, "random", 2, 9, 0.5, 0.2)
     # The per-width file names the architecture and nothing else.
     own = yaml.safe_load(Path(CONFIG_DIR, f"{arch}.yaml").read_text())
     assert own == {"_base_": "rexnet_imagenet.yaml", "Arch": {"name": arch}}
@@ -176,49 +178,6 @@ def test_cli_config_errors_exit_2_with_one_line(capsys, argv, words):
         assert word in err
 
 
-# -- augmentation ---------------------------------------------------------------------------------
-def _test_image():
-    from PIL import Image
-    rng = np.random.default_rng(1)
-    return Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
-
-
-def test_randaugment_ops_all_run_and_are_deterministic_given_the_rng():
-    img = _test_image()
-    assert len(RANDAUGMENT_OPS) == 14  # Cubuk et al. 2019, the op list of Sec. 3
-    for name, op in RANDAUGMENT_OPS.items():
-        out = op(img, 0.9, random.Random(0))
-        assert out.size == img.size and out.mode == "RGB", name
-    aug = RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
-    a = [np.asarray(aug(img, random.Random(seed))) for seed in range(8)]
-    b = [np.asarray(aug(img, random.Random(seed))) for seed in range(8)]
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert len({x.tobytes() for x in a}) > 1
-
-
-def test_random_erase_fills_one_rectangle_with_noise():
-    chw = np.zeros((3, 32, 32), np.float32)
-    out = random_erase(chw.copy(), 1.0, np.random.default_rng(0))
-    rows, cols = np.nonzero(np.any(out != 0, axis=0))
-    assert rows.size > 0
-    box = out[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    assert np.all(box != 0) and abs(float(box.mean())) < 0.5  # a filled box of N(0, 1) values
-    assert np.array_equal(random_erase(chw.copy(), 0.0, np.random.default_rng(0)), chw)
-
-
-def test_train_transform_is_seeded_per_sample():
-    from rexnet_serving.preprocess import config_for
-    aug = load_config(config_path("ReXNet_1_0"), ["Augment.crop_size=32"])["Augment"]
-    transform = TrainTransform.from_config(aug, config_for("ReXNet_1_0"))
-    img = _test_image()
-    state = np.random.get_state()
-    first = transform(img, 123)
-    assert first.shape == (3, 32, 32) and first.dtype == np.float32
-    assert np.array_equal(first, transform(img, 123))
-    assert not np.array_equal(first, transform(img, 124))
-    assert np.array_equal(np.random.get_state()[1], state[1])  # the global RNG is left alone
-
-
 # -- data -----------------------------------------------------------------------------------------
 def test_list_file_and_folder_tree_give_the_same_samples(digits):
     listed, names = load_split(str(digits), str(digits / "train_list.txt"), "train")
@@ -286,6 +245,7 @@ def full_run(digits, tmp_path_factory):
 
 @pytest.mark.slow
 def test_training_lowers_the_loss_and_beats_chance(full_run):
+    import paddle
     out, history = full_run
     assert [r["epoch"] for r in history] == list(range(1, EPOCHS + 1))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -297,6 +257,12 @@ def test_training_lowers_the_loss_and_beats_chance(full_run):
                                                           for e in range(1, EPOCHS + 1))):
         assert (out / name).is_file(), name
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The best pair comes from one epoch: both names lead into the directory that `best` points at.
+    best = _weights(out / "best_model.pdparams")
+    state = paddle.load(str(out / "best.pdckpt"))
+    assert os.path.realpath(out / "best.pdckpt") == os.path.realpath(out / "best" / "best.pdckpt")
+    assert all(np.array_equal(best[k], np.asarray(state["model"][k])) for k in best)
+    assert state["epoch"] == max(history, key=lambda r: r["val_top1"])["epoch"]
     log = (out / "train.log").read_text()
     assert "img/s" in log and "eta" in log and " lr " in log
 
@@ -370,6 +336,23 @@ def test_resume_repeats_the_uninterrupted_run(full_run, digits, tmp_path):
     assert [r["epoch"] for r in again] == list(range(1, EPOCHS + 1))
     assert again[-1]["val_top1"] == history[-1]["val_top1"]
     assert again[-1]["train_loss"] == pytest.approx(history[-1]["train_loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_with_another_batch_size_continues_the_schedule_in_epochs(full_run, digits, tmp_path):
+    """Stopped after epoch 2 at batch 16 (25 steps per epoch), resumed at batch 8 (50 steps, half the
+    peak LR): the last epoch runs on the cosine's tail in epochs, not on a schedule counted in steps."""
+    out, _ = full_run
+    resumed = tmp_path / "resumed"
+    assert _run(digits, resumed, "Data.batch_size=8",
+                resume=str(out / f"epoch_{EPOCHS - 1:04d}.pdckpt")) == 0
+    record = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()][-1]
+    peak, steps = 0.32 * 8 / 512, 400 // 8
+    t = EPOCHS - 1 + (steps - 1) / steps  # the LR of the epoch's last step
+    expected = 1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * t / EPOCHS))
+    assert record["epoch"] == EPOCHS and record["lr"] == pytest.approx(expected, rel=1e-9)
+    assert "LR schedule continues at epoch 2: 50 iterations per epoch instead of 25" in \
+        (resumed / "train.log").read_text()
 
 
 @pytest.mark.slow

@@ -50,10 +50,10 @@ class Field:
 SCHEMA: Dict[str, Dict[str, Field]] = {
     "Global": {
         "output_dir": Field(str, "./output"),
-        "epochs": Field(int, 400, low=1),
+        "epochs": Field(int, 410, low=1),  # cool-down included
         "seed": Field(int, 42, low=0, high=2**31 - 1),
         "device": Field(str, "auto", choices=("auto", "cpu", "gpu")),
-        "use_amp": Field(bool, False),  # GPU only: ignored with a warning on CPU
+        "use_amp": Field(bool, True),  # GPU only: a no-op on CPU
         "save_interval": Field(int, 1, low=1),  # epochs between numbered checkpoints
         "eval_interval": Field(int, 1, low=1),
         "log_interval": Field(int, 10, low=1),  # iterations between log lines
@@ -73,11 +73,15 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
     },
     "Optimizer": {
         "momentum": Field(float, 0.9, low=0.0, high=0.999),
+        "use_nesterov": Field(bool, True),
         "weight_decay": Field(float, 1e-5, low=0.0, high=1.0),
+        "one_dim_param_no_weight_decay": Field(bool, True),  # BN weights/biases and biases: no decay
         "lr": Field(float, 0.5, low=1e-8, high=100.0),  # for a global batch of lr_batch_size
         "lr_batch_size": Field(int, 512, low=1),  # the LR scales linearly with the real global batch
         "warmup_epochs": Field(int, 5, low=0),
-        "min_lr": Field(float, 0.0, low=0.0),
+        "warmup_lr": Field(float, 1e-4, low=0.0),  # the warm-up starts here
+        "min_lr": Field(float, 1e-5, low=0.0),  # the cosine ends here; the cool-down stays here
+        "cooldown_epochs": Field(int, 10, low=0),  # the last epochs of Global.epochs, at min_lr
     },
     "Data": {
         "train_root": Field(str, None, nullable=True),
@@ -94,7 +98,9 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "crop_scale": Field(float, [0.08, 1.0], low=0.0, high=1.0, pair=True),
         "crop_ratio": Field(float, [0.75, 4.0 / 3.0], low=0.01, high=100.0, pair=True),
         "hflip_prob": Field(float, 0.5, low=0.0, high=1.0),
-        "randaugment_ops": Field(int, 2, low=0, high=14),
+        # crop resize and RandAugment's geometric ops; random: bilinear or bicubic each time
+        "interpolation": Field(str, "random", choices=("random", "bilinear", "bicubic")),
+        "randaugment_ops": Field(int, 2, low=0, high=15),
         "randaugment_magnitude": Field(float, 9.0, low=0.0, high=10.0),
         "randaugment_magnitude_std": Field(float, 0.5, low=0.0, high=10.0),
         "random_erasing_prob": Field(float, 0.2, low=0.0, high=1.0),
@@ -216,7 +222,21 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Dict[str, Dict[str,
     for text in overrides:
         section, key, value = parse_override(text)
         _merge(config, {section: {key: value}}, f"override -o {text}")
+    _check_schedule(config, path if not overrides else f"{path} with the -o overrides")
     return config
+
+
+def _check_schedule(config: Dict[str, Dict[str, Any]], source: str) -> None:
+    """Relations between keys: warm-up and cool-down must fit into the run."""
+    epochs = config["Global"]["epochs"]
+    optim = config["Optimizer"]
+    if optim["cooldown_epochs"] >= epochs:
+        raise ConfigError(f"{source}: Optimizer.cooldown_epochs={optim['cooldown_epochs']} leaves no "
+                          f"epoch for the cosine in Global.epochs={epochs}")
+    if optim["warmup_epochs"] > epochs - optim["cooldown_epochs"]:
+        raise ConfigError(f"{source}: Optimizer.warmup_epochs={optim['warmup_epochs']} is longer than "
+                          f"the cosine (Global.epochs={epochs} - "
+                          f"Optimizer.cooldown_epochs={optim['cooldown_epochs']})")
 
 
 def config_path(name_or_path: str) -> str:

@@ -1,9 +1,9 @@
 """The training loop: one process per device, DataParallel across processes, rank 0 writes everything.
 
-Split by concern as PaddleClas's engine is: data (``data``), augmentation (``augment``), optimizer and
-schedule (``optim``), checkpoints (``checkpoint``), metrics file and curves (``history``), process group
-(``distributed``); this module wires them into epochs. Evaluation batches go through the service's own
-``rexnet_serving.preprocess.preprocess``.
+Split by concern as PaddleClas's engine is: data (``data``), augmentation (``augment``, ``randaugment``),
+optimizer (``optim``), LR schedule (``schedule``), checkpoints (``checkpoint``), metrics file and curves
+(``history``), process group (``distributed``); this module wires them into epochs. Evaluation batches go
+through the service's own ``rexnet_serving.preprocess.preprocess`` (its GPU path; see ``data``).
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from rexnet_train import distributed, history as hist
 from rexnet_train.augment import TrainTransform, derive_seed
 from rexnet_train.data import (EvalDataset, TrainDataset, check_labels, eval_loader, load_class_names,
                                load_split, train_loader)
-from rexnet_train.optim import build_optimizer, build_scheduler, scaled_lr
+from rexnet_train.optim import build_optimizer
+from rexnet_train.schedule import build_scheduler, restore_scheduler
 
 LABELS_FILE = "label_list.txt"
 CONFIG_FILE = "config.yaml"
@@ -97,7 +98,7 @@ class Trainer:
         self.device = _select_device(g["device"])
         self.use_amp = g["use_amp"] and self.device.startswith("gpu")
         if g["use_amp"] and not self.use_amp:
-            log.warning("Global.use_amp is ignored on %s (AMP is a GPU feature)", self.device)
+            log.info("Global.use_amp has no effect on %s: training in float32", self.device)
         self.show_progress = show_progress and self.is_main
         self.seed = g["seed"]
         self.epochs = g["epochs"]
@@ -180,8 +181,13 @@ class Trainer:
         problems = self.model.set_state_dict(state["model"])
         if problems and any(problems):
             raise ckpt.CheckpointError(f"{path}: model state does not fit: {problems}")
-        self.optimizer.set_state_dict(state["optimizer"])
-        self.scheduler.set_state_dict(state["lr_scheduler"])
+        try:
+            # Paddle's optimizer restores the scheduler too (its "LR_Scheduler" entry); restore_scheduler
+            # then checks the position against the checkpoint's epoch count.
+            self.optimizer.set_state_dict(state["optimizer"])
+            restore_scheduler(self.scheduler, state)
+        except ValueError as exc:
+            raise ckpt.CheckpointError(f"cannot resume from {path}: {exc}") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
@@ -190,6 +196,11 @@ class Trainer:
         if state.get("world_size", self.world) != self.world:
             log.warning("%s was written by %d ranks, resuming with %d: data order differs from an "
                         "uninterrupted run", path, state["world_size"], self.world)
+        saved_ipe = state["lr_scheduler"]["iters_per_epoch"]
+        if saved_ipe != self.iters_per_epoch:
+            log.info("LR schedule continues at epoch %d: %d iterations per epoch instead of %d, peak LR "
+                     "%.4g for the global batch of %d", self.start_epoch, self.iters_per_epoch,
+                     saved_ipe, self.scheduler.schedule.peak_lr, self.global_batch)
         log.info("resumed from %s after epoch %d", path, self.start_epoch)
 
     def _write_run_files(self) -> None:
@@ -209,7 +220,11 @@ class Trainer:
         self.net.train()
         smoothing = self.config["Loss"]["label_smoothing"]
         log_every = self.config["Global"]["log_interval"]
-        loss_sum, correct, seen = 0.0, 0, 0
+        # Device tensors, read once per log interval and at the end: float()/int() on a GPU tensor waits
+        # for the device, and a wait per step would serialise the host and the GPU.
+        loss_sum = paddle.zeros([], dtype="float64")
+        correct = paddle.zeros([], dtype="int64")
+        seen = 0  # from shapes: known on the host
         start = time.time()
         bar = tqdm(self.train_loader, total=self.iters_per_epoch, disable=not self.show_progress,
                    desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
@@ -229,21 +244,23 @@ class Trainer:
             self.scheduler.step()
 
             n = int(labels.shape[0])
-            loss_sum += float(loss) * n
-            correct += int((logits.argmax(axis=1) == labels).astype("int64").sum())
+            loss_sum += loss.detach().astype("float64") * n
+            correct += (logits.argmax(axis=1) == labels).astype("int64").sum()
             seen += n
             if step % log_every == 0 or step == self.iters_per_epoch:
                 elapsed = time.time() - start
                 speed = seen * self.world / elapsed
                 remaining = (self.iters_per_epoch - step) * elapsed / step + \
                     (self.epochs - epoch - 1) * self.iters_per_epoch * elapsed / step
-                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.4g}")
+                mean_loss = float(loss_sum) / seen  # this rank's running mean: one device read
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.4g}")
                 log.info("epoch %d/%d iter %d/%d loss %.4f lr %.5g %.1f img/s eta %s", epoch + 1,
-                         self.epochs, step, self.iters_per_epoch, float(loss), lr, speed,
+                         self.epochs, step, self.iters_per_epoch, mean_loss, lr, speed,
                          _format_eta(remaining))
         bar.close()
         elapsed = time.time() - start
-        loss_sum, correct, seen = distributed.sum_across_ranks([loss_sum, correct, seen], self.world)
+        loss_sum, correct, seen = distributed.sum_across_ranks(
+            [float(loss_sum), int(correct), seen], self.world)
         distributed.average_running_stats(self.model, self.world)
         return {"train_loss": loss_sum / seen, "train_top1": correct / seen,
                 "lr": lr, "epoch_seconds": elapsed,
@@ -255,18 +272,21 @@ class Trainer:
         from rexnet_serving.preprocess import preprocess
         self.model.eval()  # the bare model: evaluation needs no gradient sync
         k = min(TOP_K, self.config["Arch"]["class_num"])
-        loss_sum, top1, topk, seen = 0.0, 0, 0, 0
+        loss_sum = paddle.zeros([], dtype="float64")  # device tensors, read once (see train_epoch)
+        top1 = paddle.zeros([], dtype="int64")
+        topk = paddle.zeros([], dtype="int64")
+        seen = 0
         for images, labels in self.val_loader:
             x = preprocess(images, self.eval_cfg)
             labels = paddle.to_tensor(labels)
             logits = self.model(x)
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").astype("float64")
             hits = (paddle.topk(logits, k, axis=1)[1] == labels.unsqueeze(1)).astype("int64")
-            top1 += int(hits[:, 0].sum())
-            topk += int(hits.sum())
+            top1 += hits[:, 0].sum()
+            topk += hits.sum()
             seen += int(labels.shape[0])
-        loss_sum, top1, topk, seen = distributed.sum_across_ranks([loss_sum, top1, topk, seen],
-                                                                  self.world)
+        loss_sum, top1, topk, seen = distributed.sum_across_ranks(
+            [float(loss_sum), int(top1), int(topk), seen], self.world)
         return {"val_loss": loss_sum / seen, "val_top1": top1 / seen, f"val_top{k}": topk / seen,
                 "val_samples": int(seen)}
 
@@ -277,18 +297,12 @@ class Trainer:
         interval = self.config["Global"]["save_interval"]
         if not (improved or last or epoch % interval == 0):
             return
-        state = {
-            "model": model_state, "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(), "epoch": epoch,
-            "best_metric": self.best_metric, "history": self.history, "config": self.config,
-            "world_size": self.world,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-        }
+        state = ckpt.training_state(self.model, self.optimizer, self.scheduler, epoch, self.config,
+                                    self.world, self.best_metric, self.history, self.scaler)
         if last or epoch % interval == 0:
             save_atomically(state, os.path.join(self.output_dir, ckpt.epoch_checkpoint_name(epoch)))
         if improved:
-            save_atomically(state, os.path.join(self.output_dir, ckpt.BEST_CHECKPOINT))
-            save_atomically(model_state, os.path.join(self.output_dir, ckpt.BEST_WEIGHTS))
+            ckpt.publish_best(self.output_dir, state, model_state, epoch)
 
     def fit(self) -> Dict[str, Any]:
         """Train from ``start_epoch`` to ``Global.epochs``; return the last epoch's record."""
@@ -296,7 +310,7 @@ class Trainer:
         log.info("%s, %d classes, %d train images, %d ranks x batch %d (LR %.4g = %.4g x %d/%d), "
                  "%d iterations/epoch, device %s", self.config["Arch"]["name"],
                  self.config["Arch"]["class_num"], len(self.train_set), self.world,
-                 self.config["Data"]["batch_size"], scaled_lr(optim, self.global_batch), optim["lr"],
+                 self.config["Data"]["batch_size"], self.scheduler.schedule.peak_lr, optim["lr"],
                  self.global_batch, optim["lr_batch_size"], self.iters_per_epoch, self.device)
         # The optimizer names its momentum buffers (conv2d_0.w_0_velocity_0) from a process-wide counter
         # when it first needs them, and a checkpoint stores them by those names: a fresh namespace here

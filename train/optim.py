@@ -1,36 +1,38 @@
-"""Optimizer and learning-rate schedule of the ReXNet recipe (arXiv:2007.00992, Sec. 4.1).
+"""The optimizer of the ReXNet recipe: timm's ``--opt sgd``, i.e. SGD with Nesterov momentum.
 
-SGD with momentum and L2 weight decay; the LR is given for a reference global batch (512) and scaled
-linearly to the real one (Goyal et al., "Accurate, Large Minibatch SGD", arXiv:1706.02677), warmed up
-linearly from 0 over the first epochs and then decayed with a cosine (Loshchilov & Hutter, SGDR,
-arXiv:1608.03983) to ``min_lr``. Both are stepped per iteration.
+timm (2020) builds ``sgd`` as ``torch.optim.SGD(..., nesterov=True)`` and, with weight decay on, passes
+two parameter groups (``add_weight_decay``, ``filter_bias_and_bn=True``): every 1-D parameter (BatchNorm
+weights and biases, biases) and every ``*.bias`` gets no weight decay. Paddle's ``Momentum`` has both:
+``use_nesterov`` and per-group ``weight_decay`` (fused L2 decay); PaddleClas calls the grouping
+``one_dim_param_no_weight_decay``. The LR schedule is ``rexnet_train.schedule``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import paddle
 from paddle import nn
-from paddle.optimizer.lr import CosineAnnealingDecay, LinearWarmup, LRScheduler
+from paddle.optimizer.lr import LRScheduler
 
 
-def scaled_lr(optim: Dict[str, Any], global_batch: int) -> float:
-    return optim["lr"] * global_batch / optim["lr_batch_size"]
-
-
-def build_scheduler(optim: Dict[str, Any], global_batch: int, epochs: int,
-                    iters_per_epoch: int) -> LRScheduler:
-    peak = scaled_lr(optim, global_batch)
-    total = epochs * iters_per_epoch
-    warmup = min(optim["warmup_epochs"] * iters_per_epoch, total)
-    cosine = CosineAnnealingDecay(peak, T_max=max(1, total - warmup), eta_min=optim["min_lr"])
-    if warmup == 0:
-        return cosine
-    return LinearWarmup(cosine, warmup_steps=warmup, start_lr=0.0, end_lr=peak)
+def split_weight_decay(model: nn.Layer) -> Tuple[List[paddle.Tensor], List[paddle.Tensor]]:
+    """(decayed, exempt) trainable parameters: exempt are the 1-D ones and biases (timm's rule)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.stop_gradient:
+            continue
+        (no_decay if len(param.shape) <= 1 or name.endswith(".bias") else decay).append(param)
+    return decay, no_decay
 
 
 def build_optimizer(model: nn.Layer, optim: Dict[str, Any],
                     scheduler: LRScheduler) -> paddle.optimizer.Optimizer:
-    return paddle.optimizer.Momentum(
-        learning_rate=scheduler, momentum=optim["momentum"], parameters=model.parameters(),
-        weight_decay=paddle.regularizer.L2Decay(optim["weight_decay"]))
+    if optim["one_dim_param_no_weight_decay"]:
+        decay, no_decay = split_weight_decay(model)
+        parameters: Any = [{"params": decay, "weight_decay": optim["weight_decay"]},
+                           {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        parameters = [{"params": [p for p in model.parameters() if not p.stop_gradient],
+                       "weight_decay": optim["weight_decay"]}]
+    return paddle.optimizer.Momentum(learning_rate=scheduler, momentum=optim["momentum"],
+                                     parameters=parameters, use_nesterov=optim["use_nesterov"])

@@ -1,12 +1,10 @@
 """The in-process limit: decode + preprocess + inference + top-k in one process, no serving layer.
 
-What the hardware gives the model with the project's own pipeline (rexnet_serving.classifier.Classifier:
-OpenCV decode, the Paddle-op preprocessing of rexnet_serving.preprocess, the predictor of the runtime the
-CPU service uses: OpenVINO FP32 unless told otherwise), one call after another at each batch size; a
-service can at best approach it. A second variant replaces the
-preprocessing with plain OpenCV/NumPy (cv2.resize INTER_LINEAR, crop, normalise: the same arithmetic as
-PaddleClas's Python deploy ops) to show what the preprocessing implementation costs. A per-stage breakdown
-at batch 1 says where a single image's time goes.
+What the hardware gives the model with the project's own pipeline as the service runs it on the CPU
+(rexnet_serving.classifier.Classifier: OpenCV decode, the CPU path of rexnet_serving.preprocess, which is
+OpenCV, and the CPU service's runtime: OpenVINO FP32 unless told otherwise), one call after another at
+each batch size; a service can at best approach it. A second variant preprocesses with the GPU path's Paddle ops instead (run here on the CPU) to
+show what that implementation costs. A per-stage breakdown at batch 1 says where a single image's time goes.
 
 Run in its own process by rexnet-bench (nothing else running), printing JSON:
     python -m rexnet_serving.bench.inprocess --model-dir DIR --images DIR [--batches 1,2,4,8,16]
@@ -22,30 +20,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import cv2
 import numpy as np
 
 from ..predictor import PRECISIONS, RUNTIMES, default_runtime
-from ..preprocess import PreprocessConfig, resized_size
+from ..preprocess import preprocess, preprocess_opencv
 from .payloads import load_payloads
 
-VARIANTS = ("project", "opencv")
-
-
-def opencv_preprocess(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:
-    """Resize-short (INTER_LINEAR), centre crop, normalise, CHW: [N, 3, crop, crop] float32."""
-    crop = cfg.crop_size
-    mean = np.asarray(cfg.mean, np.float32) / np.float32(cfg.scale)
-    inv_std = np.float32(cfg.scale) / np.asarray(cfg.std, np.float32)
-    out = np.empty((len(images), 3, crop, crop), np.float32)
-    for i, image in enumerate(images):
-        height, width = image.shape[:2]
-        size = resized_size(width, height, cfg.resize_short)
-        resized = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-        top, left = (size[1] - crop) // 2, (size[0] - crop) // 2
-        window = resized[top:top + crop, left:left + crop].astype(np.float32)
-        out[i] = ((window - mean) * inv_std).transpose(2, 0, 1)  # (x/255 - m)/s == (x - 255m) * (1/255)/s
-    return out
+VARIANTS = ("project", "paddle_ops")
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -74,17 +55,6 @@ def sweep(classify: Callable[[List[bytes]], Any], payloads: Sequence[bytes], bat
             "calls": len(latencies)}
 
 
-def opencv_classify(clf: Any, model: Any = None) -> Callable[[List[bytes]], Any]:
-    """OpenCV decode + opencv_preprocess + inference on ``model`` (default: the classifier's) + top-5."""
-    from ..imageio import decode_image
-    cfg = clf.preprocess_config
-
-    def classify(batch: List[bytes]) -> Any:
-        probs = clf.probabilities(opencv_preprocess([decode_image(d) for d in batch], cfg), model=model)
-        return clf.results(len(batch), probs, {}, 5)
-    return classify
-
-
 def stage_breakdown(clf: Any, payloads: Sequence[bytes], rounds: int = 3) -> Dict[str, float]:
     """Median ms per image of each stage at batch 1."""
     from ..imageio import decode_image
@@ -95,8 +65,9 @@ def stage_breakdown(clf: Any, payloads: Sequence[bytes], rounds: int = 3) -> Dic
         for data in payloads:
             box: Dict[str, Any] = {}
             times["decode"].append(_timed(lambda: box.update(img=decode_image(data))))
-            times["preprocess_paddle"].append(_timed(lambda: box.update(x=clf.preprocess([box["img"]]))))
-            times["preprocess_opencv"].append(_timed(lambda: opencv_preprocess([box["img"]], cfg)))
+            times["preprocess_opencv"].append(_timed(lambda: preprocess_opencv([box["img"]], cfg)))
+            times["preprocess_paddle"].append(_timed(lambda: preprocess([box["img"]], cfg)))
+            box.update(x=clf.preprocess([box["img"]]))  # what the service feeds (the CPU path: OpenCV)
             times["infer"].append(_timed(lambda: box.update(p=clf.probabilities(box["x"]))))
             times["topk"].append(_timed(lambda: clf.results(1, box["p"], {}, 5)))
     return {f"{k}_ms": round(float(np.median(v)) * 1000, 2) for k, v in times.items()}
@@ -106,12 +77,19 @@ def run_baseline(model_dir: Path, payloads: Sequence[bytes], batches: Sequence[i
                  cpu_threads: int = 2, mkldnn: bool = True, runtime: str = "openvino", precision: str = "fp32",
                  progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     from ..classifier import Classifier
+    from ..imageio import decode_image
     from ..predictor import runtime_info
     say = progress or (lambda message: None)
     clf = Classifier(model_dir, runtime=runtime, precision=precision, cpu_threads=cpu_threads, mkldnn=mkldnn,
                      max_batch=max(batches))
-    # Its own predictor (infer request), so the two variants never share warm caches.
-    functions = {"project": lambda batch: clf.classify(batch, 5), "opencv": opencv_classify(clf, clf.model.clone())}
+    cfg = clf.preprocess_config
+    paddle_model = clf.model.clone()  # its own predictor, so the two variants never share warm caches
+
+    def classify_paddle_ops(batch: List[bytes]) -> Any:
+        probs = clf.probabilities(preprocess([decode_image(d) for d in batch], cfg), model=paddle_model)
+        return clf.results(len(batch), probs, {}, 5)
+
+    functions = {"project": lambda batch: clf.classify(batch, 5), "paddle_ops": classify_paddle_ops}
     result: Dict[str, Any] = {"cpu_threads": cpu_threads, "mkldnn": mkldnn, "seconds_per_point": seconds,
                               **runtime_info(clf.model)}
     for variant in VARIANTS:

@@ -99,7 +99,7 @@ def runtime_targets(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     checks: List[Dict[str, Any]] = []
     rows = {(r["runtime"], r["precision"]): r for r in (result.get("runtimes") or {}).get("rows", [])}
     paddle, openvino = rows.get(("paddle", "fp32"), {}), rows.get(("openvino", "fp32"), {})
-    for mode, what in (("infer", "inference only"), ("opencv", "with OpenCV decode + preprocessing")):
+    for mode, what in (("infer", "inference only"), ("pipeline", "with decode + preprocessing")):
         base = [r for r in paddle.get(mode, []) if r["batch"] == 1]
         fast = [r for r in openvino.get(mode, []) if r["batch"] == 1]
         if base and fast:
@@ -196,7 +196,8 @@ def markdown(result: Dict[str, Any]) -> str:
         lines += [f"## In-process limit (one process, no serving layer, {inproc['cpu_threads']} math threads, "
                   f"{engine})", "",
                   "| preprocessing | batch | img/s | p50 ms per call | p99 ms per call |", "|---|---|---|---|---|"]
-        for variant, name in (("project", "project (Paddle ops)"), ("opencv", "OpenCV/NumPy")):
+        for variant, name in (("project", "project (OpenCV, the CPU path)"),
+                              ("paddle_ops", "Paddle ops (the GPU path, on the CPU)")):
             for row in inproc.get(variant, []):
                 lines.append(f"| {name} | {row['batch']} | {_fmt(row['images_per_s'])} | {_fmt(row['p50_ms'])} "
                              f"| {_fmt(row['p99_ms'])} |")
@@ -250,8 +251,8 @@ def runtimes_markdown(result: Dict[str, Any]) -> List[str]:
     if not runtimes:
         return []
     lines = [f"## CPU runtimes side by side ({runtimes['cpu_threads']} math threads, in-process)", "",
-             "| runtime | batch | img/s inference only | p50 ms per call | img/s with OpenCV decode + "
-             "preprocessing | max abs output diff vs Paddle (output scale) | max prob diff | top-1 / top-5 agree |",
+             "| runtime | batch | img/s inference only | p50 ms per call | img/s with decode + preprocessing "
+             "| max abs output diff vs Paddle (output scale) | max prob diff | top-1 / top-5 agree |",
              "|---|---|---|---|---|---|---|---|"]
     for row in runtimes["rows"]:
         if "skipped" in row:
@@ -260,10 +261,10 @@ def runtimes_markdown(result: Dict[str, Any]) -> List[str]:
         a = row["agreement"]
         agree = (f"{a['max_abs_output_diff']:.2g} ({a['output_scale']:.2g}) | {a['max_prob_diff']:.2g} | "
                  f"{a['top1_agreement']:.0%} / {a['top5_same_order']:.0%} of {a['images']} images")
-        timed = list(zip(row.get("infer", []), row.get("opencv", []))) or [({"batch": "–"}, {})]
-        for infer, opencv in timed:
+        timed = list(zip(row.get("infer", []), row.get("pipeline", []))) or [({"batch": "–"}, {})]
+        for infer, pipeline in timed:
             lines.append(f"| {row['name']} | {infer['batch']} | {_fmt(infer.get('images_per_s'))} "
-                         f"| {_fmt(infer.get('p50_ms'))} | {_fmt(opencv.get('images_per_s'))} | {agree} |")
+                         f"| {_fmt(infer.get('p50_ms'))} | {_fmt(pipeline.get('images_per_s'))} | {agree} |")
     if result["meta"]["model"]["random_init"]:
         lines += ["", "Random weights: every score is about 1/classes, so the agreement columns compare near-ties "
                       "and mean little; `python -m rexnet_serving.bench.runtimes --agreement-only` on an export "
@@ -291,7 +292,7 @@ def plot(result: Dict[str, Any], path: Path) -> None:
                     label=label(target))
     inproc = result.get("inprocess") or {}
     for key, style, name in (("project_best", "--", "in-process limit"),
-                             ("opencv_best", ":", "in-process, OpenCV preprocessing")):
+                             ("paddle_ops_best", ":", "in-process, Paddle-op preprocessing")):
         best = inproc.get(key)
         if best:
             ax_rate.axhline(best["images_per_s"], linestyle=style, color="gray",

@@ -2,8 +2,8 @@
 
 For each runtime and batch size (1 and 8 by default), back-to-back calls on the same photos:
 - ``infer``: inference only, on batches preprocessed beforehand;
-- ``opencv``: OpenCV decode + OpenCV/NumPy preprocessing + inference + top-5 (rexnet_serving.bench.
-  inprocess.opencv_classify), the fastest whole pipeline in Python;
+- ``pipeline``: decode + preprocessing + inference + top-5 as Classifier.classify runs them on the CPU
+  (OpenCV decode and preprocessing);
 and how far each runtime's answers are from Paddle Inference's on those photos (the project's own
 preprocessing, every photo once): max |output difference| against the outputs' scale, max probability
 difference, and top-1 / top-5 agreement. BF16 is skipped, with the reason, on a CPU without it.
@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .inprocess import int_list, opencv_classify, sweep
+from .inprocess import int_list, sweep
 from .payloads import load_payloads
 
 # (name in the report, runtime, precision); the first is the reference the others are compared with.
@@ -83,7 +83,7 @@ def compare_runtimes(model_dir: Path, payloads: Sequence[bytes], batches: Sequen
             continue
         clf = Classifier(model_dir, model=model)
         for mode, classify in (("infer", lambda items: model.run(np.concatenate(items))),
-                               ("opencv", opencv_classify(clf))):
+                               ("pipeline", lambda items: clf.classify(items, TOP_K))):
             inputs = singles if mode == "infer" else payloads
             row[mode] = []
             for batch in batches:

@@ -33,15 +33,30 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
     return {str(k): np.asarray(v) for k, v in state.items()}
 
 
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory by name (POSIX lets a directory be opened read-only for this)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_atomically(obj: Any, path: str) -> None:
-    """paddle.save through a temporary file in the same directory, so a crash never leaves half a file."""
+    """paddle.save through a temporary file in the same directory, so a crash never leaves half a file.
+
+    The file is fsync'ed before the rename and the directory after it: without that, a power loss can
+    leave the new name pointing at data that never reached the disk (an empty or truncated file).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
     os.close(fd)
     try:
         paddle.save(obj, tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(directory)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
