@@ -7,8 +7,8 @@ remote-op keys ``client_type``, ``server_endpoints``, ``client_config`` and ``fe
 ``local_service_conf.runtime`` (Paddle Inference or OpenVINO) and a ``rexnet`` section for what Paddle
 Serving lacks (metrics port, drain time, image limits, the bRPC backend's deadline). Paddle Serving
 accepts unknown keys silently; here an unknown key or an out-of-range value is an error naming the file
-and the key. A file may start with ``extends: other.yml`` (relative to itself): the other file is loaded first
-and this one overrides it key by key.
+and the key. A file may start with ``extends: other.yml`` (relative to itself): the other file is loaded
+first and this one overrides it key by key.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ instant servers (its own ceiling and CPU cost), the in-process limit (with the C
 every CPU runtime side by side: Paddle Inference + oneDNN, OpenVINO FP32, OpenVINO BF16), rexnet-serve
 (HTTP, gRPC; with the runtime of its config, and with --compare-serve-runtime once more on that runtime,
 reported as http@<runtime>), rexnet-brpc native, and PaddleClas's documented Paddle Serving example.
-Each service runs as its own process group on free ports and is stopped before the next phase. Writes bench.json, bench.md and bench.png into --out.
+Each service runs as its own process group on free ports and is stopped before the next phase. Writes
+bench.json, bench.md and bench.png into --out.
 
 Exit codes: 0 every phase ran, 1 a phase failed (a server did not start, ...; the others still ran and
 are reported), 2 usage error.
@@ -32,8 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from tqdm import tqdm
 
 from .. import defaults
-from .loadgen import ARRIVALS, RunResult, closed_loop, open_loop
 from ..predictor import RUNTIMES
+from .loadgen import ARRIVALS, RunResult, closed_loop, open_loop
 from .payloads import PayloadError, describe, generate_photos, load_payloads
 from .servers import IMAGES_PER_REQUEST
 
