@@ -42,12 +42,13 @@ EXTRAS = {
     # post112, the newest) matters only for the C++ Serving binary it downloads.
     "gpu": ["paddlepaddle-gpu==2.6.2", "paddle-serving-server-gpu==0.9.0.post112"],
     "onnx": ["paddle2onnx==1.3.1", "onnxruntime==1.19.2"],  # rexnet-export --onnx
+    "lite": ["paddlelite==2.13rc0"],  # rexnet-export --lite (run in a child process: see export/lite_format.py)
     # rexnet-bench's documented-way baseline: paddle_serving_app.reader imports these at import time (the
     # --no-deps install of paddle-serving-app leaves them out); scikit-learn ships the benchmark photos.
     "bench": ["sentencepiece==0.1.96", "pyclipper==1.3.0.post6", "shapely==2.0.7", "scikit-learn>=1.0"],
     # h2: the front-door tests' HTTP/2 rapid-reset probe (tests/probes.py)
     "test": ["pytest>=7", "pytest-timeout>=2", "scikit-learn>=1.0", "h2==4.2.0",
-             "paddle2onnx==1.3.1", "onnxruntime==1.19.2", "onnx==1.14.1"],
+             "paddle2onnx==1.3.1", "onnxruntime==1.19.2", "onnx==1.14.1", "paddlelite==2.13rc0"],
 }
 
 setup(
@@ -67,6 +68,8 @@ setup(
             "rexnet-export=rexnet_serving.export.cli:main",
             "rexnet-train=rexnet_train.cli:main",
             "rexnet-batch=rexnet_serving.clients.batch:main",
+            "rexnet-predict=rexnet_serving.predict:main",
+            "rexnet-eval=rexnet_train.eval_cli:main",
             "rexnet-brpc=rexnet_serving.brpc.cli:main",
             "rexnet-serve=rexnet_pipelines.cli:main",
             "rexnet-classify=rexnet_serving.clients.classify_cli:main",

@@ -35,7 +35,18 @@ INFERENCE = "inference"
 SERVING_SERVER = "serving_server"
 SERVING_CLIENT = "serving_client"
 ONNX = "onnx"
-PATH_KEYS = (INFERENCE, SERVING_SERVER, SERVING_CLIENT, ONNX)
+# Paddle Lite models (rexnet-export --lite): lite/<target>/model.nb, recorded as paths["lite_<target>"].
+LITE = "lite"
+LITE_FILE = "model.nb"
+LITE_TARGETS = ("arm", "x86")
+
+
+def lite_key(target: str) -> str:
+    return f"{LITE}_{target}"
+
+
+LITE_KEYS = tuple(lite_key(t) for t in LITE_TARGETS)
+PATH_KEYS = (INFERENCE, SERVING_SERVER, SERVING_CLIENT, ONNX) + LITE_KEYS
 REQUIRED_PATH_KEYS = (INFERENCE, SERVING_SERVER, SERVING_CLIENT)
 # The program and weights file names inside inference/ (and serving_server/).
 MODEL_FILE = "inference.pdmodel"
@@ -159,6 +170,10 @@ class Manifest:
     def onnx_file(self) -> Optional[Path]:
         return self.path(ONNX) if ONNX in self.paths else None
 
+    def lite_file(self, target: str) -> Optional[Path]:
+        """The Paddle Lite model for ``target`` (arm, x86), if the export has one."""
+        return self.path(lite_key(target)) if lite_key(target) in self.paths else None
+
     @property
     def labels_path(self) -> Path:
         if self.model_dir is None:
@@ -233,8 +248,8 @@ class Manifest:
         if (sha is None) != data["random_init"]:
             raise ValueError(f"{source}: weights_sha256 and random_init disagree "
                              "(random_init is true exactly when there is no weights hash)")
-        _check_keys(data["paths"], REQUIRED_PATH_KEYS, (ONNX,), "paths", source)
-        _check_keys(data["versions"], ("paddle", "rexnet_serving"), (), "versions", source)
+        _check_keys(data["paths"], REQUIRED_PATH_KEYS, (ONNX,) + LITE_KEYS, "paths", source)
+        _check_keys(data["versions"], ("paddle", "rexnet_serving"), ("paddlelite",), "versions", source)
         if not isinstance(data["files"], Mapping) or not data["files"]:
             raise ValueError(f"{source}: files must be a non-empty object (path -> size, sha256)")
         files = {}

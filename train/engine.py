@@ -30,13 +30,13 @@ from rexnet_train import distributed, history as hist
 from rexnet_train.augment import TrainTransform, derive_seed
 from rexnet_train.data import (EvalDataset, TrainDataset, check_labels, eval_loader, load_class_names,
                                load_split, train_loader)
+from rexnet_train.metrics import TOP_K, EvalTotals, eval_metrics
 from rexnet_train.optim import build_optimizer
 from rexnet_train.schedule import build_scheduler, restore_scheduler
 
 LABELS_FILE = "label_list.txt"
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
-TOP_K = 5
 
 log = logging.getLogger("rexnet_train")
 
@@ -272,23 +272,10 @@ class Trainer:
         from rexnet_serving.preprocess import preprocess
         self.model.eval()  # the bare model: evaluation needs no gradient sync
         k = min(TOP_K, self.config["Arch"]["class_num"])
-        loss_sum = paddle.zeros([], dtype="float64")  # device tensors, read once (see train_epoch)
-        top1 = paddle.zeros([], dtype="int64")
-        topk = paddle.zeros([], dtype="int64")
-        seen = 0
+        totals = EvalTotals()
         for images, labels in self.val_loader:
-            x = preprocess(images, self.eval_cfg)
-            labels = paddle.to_tensor(labels)
-            logits = self.model(x)
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").astype("float64")
-            hits = (paddle.topk(logits, k, axis=1)[1] == labels.unsqueeze(1)).astype("int64")
-            top1 += hits[:, 0].sum()
-            topk += hits.sum()
-            seen += int(labels.shape[0])
-        loss_sum, top1, topk, seen = distributed.sum_across_ranks(
-            [float(loss_sum), int(top1), int(topk), seen], self.world)
-        return {"val_loss": loss_sum / seen, "val_top1": top1 / seen, f"val_top{k}": topk / seen,
-                "val_samples": int(seen)}
+            totals.add(self.model(preprocess(images, self.eval_cfg)), paddle.to_tensor(labels), k)
+        return eval_metrics(distributed.sum_across_ranks(totals.sums(), self.world), k)
 
     # -- the run ------------------------------------------------------------------------------------
     def _save(self, epoch: int, improved: bool, last: bool) -> None:

@@ -5,6 +5,7 @@ Layout (all paths recorded in ``manifest.json``):
     serving_server/  Paddle Serving 0.9.0 server model: the same files + serving_server_conf*
     serving_client/  Paddle Serving 0.9.0 client config: serving_client_conf*
     onnx/model.onnx  optional, Paddle2ONNX
+    lite/<target>/model.nb  optional, Paddle Lite (arm, x86)
     labels.txt       "<id> <name>" per class
     manifest.json    the contract (rexnet_serving.manifest), with the size and sha256 of every file above
 
@@ -20,7 +21,7 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import paddle
@@ -33,7 +34,7 @@ from ..models import MODELS, VARIANTS, build_model, load_weights, read_state_dic
 from ..models.rexnet import PENULTIMATE_CHANNELS
 from ..models.weights import CLASSIFIER_PREFIX, WeightsError
 from ..preprocess import config_for
-from . import onnx_format
+from . import lite_format, onnx_format
 from .inference_format import FEED_NAME, save_inference_model
 from .serving_format import write_serving_model
 
@@ -140,13 +141,15 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
 def export_model(arch: str, out_dir: Union[str, Path], weights: Optional[str] = None,
                  class_num: Optional[int] = None, labels: Optional[str] = None,
                  softmax: bool = True, onnx: bool = False, input_size: Optional[int] = None,
-                 overwrite: bool = False, progress: Optional[Progress] = None) -> Manifest:
+                 overwrite: bool = False, progress: Optional[Progress] = None,
+                 lite_targets: Sequence[str] = ()) -> Manifest:
     """Export ``arch`` (with ``weights``, else random initialisation) to ``out_dir``.
 
     ``class_num`` defaults to the weights' classifier size (1000 without weights); ``labels`` is a
     ``<id> <name>`` file with one line per class (ImageNet's by default for 1000 classes);
     ``softmax=False`` serves logits; ``onnx=True`` adds ``onnx/model.onnx``; ``input_size``
-    defaults to the variant's. An existing ``out_dir`` is replaced only with ``overwrite=True``.
+    defaults to the variant's; ``lite_targets`` (arm, x86) adds ``lite/<target>/model.nb``. An existing
+    ``out_dir`` is replaced only with ``overwrite=True``.
     """
     say = progress or (lambda message: None)
     if arch not in MODELS:
@@ -158,6 +161,11 @@ def export_model(arch: str, out_dir: Union[str, Path], weights: Optional[str] = 
         raise ExportError(f"input_size must be >= {MIN_INPUT_SIZE}, got {size}")
     if labels is not None and not Path(labels).is_file():
         raise ExportError(f"labels file not found: {labels}")
+    if lite_targets:
+        try:
+            lite_targets = lite_format.parse_targets(",".join(lite_targets))
+        except lite_format.LiteError as exc:
+            raise ExportError(str(exc)) from None
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
 
@@ -189,13 +197,20 @@ def export_model(arch: str, out_dir: Union[str, Path], weights: Optional[str] = 
             except onnx_format.OnnxUnavailable as exc:
                 raise ExportError(str(exc)) from None
             paths[ONNX] = ONNX_PATH
+        versions = {"paddle": paddle.__version__, "rexnet_serving": __version__}
+        if lite_targets:
+            say("converting to Paddle Lite")
+            try:
+                paths.update(lite_format.convert(staging / INFERENCE, staging, lite_targets))
+                versions["paddlelite"] = lite_format.paddlelite_version()
+            except lite_format.LiteError as exc:
+                raise ExportError(str(exc)) from None
         manifest = Manifest(
             arch=arch, class_num=class_num, input_size=size,
             preprocess=replace(config_for(arch), crop_size=size), feed=feed, fetch=fetch, softmax=softmax,
             labels_file=LABELS_NAME, weights_sha256=sha, random_init=sha is None,
             exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            versions={"paddle": paddle.__version__, "rexnet_serving": __version__}, paths=paths,
-            files=record_files(staging))
+            versions=versions, paths=paths, files=record_files(staging))
         manifest.write(staging)
         say("checking the export against the eager model")
         _verify(staging, model, softmax, size)
@@ -226,3 +241,11 @@ def _verify(staging: Path, model: paddle.nn.Layer, softmax: bool, size: int) -> 
             onnx_format.check_against(onnx_file, batch, got)
         except RuntimeError as exc:  # OnnxUnavailable, or outputs that differ
             raise ExportError(str(exc)) from None
+    manifest = verify_files(staging)
+    for target in lite_format.CHECKABLE_HERE:
+        lite_file = manifest.lite_file(target)
+        if lite_file is not None:
+            try:
+                lite_format.check_against(lite_file, batch, got)
+            except lite_format.LiteError as exc:
+                raise ExportError(str(exc)) from None

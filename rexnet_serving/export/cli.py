@@ -18,9 +18,11 @@ from tqdm import tqdm
 
 from ..defaults import DEFAULT_ARCH, MODEL_DIR_ENV, WEIGHTS_ENV, default_model_dir
 from ..models import MODELS, WeightsError
+from ..manifest import LITE_TARGETS
 from .builder import ExportError, export_model
+from .lite_format import LiteError, parse_targets
 
-STEPS = 4  # progress messages export_model emits without ONNX (one more with it)
+STEPS = 4  # progress messages export_model emits without ONNX and Lite (one more with each)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve logits instead of probabilities")
     parser.add_argument("--onnx", action="store_true",
                         help="also write onnx/model.onnx (needs rexnet-serving[onnx])")
+    parser.add_argument("--lite", action="store_true",
+                        help="also write lite/<target>/model.nb with Paddle Lite's opt (needs "
+                             "rexnet-serving[lite]); the x86 model is checked against Paddle Inference")
+    parser.add_argument("--lite-targets", default=",".join(LITE_TARGETS), metavar="T[,T]",
+                        help="Paddle Lite targets, of %s (default: %%(default)s)" % ", ".join(LITE_TARGETS))
     parser.add_argument("--input-size", type=int, default=None,
                         help="square input size (default: the variant's, 224)")
     parser.add_argument("--force", action="store_true",
@@ -54,10 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    lite_targets = ()
+    if args.lite:
+        try:
+            lite_targets = parse_targets(args.lite_targets)
+        except LiteError as exc:
+            parser.error(str(exc))
     out = args.out if args.out is not None else default_model_dir(args.arch)
     started = time.perf_counter()
-    bar = tqdm(total=STEPS + int(args.onnx), desc="rexnet-export", unit="step", leave=False,
+    bar = tqdm(total=STEPS + int(args.onnx) + int(args.lite), desc="rexnet-export", unit="step", leave=False,
                disable=None, file=sys.stderr)  # disable=None: no bar when stderr is not a TTY
 
     def progress(message: str) -> None:
@@ -68,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         manifest = export_model(args.arch, out, weights=args.weights, class_num=args.class_num,
                                 labels=args.labels, softmax=not args.no_softmax, onnx=args.onnx,
                                 input_size=args.input_size, overwrite=args.force,
-                                progress=progress)
+                                progress=progress, lite_targets=lite_targets)
     except (ExportError, WeightsError, OSError, ValueError) as exc:
         bar.close()
         print(f"rexnet-export: error: {_one_line(exc)}", file=sys.stderr)
