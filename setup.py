@@ -35,7 +35,9 @@ COMMON = [
     "tornado==6.5.10",  # rexnet-serve's HTTP front door (pipelines/http_front.py)
 ]
 EXTRAS = {
-    "cpu": ["paddlepaddle==2.6.2", "paddle-serving-server==0.9.0"],
+    # openvino: the CPU runtime (rexnet_serving/openvino_model.py); 2025.3.0 is its newest release with
+    # Python 3.9 wheels. The GPU images run Paddle Inference only and do without it.
+    "cpu": ["paddlepaddle==2.6.2", "paddle-serving-server==0.9.0", "openvino==2025.3.0"],
     # paddlepaddle-gpu 2.6.2 from PyPI is the CUDA 12 build; paddle-serving-server-gpu's CUDA (11.2 for
     # post112, the newest) matters only for the C++ Serving binary it downloads.
     "gpu": ["paddlepaddle-gpu==2.6.2", "paddle-serving-server-gpu==0.9.0.post112"],

@@ -2,7 +2,8 @@
 
     rexnet-serve [--config serving_configs/cpu.yml] [--model-dir DIR | --model-repository DIR] [--host ADDR]
                  [--http-port N]
-                 [--grpc-port N] [--metrics-port N] [--device cpu|gpu] [--workdir DIR] [--floor]
+                 [--grpc-port N] [--metrics-port N] [--device cpu|gpu] [--runtime openvino|paddle]
+                 [--precision P] [--workdir DIR] [--floor]
     rexnet-serve brpc ...   (the bRPC endpoint: rexnet_serving.brpc.cli)
 
 Exit codes: 0 after a clean drain (SIGTERM/SIGINT), 1 when the service cannot start, 2 for a usage or
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from rexnet_serving import defaults
+from rexnet_serving.predictor import PRECISIONS, RUNTIMES
 from rexnet_serving.repository import scan_repository
 
 from .config import ConfigError, ServingConfig, load_config
@@ -50,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int,
                         help=f"health and /metrics port (default {defaults.METRICS_PORT})")
     parser.add_argument("--device", choices=("cpu", "gpu"), help="run inference here (overrides the config)")
+    parser.add_argument("--runtime", choices=RUNTIMES,
+                        help="openvino (CPU) or paddle (Paddle Inference); overrides "
+                             "op.infer.local_service_conf.runtime")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="fp32, bf16 (openvino) or fp16 (paddle, TensorRT); overrides "
+                             "op.infer.local_service_conf.precision")
     parser.add_argument("--floor", action="store_true",
                         help="benchmark baseline: the same front doors and DAG with pass-through stages and "
                              "no model (rexnet-bench's framework floor; answers carry no predictions)")
@@ -73,6 +81,9 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
         rexnet["host"] = args.host
     if rexnet:
         overrides["rexnet"] = rexnet
+    service = {k: getattr(args, k) for k in ("runtime", "precision") if getattr(args, k) is not None}
+    if service:
+        overrides["op"] = {"infer": {"local_service_conf": service}}
     return overrides
 
 

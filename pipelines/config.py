@@ -3,12 +3,12 @@
 The keys are Paddle Serving 0.9.0's Pipeline config (pipeline/pipeline_server.py ServerYamlConfChecker:
 ``http_port``, ``rpc_port``, ``worker_num``, ``dag``, ``op.<name>`` with ``concurrency``, ``timeout``,
 ``retry``, ``batch_size``, ``auto_batching_timeout`` and ``local_service_conf``, and for the infer op the
-remote-op keys ``client_type``, ``server_endpoints``, ``client_config`` and ``fetch_list``) plus a
-``rexnet`` section for what Paddle Serving lacks (metrics port, drain time, image limits, the bRPC
-backend's deadline). Paddle Serving accepts
-unknown keys silently; here an unknown key or an out-of-range value is an error naming the file and the
-key. A file may start with ``extends: other.yml`` (relative to itself): the other file is loaded first
-and this one overrides it key by key.
+remote-op keys ``client_type``, ``server_endpoints``, ``client_config`` and ``fetch_list``) plus
+``local_service_conf.runtime`` (Paddle Inference or OpenVINO) and a ``rexnet`` section for what Paddle
+Serving lacks (metrics port, drain time, image limits, the bRPC backend's deadline). Paddle Serving
+accepts unknown keys silently; here an unknown key or an out-of-range value is an error naming the file
+and the key. A file may start with ``extends: other.yml`` (relative to itself): the other file is loaded
+first and this one overrides it key by key.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import yaml
 
 from rexnet_serving import defaults
+from rexnet_serving.predictor import PRECISIONS, RUNTIMES, OptionError, check_runtime_options
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serving_configs"
 DEVICE_CONFIGS = {"cpu": CONFIG_DIR / "cpu.yml", "gpu": CONFIG_DIR / "gpu.yml"}
@@ -97,7 +98,9 @@ _INFER = dict(_OP_COMMON, **{
         "devices": Field(str, "", None, ""),
         "thread_num": Field(int, 2, lambda v: 1 <= v <= 256, "1..256 threads"),
         "use_mkldnn": Field(bool, True),
-        "precision": Field(str, "fp32", lambda v: v in ("fp32", "fp16"), "fp32 or fp16"),
+        "precision": Field(str, "fp32", lambda v: v in PRECISIONS, " or ".join(PRECISIONS)),
+        # Ours, not Paddle Serving's (left out of what it gets): which runtime runs the model.
+        "runtime": Field(str, "paddle", lambda v: v in RUNTIMES, " or ".join(RUNTIMES)),
     },
 })
 
@@ -262,12 +265,14 @@ class ServingConfig:
         """The dict for PipelineServer.prepare_server(yml_dict=...).
 
         ``model_config`` is left out on purpose: with it, Paddle Serving would load its own
-        LocalPredictor beside our InferenceModel (twice the memory on the device). So are the remote-op
+        LocalPredictor beside our predictor (twice the memory on the device); ``runtime`` is ours
+        (rexnet_serving.inference.load_model), unknown to Paddle Serving. So are the remote-op
         keys: with ``server_endpoints`` Paddle Serving's Op would build paddle_serving_client.Client (a C++
         extension needing libcrypto.so.10); our InferOp forwards with its own client instead.
         """
         conf = {k: copy.deepcopy(v) for k, v in self.data.items() if k != "rexnet"}
         conf["op"]["infer"]["local_service_conf"].pop("model_config")
+        conf["op"]["infer"]["local_service_conf"].pop("runtime")
         for key in REMOTE_KEYS:
             conf["op"]["infer"].pop(key)
         return conf
@@ -318,6 +323,12 @@ def _check_combination(conf: Dict[str, Any], source: str) -> None:
     if service["device_type"] == 2 and service["precision"] != "fp16":
         raise ConfigError(f"{source}: op.infer.local_service_conf.device_type 2 (TensorRT) runs in fp16 "
                           "only; set precision: fp16, or use device_type 1 for fp32 on the GPU")
+    try:
+        check_runtime_options(service["runtime"], service["precision"],
+                              "cpu" if service["device_type"] == 0 else "gpu")
+    except OptionError as exc:
+        raise ConfigError(f"{source}: op.infer.local_service_conf.{exc.option}: {exc} (device_type "
+                          f"{service['device_type']})") from None
     if service["device_type"] != 0 and service["use_mkldnn"]:
         raise ConfigError(f"{source}: op.infer.local_service_conf.use_mkldnn is a CPU setting; set it "
                           "false with device_type 1 or 2")

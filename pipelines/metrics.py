@@ -7,7 +7,7 @@ default registry sees every op; no multiprocess mode is needed.
 """
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 STAGES = ("decode", "preprocess", "infer", "postprocess")
 REFUSAL_REASONS = ("overloaded", "deadline", "cancelled", "draining")
@@ -34,6 +34,9 @@ MODEL_REQUESTS = Counter("rexnet_model_requests", "Requests answered, by the mod
                          ["model", "version", "err_no"])
 MODEL_REQUEST_SECONDS = Histogram("rexnet_model_request_seconds", "Time from receiving a request to answering "
                                   "it, by model and version", ["model", "version"], buckets=_LATENCY_BUCKETS)
+# rexnet_runtime_info{runtime="openvino",precision="fp32",device="cpu"} 1: what the infer op really runs
+# (rexnet_serving.predictor.runtime_info of the loaded predictor), set once at start-up.
+RUNTIME = Info("rexnet_runtime", "Inference runtime, precision and device the service runs")
 READY = Gauge("rexnet_ready", "1 when the service takes requests (model loaded, warmed up, not draining)")
 
 for _stage in STAGES:  # export every stage from the start, so dashboards see zeros rather than gaps

@@ -34,9 +34,11 @@ from rexnet_serving.clients.base import ClientError
 from rexnet_serving.clients.grpc import GrpcClient
 from rexnet_serving.clients.http import HttpClient
 from rexnet_serving.imageio import DecodeLimits
+from rexnet_serving.predictor import runtime_info
 from rexnet_serving.remote import RemotePredictor
 from rexnet_serving.repository import Repository
 
+from . import metrics
 from .admission import Admission
 from .config import ServingConfig, check_with_paddle
 from .frontdoor import FrontDoor, start_grpc_server
@@ -106,7 +108,8 @@ class RexnetServer:
         service, rex = self.config.infer_service, self.config.rexnet
         options = inference_model_options(service["device_type"], service["devices"], service["thread_num"],
                                           service["use_mkldnn"], service["precision"],
-                                          rex["max_batch_images"])
+                                          rex["max_batch_images"], service["runtime"],  # runtime (issue 10)
+                                          self.config.infer["concurrency"])  # OpenVINO streams (issue 10)
         if options["device"] == "gpu":  # preprocessing and nvJPEG decode follow the current device
             import paddle
             paddle.set_device(f"gpu:{options['gpu_id']}")
@@ -271,13 +274,16 @@ class RexnetServer:
             self._health.start()
             check_with_paddle(self.config)
             runtime = self._runtime = self._load()
+            used = runtime_info(runtime.default.classifier.model)  # runtime really used (issue 10)
+            metrics.RUNTIME.info(used)  # rexnet_runtime_info on /metrics (issue 10)
             if not self.stop_event.is_set():
                 self._start_pipeline(runtime)
                 self._warm_up(deadline)
             if not self.stop_event.is_set():
                 self.state.set(READY)
-                log.info("ready: %s (%s) from %s: %s\n  %s", self.name, self.config.device,
-                         self.repository.root, self.served_models(), "\n  ".join(self.urls()))
+                log.info("ready: %s (%s, %s %s) from %s: %s\n  %s", self.name, self.config.device,
+                         used["runtime"], used["precision"], self.repository.root, self.served_models(),
+                         "\n  ".join(self.urls()))
                 # Wake up now and then: a signal caught by another thread runs its Python handler only
                 # when the main thread executes bytecode, never while it sleeps in a bare wait().
                 while not self.stop_event.wait(0.2):

@@ -3,7 +3,8 @@
 The same stage functions run in the Pipeline service's ops (rexnet_pipelines.ops), the bRPC endpoint
 and the benchmarks, so what the service answers equals what ``Classifier.classify`` answers on the same
 bytes. The stages follow PaddleClas's Python deploy predictor (deploy/python/predict_cls.py): decode to
-RGB, the eval preprocessing written down in the export's manifest, Paddle Inference, Topk.
+RGB, the eval preprocessing written down in the export's manifest, inference (Paddle Inference or
+OpenVINO), Topk.
 """
 from __future__ import annotations
 
@@ -78,33 +79,36 @@ def results_for(count: int, probs: np.ndarray, errors: Dict[int, ImageError], k:
 
 
 def inference_model_options(device_type: int = 0, devices: str = "", thread_num: int = 2,
-                            use_mkldnn: bool = True, precision: str = "fp32",
-                            max_batch: int = 32) -> Dict[str, Any]:
-    """InferenceModel keyword arguments from Paddle Serving's local_service_conf keys.
+                            use_mkldnn: bool = True, precision: str = "fp32", max_batch: int = 32,
+                            runtime: str = "paddle", concurrency: int = 1) -> Dict[str, Any]:
+    """rexnet_serving.inference.load_model keyword arguments from Paddle Serving's local_service_conf keys
+    (and the op's ``concurrency``: infer threads, each with its own predictor clone).
 
-    device_type 2 (TensorRT) is honoured in FP16 only: InferenceModel builds TensorRT engines for FP16.
+    ``precision`` passes through: fp16 is TensorRT FP16 (device_type 2, runtime paddle), bf16 is
+    OpenVINO's; load_model refuses what cannot run. ``concurrency`` becomes OpenVINO's stream count, so
+    every infer thread's request runs at once with ``thread_num`` threads, as Paddle's clones do.
     """
     gpu_id = int((devices or "0").split(",")[0].strip())
-    return {"device": "cpu" if device_type == 0 else "gpu", "gpu_id": gpu_id, "cpu_threads": thread_num,
-            "mkldnn": use_mkldnn and device_type == 0, "trt_fp16": device_type == 2 and precision == "fp16",
-            "max_batch": max_batch}
+    return {"runtime": runtime, "precision": precision, "device": "cpu" if device_type == 0 else "gpu",
+            "gpu_id": gpu_id, "cpu_threads": thread_num, "mkldnn": use_mkldnn and device_type == 0,
+            "max_batch": max_batch, "streams": concurrency}
 
 
 class Classifier:
     """An exported model ready to classify: ``classify(images, top_k)`` end to end, or stage by stage.
 
-    ``model`` is a rexnet_serving.inference.InferenceModel; by default one is built from ``model_dir``
-    with ``model_options`` (see inference_model_options).
+    ``model`` is a predictor (rexnet_serving.predictor); by default one is built from ``model_dir`` by
+    rexnet_serving.inference.load_model with ``model_options`` (see inference_model_options).
     """
 
     def __init__(self, model_dir: Union[str, Path], limits: DecodeLimits = DecodeLimits(),
                  model: Any = None, **model_options: Any) -> None:
-        from .inference import InferenceModel
+        from .inference import load_model
         # Also with a remote ``model``: labels and preprocessing come from these files.
         self.manifest: Manifest = verify_files(model_dir)
         self.labels: List[str] = self.manifest.labels()
         self.limits = limits
-        self.model = model if model is not None else InferenceModel(model_dir, **model_options)
+        self.model = model if model is not None else load_model(model_dir, **model_options)
         self.on_device = str(model_options.get("device", "cpu")).startswith("gpu")
 
     @property

@@ -1,4 +1,10 @@
-"""Paddle Inference on an exported model directory: the one predictor wrapper every part uses.
+"""Paddle Inference on an exported model directory, and ``load_model``: the one way to build a predictor.
+
+``load_model(model_dir, runtime=...)`` is what every part that runs a model calls (the Pipeline infer op
+through Classifier, the bRPC endpoint, the benchmark, the offline tools): runtime ``paddle`` is the
+InferenceModel below (CPU with oneDNN, GPU, TensorRT FP16), runtime ``openvino`` is
+rexnet_serving.openvino_model.OpenVinoModel (CPU, FP32 or BF16). Both have the interface of
+rexnet_serving.predictor.
 
 Reads ``manifest.json`` for the feed/fetch names and the input size, builds a ``paddle.inference``
 predictor on ``inference/inference.pdmodel`` + ``.pdiparams`` (Paddle Inference 2.6 Python API,
@@ -25,7 +31,8 @@ import numpy as np
 import paddle
 from paddle import inference as paddle_infer
 
-from .manifest import MODEL_FILE, PARAMS_FILE, Manifest, verify_files
+from .manifest import Manifest, verify_files
+from .predictor import check_batch_shape, check_runtime_options, model_files
 
 DEVICES = ("cpu", "gpu")
 GPU_MEMORY_POOL_MB = 256  # initial pool; Paddle grows it on demand
@@ -38,12 +45,7 @@ Batch = Union[np.ndarray, paddle.Tensor]
 
 def _build_config(manifest: Manifest, device: str, gpu_id: int, cpu_threads: int, mkldnn: bool,
                   trt_fp16: bool, max_batch: int) -> Any:
-    inference_dir = manifest.inference_dir
-    model_file, params_file = inference_dir / MODEL_FILE, inference_dir / PARAMS_FILE
-    for path in (model_file, params_file):
-        if not path.is_file():
-            raise FileNotFoundError(f"not an exported model directory: {path} is missing "
-                                    "(re-run rexnet-export)")
+    model_file, params_file = model_files(manifest)
     config = paddle_infer.Config(str(model_file), str(params_file))
     config.switch_ir_optim(True)
     config.enable_memory_optim()
@@ -86,6 +88,8 @@ class InferenceModel:
     ~1.7x faster at batch 1 and ~6x at batch 8 than Paddle's native kernels for ReXNet_1_0.
     """
 
+    runtime = "paddle"
+
     def __init__(self, model_dir: Union[str, Path], device: str = "cpu", gpu_id: int = 0,
                  cpu_threads: int = 2, mkldnn: bool = True, trt_fp16: bool = False,
                  max_batch: int = 32) -> None:
@@ -99,6 +103,7 @@ class InferenceModel:
         self.device = device
         self.gpu_id = gpu_id
         self.max_batch = max_batch
+        self.precision = "fp16" if trt_fp16 and device == "gpu" else "fp32"
         config = _build_config(self.manifest, device, gpu_id, cpu_threads, mkldnn, trt_fp16,
                                max_batch)
         self._init(paddle_infer.create_predictor(config))
@@ -113,20 +118,12 @@ class InferenceModel:
     def clone(self) -> "InferenceModel":
         """A copy for another thread: same weights, its own predictor state and lock."""
         twin = object.__new__(InferenceModel)
-        twin.manifest, twin.device, twin.gpu_id, twin.max_batch = (
-            self.manifest, self.device, self.gpu_id, self.max_batch)
+        twin.manifest, twin.device, twin.gpu_id, twin.max_batch, twin.precision = (
+            self.manifest, self.device, self.gpu_id, self.max_batch, self.precision)
         with self._lock:
             predictor = self._predictor.clone()
         twin._init(predictor)
         return twin
-
-    def _check_shape(self, shape: Any) -> None:
-        size = self.manifest.input_size
-        shape = tuple(int(d) for d in shape)
-        if len(shape) != 4 or shape[1:] != (3, size, size):
-            raise ValueError(f"expected a batch of shape [N, 3, {size}, {size}], got {list(shape)}")
-        if not 1 <= shape[0] <= self.max_batch:
-            raise ValueError(f"batch size must be 1..{self.max_batch}, got {shape[0]}")
 
     def _as_input(self, batch: Batch) -> paddle.Tensor:
         """``batch`` as a contiguous float32 tensor on the predictor's device (no copy when it
@@ -150,7 +147,7 @@ class InferenceModel:
         """Float32 [N, class_num] outputs for an NCHW float32 ``batch``."""
         if not isinstance(batch, paddle.Tensor):
             batch = np.asarray(batch)
-        self._check_shape(batch.shape)
+        check_batch_shape(self.manifest, self.max_batch, batch.shape)
         tensor = self._as_input(batch)
         with self._lock:
             # Every run binds its input with share_external_data, NumPy batches included (their one
@@ -162,3 +159,23 @@ class InferenceModel:
             self._bound = tensor
             self._predictor.run()
             return self._output.copy_to_cpu()
+
+
+def load_model(model_dir: Union[str, Path], runtime: str = "paddle", precision: str = "fp32",
+               device: str = "cpu", gpu_id: int = 0, cpu_threads: int = 2, mkldnn: bool = True,
+               max_batch: int = 32, streams: int = 1) -> Any:
+    """The predictor for ``model_dir`` on ``runtime``: InferenceModel or OpenVinoModel.
+
+    ``precision``: fp32 (both runtimes), fp16 (paddle on the GPU: TensorRT FP16), bf16 (openvino on a
+    CPU with BF16). ``cpu_threads``: math threads per predictor; ``streams`` (openvino): infer requests
+    that run at once, each with ``cpu_threads`` threads (Paddle's clones are separate predictors, so it
+    needs none). ``mkldnn`` (oneDNN) and ``gpu_id`` are Paddle's. A combination that cannot run is a
+    ValueError naming the option.
+    """
+    check_runtime_options(runtime, precision, device)
+    if runtime == "openvino":
+        from .openvino_model import OpenVinoModel
+        return OpenVinoModel(model_dir, precision=precision, cpu_threads=cpu_threads, streams=streams,
+                             max_batch=max_batch)
+    return InferenceModel(model_dir, device=device, gpu_id=gpu_id, cpu_threads=cpu_threads, mkldnn=mkldnn,
+                          trt_fp16=precision == "fp16", max_batch=max_batch)

@@ -50,6 +50,11 @@ closed, so an infer thread is never stuck longer than this (nor, then, the servi
     it is back.
     """
 
+    # rexnet_serving.predictor.runtime_info: the runtime and precision are the backend's, not known here.
+    runtime = "remote"
+    precision = "backend"
+    device = "remote"
+
     def __init__(self, model_dir: PathLike, endpoints: Sequence[str], client_config: Optional[PathLike] = None,
                  timeout: float = 30.0, fetch: Optional[Sequence[str]] = None,
                  manifest: Optional[Manifest] = None) -> None:

@@ -434,6 +434,7 @@ def test_cli_native_serves_and_stops_on_sigterm(random_model_dir, small_image, t
         good_request(f"127.0.0.1:{port}", small_image)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+        assert "inference: openvino fp32 on cpu, 1 worker(s)" in proc.stdout.read().decode()  # the default
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -445,6 +446,13 @@ def test_cli_errors(random_model_dir, tmp_path):
     usage = subprocess.run([sys.executable, "-m", "rexnet_serving.brpc.cli", "--workers", "many"],
                            capture_output=True, text=True, timeout=120, env=env)
     assert usage.returncode == 2 and "--workers" in usage.stderr
+    for flags, message in ((["--runtime", "openvino", "--device", "gpu"],
+                            "--runtime: runtime openvino runs on the CPU only"),
+                           (["--runtime", "paddle", "--precision", "bf16"],
+                            "--precision: precision bf16 needs runtime openvino")):
+        refused = subprocess.run([sys.executable, "-m", "rexnet_serving.brpc.cli", "--model-dir",
+                                  str(random_model_dir), *flags], capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and message in refused.stderr
     missing = subprocess.run([sys.executable, "-m", "rexnet_serving.brpc.cli", "--model-dir", str(tmp_path)],
                              capture_output=True, text=True, timeout=120, env=env)
     assert missing.returncode == 1 and "cannot load the model" in missing.stderr

@@ -115,10 +115,14 @@ def test_classify_reports_limits_and_bad_images_per_image(classifier):
 
 def test_inference_model_options_from_paddle_serving_keys():
     assert inference_model_options(0, "", 4, True, "fp32") == {
-        "device": "cpu", "gpu_id": 0, "cpu_threads": 4, "mkldnn": True, "trt_fp16": False, "max_batch": 32}
+        "runtime": "paddle", "precision": "fp32", "device": "cpu", "gpu_id": 0, "cpu_threads": 4,
+        "mkldnn": True, "max_batch": 32, "streams": 1}
     gpu = inference_model_options(2, "1,2", 1, False, "fp16", max_batch=16)
-    assert (gpu["device"], gpu["gpu_id"], gpu["trt_fp16"], gpu["mkldnn"], gpu["max_batch"]) == (
-        "gpu", 1, True, False, 16)
+    assert (gpu["device"], gpu["gpu_id"], gpu["precision"], gpu["mkldnn"], gpu["max_batch"]) == (
+        "gpu", 1, "fp16", False, 16)
+    openvino = inference_model_options(0, "", 2, True, "bf16", runtime="openvino", concurrency=3)
+    assert (openvino["runtime"], openvino["precision"], openvino["streams"], openvino["cpu_threads"]) == (
+        "openvino", "bf16", 3, 2)
 
 
 # -- request rules --------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""InferenceModel: Paddle Inference on an exported directory, NumPy and paddle.Tensor inputs alike,
-oneDNN on/off, thread safety through the lock and clone(), and clear errors for bad input."""
+"""The predictor contract (rexnet_serving.predictor) on both runtimes that load_model builds, Paddle
+Inference and OpenVINO: outputs equal to the eager model, NumPy and paddle.Tensor inputs alike, thread
+safety through the lock and clone(), clear errors for bad input; then InferenceModel's own options
+(oneDNN on/off, devices, missing files). OpenVINO's own options: tests/test_openvino.py."""
 from __future__ import annotations
 
 import threading
@@ -10,7 +12,7 @@ import paddle
 import pytest
 
 from rexnet_serving.export import export_model
-from rexnet_serving.inference import InferenceModel
+from rexnet_serving.inference import InferenceModel, load_model
 from rexnet_serving.models import build_model
 
 ARCH = "ReXNet_1_0"
@@ -30,9 +32,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     return manifest.model_dir, model
 
 
-@pytest.fixture(scope="module")
-def engine(exported) -> InferenceModel:
-    return InferenceModel(exported[0], cpu_threads=1)
+@pytest.fixture(scope="module", params=["paddle", "openvino"])
+def engine(request, exported):
+    return load_model(exported[0], runtime=request.param, cpu_threads=1)
 
 
 def _batch(n: int, seed: int = 0) -> np.ndarray:
@@ -89,7 +91,7 @@ def test_clone_gives_each_thread_its_own_predictor(engine):
     expected = [engine.run(b) for b in batches]
     results = {}
 
-    def work(i: int, model: InferenceModel) -> None:
+    def work(i: int, model) -> None:
         for _ in range(3):
             results[i] = model.run(batches[i])
 
@@ -136,5 +138,6 @@ def test_missing_model_file_is_a_clear_error(exported, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(exported[0], copy)
     (copy / "inference" / "inference.pdiparams").unlink()
-    with pytest.raises(FileNotFoundError, match=r"inference\.pdiparams is missing"):
+    from rexnet_serving.manifest import IntegrityError
+    with pytest.raises(IntegrityError, match=r"inference\.pdiparams: missing"):
         InferenceModel(copy)

@@ -7,7 +7,6 @@ files), exit codes, and a resume after SIGKILL with a torn last line.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import os
 import shutil
@@ -147,17 +146,16 @@ def test_usage_and_model_errors_exit_2_with_one_line(scored_model_dir, photos, t
         (["--top-k", str(SCORED_CLASSES + 1)], "--top-k must be between 1 and 10"),
         (["-m", str(tmp_path / "no-model")], "cannot load the model"),
         (["-o", str(tmp_path / "out.txt")], "cannot tell the output format"),
-        (["--runtime", "openvino", "--precision", "bf16"], None),  # refused until the runtime exists
+        (["--runtime", "paddle", "--precision", "bf16"], "precision bf16 needs runtime openvino"),
     ]
     for args, message in cases:
         code = main([str(photos), "-m", str(scored_model_dir), "--no-progress", *args])
         err = capsys.readouterr().err
-        if message is None and "runtime" in inspect.signature(inference_model_options).parameters:
-            assert code in (1, 2) and "Traceback" not in err  # runs (2 bad files), or says what is missing
-            continue
         assert code == 2, err
-        assert (message or "only the paddle runtime") in err and "Traceback" not in err
+        assert message in err and "Traceback" not in err
         assert err.strip().count("\n") == 0, err
+    assert main([str(photos), "-m", str(scored_model_dir), "--no-progress", "--runtime", "openvino"]) == 1
+    assert "Traceback" not in capsys.readouterr().err  # runs on OpenVINO (exit 1: the set's 2 bad files)
     assert main([str(tmp_path / "nothing-here"), "-m", str(scored_model_dir)]) == 2
     assert "no such file or directory" in capsys.readouterr().err
 

@@ -177,10 +177,19 @@ def test_work_dir_holds_paddle_serving_files(service, model_dir):
 # -- answers equal the offline predictor -----------------------------------------------------------
 @pytest.mark.parametrize("protocol_name", ["http", "grpc"])
 def test_photos_one_per_request_match_offline(service, clients, offline, photos, protocol_name):
+    """Same top-5 and scores to 1e-4 as the offline predictor (OpenVINO served, Paddle offline)."""
     for path in photos:
         data = path.read_bytes()
         (served,) = clients[protocol_name].classify([data], top_k=5)
         assert_same(served, offline.classify([data], top_k=5)[0])
+
+
+def test_service_runs_openvino_fp32_and_the_offline_reference_paddle(service, offline):
+    """cpu.yml serves with OpenVINO FP32 and says so (ready line, /metrics); the offline predictor runs
+    Paddle Inference, so every comparison with it in this module is OpenVINO against Paddle."""
+    assert offline.model.runtime == "paddle"
+    assert service.metric("rexnet_runtime_info", device="cpu", precision="fp32", runtime="openvino") == 1.0
+    assert "(cpu, openvino fp32)" in service.log.read_text()
 
 
 @pytest.mark.parametrize("protocol_name", ["http", "grpc"])

@@ -16,12 +16,15 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name, device_type, precision", [("cpu.yml", 0, "fp32"), ("gpu.yml", 1, "fp32"),
-                                                           ("gpu_trt_fp16.yml", 2, "fp16")])
-def test_shipped_configs_load_with_default_ports(name, device_type, precision):
+@pytest.mark.parametrize("name, device_type, precision, runtime", [
+    ("cpu.yml", 0, "fp32", "openvino"), ("gpu.yml", 1, "fp32", "paddle"), ("gpu_trt_fp16.yml", 2, "fp16", "paddle"),
+    ("brpc_backend.yml", 0, "fp32", "openvino")])
+def test_shipped_configs_load_with_default_ports(name, device_type, precision, runtime):
     config = load_config(CONFIG_DIR / name)
     assert config.infer_service["device_type"] == device_type
     assert config.infer_service["precision"] == precision
+    assert config.infer_service["runtime"] == runtime
+    assert "runtime" not in config.paddle()["op"]["infer"]["local_service_conf"]  # ours, not Paddle's
     assert (config.http_port, config.rpc_port, config.metrics_port) == (
         defaults.HTTP_PORT, defaults.GRPC_PORT, defaults.METRICS_PORT)
     assert config.rexnet["service_name"] == defaults.SERVICE_NAME
@@ -86,7 +89,7 @@ def test_error_in_an_extended_file_names_that_file(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("op:\n  infer:\n    local_service_conf:\n      precision: fp16\n", "precision fp16 needs device_type 2"),
-    ("op:\n  infer:\n    local_service_conf:\n      device_type: 1\n      devices: '0'\n",
+    ("op:\n  infer:\n    local_service_conf:\n      device_type: 1\n      devices: '0'\n      runtime: paddle\n",
      "use_mkldnn is a CPU setting"),
     ("worker_num: 8\n", "worker_num \\(8 gRPC threads\\) must be at least rexnet.max_in_flight_requests"),
     ("dag:\n  channel_size: 0\n", "dag.channel_size must bound the DAG's queues"),
@@ -97,6 +100,52 @@ def test_combinations_are_checked(tmp_path, text, message):
     path = write(tmp_path / "bad.yml", f"extends: {CONFIG_DIR / 'cpu.yml'}\n{text}")
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_base_defaults_to_paddle_and_bf16_runs_on_openvino(tmp_path):
+    base = load_config(CONFIG_DIR / "base.yml")
+    assert (base.infer_service["runtime"], base.infer_service["precision"]) == ("paddle", "fp32")
+    bf16 = write(tmp_path / "bf16.yml", f"extends: {CONFIG_DIR / 'cpu.yml'}\n"
+                                        "op:\n  infer:\n    local_service_conf:\n      precision: bf16\n")
+    assert load_config(bf16).infer_service["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("extends, text, message", [
+    ("cpu.yml", "runtime: onnxruntime\n",
+     "op.infer.local_service_conf.runtime must be paddle or openvino, got 'onnxruntime'"),
+    ("cpu.yml", "precision: int8\n", "op.infer.local_service_conf.precision must be fp32 or fp16 or bf16"),
+    ("cpu.yml", "runtime: paddle\n      precision: bf16\n",
+     "op.infer.local_service_conf.precision: precision bf16 needs runtime openvino"),
+    ("gpu.yml", "runtime: openvino\n",
+     "op.infer.local_service_conf.runtime: runtime openvino runs on the CPU only, not on device 'gpu'"),
+    ("gpu_trt_fp16.yml", "runtime: openvino\n", "op.infer.local_service_conf.runtime: runtime openvino runs "
+                                                  "on the CPU only"),
+    ("cpu.yml", "device_type: 2\n      devices: '0'\n      precision: fp16\n      use_mkldnn: false\n",
+     "op.infer.local_service_conf.runtime: runtime openvino runs on the CPU only"),
+])
+def test_runtime_errors_name_the_file_and_key(tmp_path, extends, text, message):
+    path = write(tmp_path / "bad.yml", f"extends: {CONFIG_DIR / extends}\n"
+                                       f"op:\n  infer:\n    local_service_conf:\n      {text}")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path.resolve()}: ") and message in str(info.value)
+
+
+def test_serve_refuses_openvino_on_the_gpu_and_bf16_on_paddle():
+    run = run_serve("--config", str(CONFIG_DIR / "cpu.yml"), "--device", "gpu")
+    assert run.returncode == 2
+    assert "op.infer.local_service_conf.runtime: runtime openvino runs on the CPU only" in run.stderr
+    run = run_serve("--runtime", "paddle", "--precision", "bf16")
+    assert run.returncode == 2
+    assert "op.infer.local_service_conf.precision: precision bf16 needs runtime openvino" in run.stderr
+
+
+def test_runtime_and_precision_flags_override_the_config():
+    from rexnet_pipelines.cli import _overrides, build_parser
+    args = build_parser().parse_args(["--runtime", "paddle"])
+    assert load_config(None, _overrides(args)).infer_service["runtime"] == "paddle"
+    args = build_parser().parse_args(["--precision", "bf16"])
+    assert load_config(None, _overrides(args)).infer_service["precision"] == "bf16"
 
 
 def test_overrides_are_checked_like_files():

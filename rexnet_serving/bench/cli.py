@@ -3,12 +3,16 @@
     rexnet-bench [--model-dir DIR] [--protocols http,grpc,brpc] [--concurrency 1,2,4,8,16]
                  [--duration S] [--warmup S] [--rate auto|R1,R2] [--arrivals poisson|uniform]
                  [--images DIR] [--out DIR] [--baselines inprocess,documented] [--batches 1,2,4,8,16]
-                 [--serve-args "..."] [--brpc-args "..."] [--quick]
+                 [--runtime-batches 1,8] [--compare-serve-runtime paddle] [--serve-args "..."]
+                 [--brpc-args "..."] [--quick]
 
 Phases, one after another so that none competes with another for the CPU: the load generator against
-instant servers (its own ceiling and CPU cost), the in-process limit, rexnet-serve (HTTP, gRPC), rexnet-brpc
-native, and PaddleClas's documented Paddle Serving example. Each service runs as its own process group on
-free ports and is stopped before the next phase. Writes bench.json, bench.md and bench.png into --out.
+instant servers (its own ceiling and CPU cost), the in-process limit (with the CPU service's runtime, then
+every CPU runtime side by side: Paddle Inference + oneDNN, OpenVINO FP32, OpenVINO BF16), rexnet-serve
+(HTTP, gRPC; with the runtime of its config, and with --compare-serve-runtime once more on that runtime,
+reported as http@<runtime>), rexnet-brpc native, and PaddleClas's documented Paddle Serving example.
+Each service runs as its own process group on free ports and is stopped before the next phase. Writes
+bench.json, bench.md and bench.png into --out.
 
 Exit codes: 0 every phase ran, 1 a phase failed (a server did not start, ...; the others still ran and
 are reported), 2 usage error.
@@ -29,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from tqdm import tqdm
 
 from .. import defaults
+from ..predictor import RUNTIMES
 from .loadgen import ARRIVALS, RunResult, closed_loop, open_loop
 from .payloads import PayloadError, describe, generate_photos, load_payloads
 from .servers import IMAGES_PER_REQUEST
@@ -128,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="baselines to measure, comma-separated, or none (default %(default)s)")
     parser.add_argument("--batches", type=_positive_ints, default=None,
                         help="in-process batch sizes to sweep (default 1,2,4,8,16; --quick 1,8)")
+    parser.add_argument("--runtime-batches", type=_positive_ints, default=[1, 8],
+                        help="batch sizes of the in-process runtime comparison (default 1,8)")
+    parser.add_argument("--compare-serve-runtime", choices=RUNTIMES, default=None,
+                        help="measure rexnet-serve a second time with --runtime this (e.g. paddle against "
+                             "cpu.yml's openvino); its points are http@<runtime>, grpc@<runtime>")
     parser.add_argument("--no-calibration", action="store_true",
                         help="skip measuring the load generator against instant servers")
     parser.add_argument("--serve-args", default="",
@@ -189,14 +199,16 @@ class Bench:
     def serve_and_load(self, name: str, server: Any, loads: List[tuple], metrics_url: Optional[str] = None) -> None:
         """Start ``server``, run the closed-loop points (and open-loop ones), record RSS, stop it."""
         from . import servers
-        from .monitor import tree_rss_bytes
+        from .monitor import scrape_runtime, tree_rss_bytes
         started = time.monotonic()
         with server:
             info = {"startup_s": round(time.monotonic() - started, 1),
                     "rss_idle_mb": round(tree_rss_bytes(server.pid) / 2**20, 1)}
+            if metrics_url:
+                info["runtime"] = scrape_runtime(metrics_url)
             self.result["servers"][name] = info
-            for target, address in loads:
-                factory = servers.sender_for(target, address, self.args.timeout, self.payloads)
+            for target, address in loads:  # target: a protocol, or protocol@runtime
+                factory = servers.sender_for(target.partition("@")[0], address, self.args.timeout, self.payloads)
                 for concurrency in self.settings["concurrency"]:
                     self.load_point(target, factory, "closed", concurrency, server.pid, metrics_url)
                 for rate in self.open_rates(target):
@@ -223,6 +235,8 @@ class Bench:
         serve_protocols = len({"http", "grpc"} & set(self.args.protocols))
         count += per_target if "http" in self.args.protocols else 0  # http-x8
         if "floor" in self.args.baselines:
+            count += serve_protocols * per_target
+        if self.args.compare_serve_runtime:
             count += serve_protocols * per_target
         if "documented" in self.args.baselines:
             count += len(s["concurrency"])
@@ -257,26 +271,38 @@ class Bench:
         argv = [sys.executable, "-m", "rexnet_serving.bench.inprocess", "--model-dir", str(self.model_dir),
                 "--images", str(images_dir), "--batches", ",".join(map(str, self.settings["batches"])),
                 "--seconds", str(self.settings["inprocess_seconds"])]
-        log = self.work / "inprocess.log"
+        self.result["inprocess"] = self._json_from(argv, self.work / "inprocess.log")
+        argv = [sys.executable, "-m", "rexnet_serving.bench.runtimes", "--model-dir", str(self.model_dir),
+                "--images", str(images_dir), "--batches", ",".join(map(str, self.args.runtime_batches)),
+                "--seconds", str(self.settings["inprocess_seconds"])]
+        self.result["runtimes"] = self._json_from(argv, self.work / "runtimes.log")
+
+    @staticmethod
+    def _json_from(argv: List[str], log: Path) -> Any:
+        """Run a measuring module in its own process; its last stdout line is its JSON result."""
         with log.open("wb") as err:
             proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"exit code {proc.returncode}; see {log}")
-        self.result["inprocess"] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+        return json.loads(proc.stdout.decode().strip().splitlines()[-1])
 
-    def pipeline(self, floor: bool = False) -> None:
+    def pipeline(self, floor: bool = False, runtime: Optional[str] = None) -> None:
         """rexnet-serve under load; with ``floor``, the same service with no model (rexnet-serve --floor:
-        same front doors, same DAG, pass-through stages), whose latency is the framework's floor."""
+        same front doors, same DAG, pass-through stages), whose latency is the framework's floor; with
+        ``runtime``, rexnet-serve --runtime that one (targets ``http@<runtime>``, ``grpc@<runtime>``)."""
         from . import servers
         ports = servers.PipelinePorts.free()
         name, prefix = ("floor", "floor-") if floor else ("pipeline", "")
+        suffix = f"@{runtime}" if runtime else ""
+        extra = (shlex.split(self.args.serve_args) + (["--floor"] if floor else [])
+                 + (["--runtime", runtime] if runtime else []))
         server = servers.pipeline_server(self.model_dir, ports, self.work, self.payloads[0], self.args.timeout,
-                                         shlex.split(self.args.serve_args) + (["--floor"] if floor else []), name)
-        loads = [(prefix + p, f"127.0.0.1:{ports.http if p == 'http' else ports.grpc}")
+                                         extra, name + suffix)
+        loads = [(prefix + p + suffix, f"127.0.0.1:{ports.http if p == 'http' else ports.grpc}")
                  for p in ("http", "grpc") if p in self.args.protocols]
-        if not floor and "http" in self.args.protocols:
+        if not floor and not runtime and "http" in self.args.protocols:
             loads.append(("http-x8", f"127.0.0.1:{ports.http}"))
-        self.serve_and_load(name, server, loads, f"http://127.0.0.1:{ports.metrics}/metrics")
+        self.serve_and_load(name + suffix, server, loads, f"http://127.0.0.1:{ports.metrics}/metrics")
 
     def floor(self) -> None:
         self.pipeline(floor=True)
@@ -324,11 +350,14 @@ def settings_from(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _versions() -> Dict[str, str]:
-    try:
-        from importlib.metadata import version
-        return {"paddle": version("paddlepaddle"), "python": platform.python_version()}
-    except Exception:  # noqa: BLE001 - a missing distribution name only blanks the field
-        return {"paddle": "unknown", "python": platform.python_version()}
+    from importlib.metadata import PackageNotFoundError, version
+    found = {"python": platform.python_version()}
+    for key, distribution in (("paddle", "paddlepaddle"), ("openvino", "openvino")):
+        try:
+            found[key] = version(distribution)
+        except PackageNotFoundError:  # a missing distribution only blanks the field
+            found[key] = "unknown"
+    return found
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -381,6 +410,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         phases.append(("in-process baseline", bench.inprocess))
     if {"http", "grpc"} & set(args.protocols):
         phases.append(("rexnet-serve", bench.pipeline))
+        if args.compare_serve_runtime:
+            phases.append((f"rexnet-serve --runtime {args.compare_serve_runtime}",
+                           lambda: bench.pipeline(runtime=args.compare_serve_runtime)))
     if {"http", "grpc"} & set(args.protocols) and "floor" in args.baselines:
         phases.append(("framework floor", bench.floor))
     if "brpc" in args.protocols:

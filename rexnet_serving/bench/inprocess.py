@@ -1,13 +1,15 @@
-"""The in-process limit: decode + preprocess + Paddle Inference + top-k in one process, no serving layer.
+"""The in-process limit: decode + preprocess + inference + top-k in one process, no serving layer.
 
 What the hardware gives the model with the project's own pipeline as the service runs it on the CPU
 (rexnet_serving.classifier.Classifier: OpenCV decode, the CPU path of rexnet_serving.preprocess, which is
-OpenCV, InferenceModel with oneDNN), one call after another at each batch size; a service can at best
-approach it. A second variant preprocesses with the GPU path's Paddle ops instead (run here on the CPU) to
+OpenCV, and the CPU service's runtime: OpenVINO FP32 unless told otherwise), one call after another at
+each batch size; a service can at best approach it. A second variant preprocesses with the GPU path's Paddle ops instead (run here on the CPU) to
 show what that implementation costs. A per-stage breakdown at batch 1 says where a single image's time goes.
 
 Run in its own process by rexnet-bench (nothing else running), printing JSON:
     python -m rexnet_serving.bench.inprocess --model-dir DIR --images DIR [--batches 1,2,4,8,16]
+        [--runtime openvino|paddle] [--precision fp32|bf16]
+The runtimes side by side: rexnet_serving.bench.runtimes.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..predictor import PRECISIONS, RUNTIMES, default_runtime
 from ..preprocess import preprocess, preprocess_opencv
 from .payloads import load_payloads
 
@@ -71,12 +74,14 @@ def stage_breakdown(clf: Any, payloads: Sequence[bytes], rounds: int = 3) -> Dic
 
 
 def run_baseline(model_dir: Path, payloads: Sequence[bytes], batches: Sequence[int], seconds: float,
-                 cpu_threads: int = 2, mkldnn: bool = True,
+                 cpu_threads: int = 2, mkldnn: bool = True, runtime: str = "openvino", precision: str = "fp32",
                  progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     from ..classifier import Classifier
     from ..imageio import decode_image
+    from ..predictor import runtime_info
     say = progress or (lambda message: None)
-    clf = Classifier(model_dir, cpu_threads=cpu_threads, mkldnn=mkldnn, max_batch=max(batches))
+    clf = Classifier(model_dir, runtime=runtime, precision=precision, cpu_threads=cpu_threads, mkldnn=mkldnn,
+                     max_batch=max(batches))
     cfg = clf.preprocess_config
     paddle_model = clf.model.clone()  # its own predictor, so the two variants never share warm caches
 
@@ -85,7 +90,8 @@ def run_baseline(model_dir: Path, payloads: Sequence[bytes], batches: Sequence[i
         return clf.results(len(batch), probs, {}, 5)
 
     functions = {"project": lambda batch: clf.classify(batch, 5), "paddle_ops": classify_paddle_ops}
-    result: Dict[str, Any] = {"cpu_threads": cpu_threads, "mkldnn": mkldnn, "seconds_per_point": seconds}
+    result: Dict[str, Any] = {"cpu_threads": cpu_threads, "mkldnn": mkldnn, "seconds_per_point": seconds,
+                              **runtime_info(clf.model)}
     for variant in VARIANTS:
         rows = []
         for batch in batches:
@@ -103,7 +109,7 @@ def run_baseline(model_dir: Path, payloads: Sequence[bytes], batches: Sequence[i
     return result
 
 
-def _int_list(text: str) -> List[int]:
+def int_list(text: str) -> List[int]:
     values = [int(v) for v in text.split(",") if v.strip()]
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4, got {text!r}")
@@ -115,14 +121,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      description="Measure the in-process limit and print it as JSON.")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--images", type=Path, required=True, help="directory of encoded images")
-    parser.add_argument("--batches", type=_int_list, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--batches", type=int_list, default=[1, 2, 4, 8, 16])
     parser.add_argument("--seconds", type=float, default=4.0, help="per batch size and variant")
     parser.add_argument("--cpu-threads", type=int, default=2)
-    parser.add_argument("--no-mkldnn", action="store_true")
+    parser.add_argument("--no-mkldnn", action="store_true", help="runtime paddle: without oneDNN")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=default_runtime("cpu"),
+                        help="default %(default)s, the CPU service's (serving_configs/cpu.yml)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     args = parser.parse_args(argv)
     payloads = [p.data for p in load_payloads(args.images)]
     result = run_baseline(args.model_dir, payloads, args.batches, args.seconds, args.cpu_threads,
-                          not args.no_mkldnn, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                          not args.no_mkldnn, args.runtime, args.precision,
+                          progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(result))
     return 0
 

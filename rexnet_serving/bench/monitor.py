@@ -79,6 +79,19 @@ def scrape_stages(metrics_url: str) -> Optional[Dict[str, float]]:
     return values
 
 
+def scrape_runtime(metrics_url: str) -> Optional[Dict[str, str]]:
+    """The service's ``rexnet_runtime_info`` labels (runtime, precision, device), or None without them."""
+    try:
+        text = requests.get(metrics_url, timeout=5).text
+    except requests.RequestException:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "rexnet_runtime_info":
+                return dict(sample.labels)
+    return None
+
+
 def stage_deltas(before: Dict[str, float], after: Dict[str, float]) -> Dict[str, float]:
     """Mean ms per stage call and mean batch sizes between two scrapes."""
     out: Dict[str, float] = {}

@@ -14,10 +14,18 @@ VS_INPROCESS = {"http": 0.75, "grpc": 0.8, "http-x8": 0.9, "brpc": 0.9}
 P99_OVER_P50 = 2.0
 HTTP_VS_DOCUMENTED = 3.0
 MAX_RSS_MB = 1536.0
+OPENVINO_VS_PADDLE_INPROCESS = 1.3   # in-process OpenVINO FP32 / Paddle Inference + oneDNN, batch 1
+OPENVINO_VS_PADDLE_SERVICE = 1.25    # HTTP service at its best concurrency, on OpenVINO FP32 / on Paddle
 
 LABELS = {"http": "HTTP (rexnet-serve)", "grpc": "gRPC (rexnet-serve)", "brpc": "bRPC (rexnet-brpc native)",
           "http-x8": "HTTP, 8 images per request", "floor-http": "framework floor, HTTP (no model)",
           "floor-grpc": "framework floor, gRPC (no model)", "documented": "documented way (PaddleClas example)"}
+
+
+def label(target: str) -> str:
+    """A target's name in tables and plots; ``http@paddle`` is the HTTP service run with --runtime paddle."""
+    base, _, runtime = target.partition("@")
+    return LABELS.get(base, base) + (f" on {runtime}" if runtime else "")
 
 
 def _fmt(value: Any) -> str:
@@ -78,10 +86,35 @@ def check_targets(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     errors = sum(p.get("errors", 0) for p in result.get("points", []))
     if result.get("points"):
         add("errors over every load point", errors, "0", errors == 0)
+    checks += runtime_targets(result)
     for name, server in result.get("servers", {}).items():
         if name in ("pipeline", "brpc") and server.get("rss_peak_mb") is not None:
             add(f"{name} service RSS (all its processes, peak under load)", server["rss_peak_mb"],
                 f"< {MAX_RSS_MB:.0f} MB", server["rss_peak_mb"] < MAX_RSS_MB)
+    return checks
+
+
+def runtime_targets(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """OpenVINO FP32 against Paddle Inference: in-process at batch 1, and the HTTP service at its best."""
+    checks: List[Dict[str, Any]] = []
+    rows = {(r["runtime"], r["precision"]): r for r in (result.get("runtimes") or {}).get("rows", [])}
+    paddle, openvino = rows.get(("paddle", "fp32"), {}), rows.get(("openvino", "fp32"), {})
+    for mode, what in (("infer", "inference only"), ("pipeline", "with decode + preprocessing")):
+        base = [r for r in paddle.get(mode, []) if r["batch"] == 1]
+        fast = [r for r in openvino.get(mode, []) if r["batch"] == 1]
+        if base and fast:
+            ratio = fast[0]["images_per_s"] / base[0]["images_per_s"]
+            checks.append({"target": f"in-process OpenVINO FP32 / Paddle Inference img/s at batch 1, {what}",
+                           "measured": round(ratio, 2), "goal": f">= {OPENVINO_VS_PADDLE_INPROCESS}",
+                           "met": ratio >= OPENVINO_VS_PADDLE_INPROCESS})
+    service = (result.get("servers", {}).get("pipeline") or {}).get("runtime") or {}
+    for other in [t for t in {p["target"] for p in result.get("points", [])} if t.startswith("http@")]:
+        best, base = best_rate(result, "http"), best_rate(result, other)
+        if best and base and (service.get("runtime"), service.get("precision")) == ("openvino", "fp32"):
+            ratio = best / base
+            checks.append({"target": f"HTTP service best img/s on OpenVINO FP32 / on {other.partition('@')[2]} "
+                                     f"({base:.1f} img/s)", "measured": round(ratio, 2),
+                           "goal": f">= {OPENVINO_VS_PADDLE_SERVICE}", "met": ratio >= OPENVINO_VS_PADDLE_SERVICE})
     return checks
 
 
@@ -111,7 +144,7 @@ def markdown(result: Dict[str, Any]) -> str:
              f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs "
              f"({machine['physical_cores']} cores), {machine['memory_gb']} GB; load average "
              f"{machine['load_average']} at the start, {meta.get('load_average_end')} at the end. "
-             f"Python {meta['python']}, Paddle {meta['paddle']}.",
+             f"Python {meta['python']}, Paddle {meta['paddle']}, OpenVINO {meta.get('openvino', 'unknown')}.",
              f"Model: {meta['model']['arch']} {meta['model']['input_size']}x{meta['model']['input_size']}, CPU"
              + (" (random weights: speed does not depend on them)" if meta["model"]["random_init"] else "")
              + f"; images: {meta['images']['count']} {'/'.join(meta['images']['formats'])} files, mean "
@@ -127,7 +160,7 @@ def markdown(result: Dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in closed:
             lines.append("| " + " | ".join(_fmt(v) for v in (
-                LABELS.get(p["target"], p["target"]), p["level"], p["images_per_s"], p["p50_ms"], p["p90_ms"],
+                label(p["target"]), p["level"], p["images_per_s"], p["p50_ms"], p["p90_ms"],
                 p["p99_ms"], p["max_ms"], p["errors"], p.get("server_cores"), p.get("loadgen_cores"),
                 p.get("other_cores"), p.get("server_rss_peak_mb"))) + " |")
         lines.append("")
@@ -139,7 +172,7 @@ def markdown(result: Dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in opened:
             lines.append("| " + " | ".join(_fmt(v) for v in (
-                LABELS.get(p["target"], p["target"]), p["level"], p.get("arrivals"), p["images_per_s"],
+                label(p["target"]), p["level"], p.get("arrivals"), p["images_per_s"],
                 p["p50_ms"], p["p90_ms"], p["p99_ms"], p["max_ms"], p["send_lag_p99_ms"], p["errors"],
                 p.get("server_cores"), p.get("loadgen_cores"))) + " |")
         lines.append("")
@@ -158,8 +191,10 @@ def markdown(result: Dict[str, Any]) -> str:
         lines.append("")
     inproc = result.get("inprocess")
     if inproc:
+        engine = (f"{inproc['runtime']} {inproc['precision']}" if "runtime" in inproc
+                  else f"oneDNN {'on' if inproc['mkldnn'] else 'off'}")
         lines += [f"## In-process limit (one process, no serving layer, {inproc['cpu_threads']} math threads, "
-                  f"oneDNN {'on' if inproc['mkldnn'] else 'off'})", "",
+                  f"{engine})", "",
                   "| preprocessing | batch | img/s | p50 ms per call | p99 ms per call |", "|---|---|---|---|---|"]
         for variant, name in (("project", "project (OpenCV, the CPU path)"),
                               ("paddle_ops", "Paddle ops (the GPU path, on the CPU)")):
@@ -168,6 +203,7 @@ def markdown(result: Dict[str, Any]) -> str:
                              f"| {_fmt(row['p99_ms'])} |")
         stages = inproc.get("stages_batch1", {})
         lines += ["", "Batch-1 stage medians: " + ", ".join(f"{k[:-3]} {v} ms" for k, v in stages.items()), ""]
+    lines += runtimes_markdown(result)
     calibration = result.get("calibration")
     if calibration:
         lines += ["## Load generator alone (against an instant server)", "",
@@ -178,9 +214,12 @@ def markdown(result: Dict[str, Any]) -> str:
         lines.append("")
     servers = result.get("servers", {})
     if servers:
-        lines += ["## Servers", "", "| server | start s | RSS idle MB | RSS peak MB (all processes) |", "|---|---|---|---|"]
+        lines += ["## Servers", "", "| server | runtime | start s | RSS idle MB | RSS peak MB (all processes) |",
+                  "|---|---|---|---|---|"]
         for name, s in servers.items():
-            lines.append(f"| {name} | {_fmt(s.get('startup_s'))} | {_fmt(s.get('rss_idle_mb'))} "
+            runtime = s.get("runtime") or {}
+            engine = " ".join(runtime[k] for k in ("runtime", "precision") if k in runtime) or "–"
+            lines.append(f"| {name} | {engine} | {_fmt(s.get('startup_s'))} | {_fmt(s.get('rss_idle_mb'))} "
                          f"| {_fmt(s.get('rss_peak_mb'))} |")
         lines.append("")
     split = latency_split(result)
@@ -205,6 +244,34 @@ def markdown(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def runtimes_markdown(result: Dict[str, Any]) -> List[str]:
+    """The runtime comparison (rexnet_serving.bench.runtimes): img/s per runtime and batch size, inference
+    only and with OpenCV decode + preprocessing, and each runtime's agreement with Paddle Inference."""
+    runtimes = result.get("runtimes")
+    if not runtimes:
+        return []
+    lines = [f"## CPU runtimes side by side ({runtimes['cpu_threads']} math threads, in-process)", "",
+             "| runtime | batch | img/s inference only | p50 ms per call | img/s with decode + preprocessing "
+             "| max abs output diff vs Paddle (output scale) | max prob diff | top-1 / top-5 agree |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in runtimes["rows"]:
+        if "skipped" in row:
+            lines.append(f"| {row['name']} | – | skipped: {row['skipped']} | | | | | |")
+            continue
+        a = row["agreement"]
+        agree = (f"{a['max_abs_output_diff']:.2g} ({a['output_scale']:.2g}) | {a['max_prob_diff']:.2g} | "
+                 f"{a['top1_agreement']:.0%} / {a['top5_same_order']:.0%} of {a['images']} images")
+        timed = list(zip(row.get("infer", []), row.get("pipeline", []))) or [({"batch": "–"}, {})]
+        for infer, pipeline in timed:
+            lines.append(f"| {row['name']} | {infer['batch']} | {_fmt(infer.get('images_per_s'))} "
+                         f"| {_fmt(infer.get('p50_ms'))} | {_fmt(pipeline.get('images_per_s'))} | {agree} |")
+    if result["meta"]["model"]["random_init"]:
+        lines += ["", "Random weights: every score is about 1/classes, so the agreement columns compare near-ties "
+                      "and mean little; `python -m rexnet_serving.bench.runtimes --agreement-only` on an export "
+                      "with real weights gives the meaningful numbers."]
+    return lines + [""]
+
+
 def plot(result: Dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -214,14 +281,15 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 
     fig, (ax_rate, ax_p99) = plt.subplots(1, 2, figsize=(12, 4.5))
     levels = sorted({p["level"] for p in result.get("points", []) if p["mode"] == "closed"})
-    for target in ("http", "grpc", "brpc", "http-x8", "floor-http", "documented"):
+    extra = sorted({p["target"] for p in result.get("points", []) if "@" in p["target"]})
+    for target in ["http", "grpc", "brpc", "http-x8", "floor-http", "documented"] + extra:
         points = closed_points(result, target)
         if not points:
             continue
         x = [p["level"] for p in points]
-        ax_rate.plot(x, [p["images_per_s"] for p in points], marker="o", label=LABELS[target])
+        ax_rate.plot(x, [p["images_per_s"] for p in points], marker="o", label=label(target))
         ax_p99.plot(x, [p["p99_ms"] if p["p99_ms"] is not None else float("nan") for p in points], marker="o",
-                    label=LABELS[target])
+                    label=label(target))
     inproc = result.get("inprocess") or {}
     for key, style, name in (("project_best", "--", "in-process limit"),
                              ("paddle_ops_best", ":", "in-process, Paddle-op preprocessing")):

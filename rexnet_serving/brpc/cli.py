@@ -1,8 +1,10 @@
 """rexnet-brpc: serve an exported ReXNet model over bRPC (baidu_std), natively or via C++ Serving.
 
-  rexnet-brpc [native] --model-dir DIR [--port 9393] [--host 127.0.0.1] [--workers N] [limits]
+  rexnet-brpc [native] --model-dir DIR [--port 9393] [--host 127.0.0.1] [--workers N]
+              [--runtime openvino|paddle] [--precision fp32|bf16|fp16] [limits]
       the Python GeneralModelService endpoint (rexnet_serving.brpc.server); the default subcommand;
-      its limits (connections, requests per connection, idle and read timeouts, body size) have flags
+      OpenVINO FP32 on the CPU unless told otherwise, Paddle Inference on a GPU; its limits
+      (connections, requests per connection, idle and read timeouts, body size) have flags
   rexnet-brpc cpp --model-dir DIR [--port 9393] [--gpu-ids 0] [--thread N] [--workdir D]
       Paddle Serving's C++ server (rexnet_serving.brpc.cpp_backend); needs $SERVING_BIN or the unpacked
       binary package, never downloads it
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..defaults import BRPC_PORT, default_model_dir
+from ..predictor import (PRECISIONS, RUNTIMES, OptionError, check_runtime_options, default_runtime,
+                         runtime_info)
 from . import protocol
 from .server import ServerOptions
 
@@ -43,9 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     native.add_argument("--workers", type=int, default=2,
                         help="inference threads, each with its own predictor (default %(default)s)")
     native.add_argument("--cpu-threads", type=int, default=1,
-                        help="Paddle math threads per predictor (default %(default)s)")
+                        help="math threads per predictor (default %(default)s)")
     native.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="inference device (gpu needs paddlepaddle-gpu; default %(default)s)")
+    native.add_argument("--runtime", choices=RUNTIMES, default=None,
+                        help="openvino (CPU only) or paddle (Paddle Inference: CPU with oneDNN, GPU, "
+                             "TensorRT); default openvino on the CPU, paddle on a GPU")
+    native.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32; bf16 with openvino on a CPU that has BF16; fp16 = TensorRT with paddle "
+                             "on a GPU (default %(default)s)")
     native.add_argument("--gpu-id", type=int, default=0, help="GPU for --device gpu (default %(default)s)")
     native.add_argument("--max-concurrency", type=int, default=256,
                         help="requests queued or running before ELIMIT refusals (default %(default)s)")
@@ -138,6 +148,7 @@ def _run_cpp(args: argparse.Namespace, model_dir: Path) -> int:
 def _run_native(args: argparse.Namespace, model_dir: Path) -> int:
     from .server import NativeServer
     from .service import ModelService
+    runtime = args.runtime or default_runtime(args.device)
     try:
         options = ServerOptions(host=args.host, port=args.port, workers=args.workers,
                                 cpu_threads=args.cpu_threads, max_concurrency=args.max_concurrency,
@@ -147,16 +158,24 @@ def _run_native(args: argparse.Namespace, model_dir: Path) -> int:
                                 max_buffered_bytes=args.max_buffered_bytes,
                                 max_requests_per_connection=args.max_requests_per_connection,
                                 idle_timeout=args.idle_timeout, read_timeout=args.read_timeout)
+        check_runtime_options(runtime, args.precision, args.device)
+    except OptionError as exc:
+        print(f"rexnet-brpc: error: --{exc.option}: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"rexnet-brpc: error: {exc}", file=sys.stderr)
         return 2
     try:
         service = ModelService(model_dir, cpu_threads=options.cpu_threads, max_images=options.max_images,
                                device=args.device, gpu_id=args.gpu_id,
-                               max_request_pixels=options.max_request_pixels)
+                               max_request_pixels=options.max_request_pixels, runtime=runtime,
+                               precision=args.precision, streams=options.workers)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         print(f"rexnet-brpc: cannot load the model in {model_dir}: {exc}", file=sys.stderr)
         return 1
+    used = runtime_info(service.classifier.model)
+    print(f"rexnet-brpc: inference: {used['runtime']} {used['precision']} on {used['device']}, "
+          f"{options.workers} worker(s)", file=sys.stderr, flush=True)
     server = NativeServer(service, options)
     try:
         server.serve_forever(handle_signals=True)

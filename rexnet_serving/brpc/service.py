@@ -6,7 +6,7 @@ general_model.GeneralModelService`` with the messages of Paddle Serving 0.9.0's
 general_model_service.proto. The two feed forms (tensor feeds; encoded images with top-k back as JSON)
 are described in rexnet_serving.brpc.tensors. The predictor is the service's own:
 rexnet_serving.classifier.Classifier (decode -> preprocess -> Paddle Inference -> top-k), with one
-InferenceModel clone per worker thread. Error codes are bRPC's (src/brpc/errno.proto).
+predictor clone per worker thread (rexnet_serving.inference.load_model: OpenVINO or Paddle Inference). Error codes are bRPC's (src/brpc/errno.proto).
 """
 from __future__ import annotations
 
@@ -37,17 +37,20 @@ class RequestError(ValueError):
 class ModelService:
     """GeneralModelService.inference as a plain function: Request -> Response, RequestError if wrong.
 
-    Thread-safe: each calling thread gets its own predictor clone on first use.
+    Thread-safe: each calling thread gets its own predictor clone on first use. ``runtime``,
+    ``precision`` and ``streams`` (OpenVINO's parallel infer requests: the worker count) go to
+    rexnet_serving.inference.load_model.
     """
 
     def __init__(self, model_dir: Union[str, Path], cpu_threads: int = 1, max_images: int = 64,
                  device: str = "cpu", gpu_id: int = 0,
-                 max_request_pixels: int = DecodeLimits.max_request_pixels) -> None:
+                 max_request_pixels: int = DecodeLimits.max_request_pixels, runtime: str = "paddle",
+                 precision: str = "fp32", streams: int = 1) -> None:
         from ..classifier import Classifier
-        from ..inference import InferenceModel
+        from ..inference import load_model
 
-        model = InferenceModel(model_dir, device=device, gpu_id=gpu_id, cpu_threads=cpu_threads,
-                               max_batch=max_images)
+        model = load_model(model_dir, runtime=runtime, precision=precision, device=device, gpu_id=gpu_id,
+                           cpu_threads=cpu_threads, max_batch=max_images, streams=streams)
         limits = DecodeLimits(max_request_pixels=max_request_pixels, max_request_images=max_images)
         self.classifier = Classifier(model_dir, limits=limits, model=model)
         manifest = self.classifier.manifest

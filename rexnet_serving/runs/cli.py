@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import signal
 import sys
 import threading
 from typing import Any, Callable, Dict, Iterator
 
+from ..predictor import PRECISIONS, RUNTIMES
 from .inputs import UsageError
 from .output import FORMATS
 from .summary import EXIT_USAGE, RunInterrupted, RunSummary
 
-RUNTIMES = ("paddle", "openvino")
-PRECISIONS = ("fp32", "bf16")
 DEFAULT_RUNTIME, DEFAULT_PRECISION = "paddle", "fp32"
 
 
@@ -110,21 +108,10 @@ def decode_limits(args: argparse.Namespace) -> Any:
 
 
 def model_options(args: argparse.Namespace, max_batch: int) -> Dict[str, Any]:
-    """Classifier/InferenceModel keyword arguments from the model flags, through the service's own
-    ``inference_model_options`` (one mapping from settings to predictor options).
-
-    ``runtime`` and ``precision`` are passed only when they differ from the defaults, and refused with
-    a UsageError when this build's inference_model_options does not know ``runtime`` yet.
-    """
+    """Classifier keyword arguments (rexnet_serving.inference.load_model's) from the model flags, through
+    the service's own ``inference_model_options`` (one mapping from settings to predictor options); a
+    combination that cannot run is refused when the model loads, naming the flag's option."""
     from ..classifier import inference_model_options
-    extra: Dict[str, Any] = {}
-    if args.runtime != DEFAULT_RUNTIME:
-        extra["runtime"] = args.runtime
-    if args.precision != DEFAULT_PRECISION:
-        extra["precision"] = args.precision
-    if extra and "runtime" not in inspect.signature(inference_model_options).parameters:
-        raise UsageError(" ".join(f"--{k} {v}" for k, v in extra.items())
-                         + ": this rexnet-serving has only the paddle runtime in fp32")
     return inference_model_options(device_type=0 if args.device == "cpu" else 1,
                                    devices=str(args.gpu_id), thread_num=args.threads,
-                                   max_batch=max_batch, **extra)
+                                   max_batch=max_batch, runtime=args.runtime, precision=args.precision)
