@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import defaults
-from .classifier import Classifier, decode_payload
+from .classifier import Classifier, decode_file
 from .imageio import DecodeLimits, ImageError
 from .results import ImageResult
 from .runs.cli import (SOURCES_HELP, add_model_arguments, add_output_arguments, bounded, decode_limits,
@@ -47,7 +47,7 @@ def read_and_decode(item: InputItem, limits: DecodeLimits) -> Prepared:
     except OSError as e:
         return ImageResult.failure(UNREADABLE, f"cannot read {item.path}: {e.strerror or e}")
     try:
-        return decode_payload(data, limits)
+        return decode_file(data, limits)
     except ImageError as e:
         return ImageResult.failure(e.code, str(e))
 
