@@ -2,7 +2,7 @@
 # Each builds .venv first (scripts/bootstrap.sh returns at once when nothing changed).
 VENV := .venv/bin
 
-.PHONY: setup serve test
+.PHONY: setup serve test oip-proto oip-tools
 setup:
 	@scripts/bootstrap.sh
 
@@ -11,3 +11,11 @@ serve: setup
 
 test: setup
 	$(VENV)/python -m pytest
+
+# Regenerate the Open Inference Protocol's gRPC code from rexnet_serving/oip/proto/*.proto.
+oip-proto: setup
+	@scripts/gen_oip_proto.sh
+
+# The tool venv (.venv-oip: tritonclient, kserve) the v2 and KServe tests use.
+oip-tools:
+	@scripts/oip_tools.sh

@@ -24,3 +24,7 @@ def default_model_dir(arch: str = DEFAULT_ARCH) -> Path:
     models/<arch>."""
     override = os.environ.get(MODEL_DIR_ENV)
     return Path(override) if override else MODELS_DIR / arch
+
+# Open Inference Protocol (KServe v2) endpoints: Triton's and KServe's default ports.
+OIP_HTTP_PORT = 8000  # REST /v2/...
+OIP_GRPC_PORT = 8001  # inference.GRPCInferenceService
