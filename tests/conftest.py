@@ -25,6 +25,17 @@ def shared_file(relative: str) -> Path:
     return path
 
 
+def tool_python() -> str:
+    """The Python of the Open Inference Protocol tool venv (tritonclient, kserve), built on first use by
+    scripts/oip_tools.sh; skip where no Python >= 3.10 exists (fail in CI: REXNET_REQUIRE_SHARED=1)."""
+    proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "oip_tools.sh")], capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode == 3 and os.environ.get("REXNET_REQUIRE_SHARED") != "1":
+        pytest.skip(f"no tool venv for tritonclient and kserve: {proc.stderr.strip()[-500:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

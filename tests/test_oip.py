@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, SCORED_CLASSES, free_port
+from conftest import REPO_ROOT, SCORED_CLASSES, tool_python
 from images import encode, photo
 from rexnet_serving.classifier import Classifier
 from rexnet_serving.oip import ClassifierModel, OipService
@@ -257,15 +257,6 @@ def test_grpc_servicer(servers: Tuple[int, int], classifier: Classifier, jpeg: b
 
 
 # -- the official tritonclient ------------------------------------------------------------------------
-def tool_python() -> str:
-    proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "oip_tools.sh")], capture_output=True, text=True,
-                          timeout=900)
-    if proc.returncode == 3 and os.environ.get("REXNET_REQUIRE_SHARED") != "1":
-        pytest.skip(f"no tool venv for tritonclient: {proc.stderr.strip()[-500:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
-
-
 @pytest.mark.server
 @pytest.mark.slow
 def test_tritonclient_http_and_grpc(servers: Tuple[int, int], classifier: Classifier, jpeg: bytes,

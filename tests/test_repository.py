@@ -81,3 +81,4 @@ def test_malformed_manifest_is_reported(repo: Path) -> None:
     (repo / "broken" / "manifest.json").write_text(json.dumps({"arch": "ReXNet_1_0"}))
     with pytest.raises(RepositoryError, match=r"broken/manifest.json: missing key"):
         scan_repository(repo)
+
