@@ -130,17 +130,19 @@ def _served(name: str, found: Mapping[int, ModelVersion], wanted: Optional[Seque
 
 
 def scan_repository(root: PathLike, versions: Optional[Mapping[str, Sequence[int]]] = None,
-                    default_model: Optional[str] = None) -> Repository:
+                    default_model: Optional[str] = None, export_name: Optional[str] = None) -> Repository:
     """Find the models under ``root``.
 
     ``versions`` maps a model name to the versions to serve (default: its highest); ``default_model``
-    is the one requests get when they name none (default: the only model, else the first by name).
+    is the one requests get when they name none (default: the only model, else the first by name);
+    ``export_name`` names the model when ``root`` is itself an export (default: its directory's name;
+    under KServe that is ``models``, from /mnt/models, so pass the InferenceService's name).
     """
     root = Path(root)
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} does not exist or is not a directory")
     if _is_export(root):
-        name = Path(os.path.abspath(root)).name  # the directory's own name, not a link target's
+        name = export_name or Path(os.path.abspath(root)).name  # the directory's own name, not a link target's
         _check_name(name, root)
         found = {name: _versions_of(root)}
     else:

@@ -45,6 +45,7 @@ def test_models_and_versions(repo: Path, random_model_dir: Path, scored_model_di
 def test_a_plain_export_is_one_model(tmp_path: Path, random_model_dir: Path) -> None:
     found = scan_repository(link(tmp_path / "ReXNet_1_0", random_model_dir))
     assert list(found.models) == ["ReXNet_1_0"] and found.models["ReXNet_1_0"].served == (1,)
+    assert list(scan_repository(tmp_path / "ReXNet_1_0", export_name="rexnet").models) == ["rexnet"]
 
 
 def test_errors_name_the_problem(repo: Path, random_model_dir: Path) -> None:
