@@ -112,6 +112,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             self.service.model(request.model_name, request.model_version)  # NOT_FOUND before parsing
             parsed = parse_infer_request(request)
+            parsed.options = {"timeout_s": context.time_remaining(), "cancel_hook": context.add_callback}
             return encode_infer_response(self.service.infer(request.model_name, request.model_version, parsed))
         except OipError as exc:
             self._abort(context, exc)

@@ -7,7 +7,7 @@ in pipelines/; ``ClassifierModel`` runs the offline Classifier in the calling th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Protocol, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -68,10 +68,11 @@ class OipModel(Protocol):
     def ready(self) -> bool:
         """Loaded and warmed up: requests may come."""
 
-    def infer_images(self, images: Sequence[Element]) -> ImagesOutcome:
-        """Encoded image files (bytes; str is base64 text) -> probabilities, per-image errors kept."""
+    def infer_images(self, images: Sequence[Element], options: Mapping[str, Any]) -> ImagesOutcome:
+        """Encoded image files (bytes; str is base64 text) -> probabilities, per-image errors kept.
+        ``options``: InferRequest.options (deadline, cancellation); raise OipError for refusals."""
 
-    def infer_tensor(self, batch: np.ndarray) -> np.ndarray:
+    def infer_tensor(self, batch: np.ndarray, options: Mapping[str, Any]) -> np.ndarray:
         """A preprocessed float32 [N, 3, S, S] batch -> probabilities [N, C]."""
 
 
@@ -86,7 +87,7 @@ class ClassifierModel:
     def ready(self) -> bool:
         return True
 
-    def infer_images(self, images: Sequence[Element]) -> ImagesOutcome:
+    def infer_images(self, images: Sequence[Element], options: Mapping[str, Any]) -> ImagesOutcome:
         decoded, refused = self.classifier.decode(images)
         probs = np.zeros((len(images), self.info.class_num), np.float32)
         if decoded:
@@ -94,5 +95,5 @@ class ClassifierModel:
             probs[rows] = self.classifier.probabilities(self.classifier.preprocess(decoded))
         return ImagesOutcome(probs, {i: (exc.code, str(exc)) for i, exc in refused.items()})
 
-    def infer_tensor(self, batch: np.ndarray) -> np.ndarray:
+    def infer_tensor(self, batch: np.ndarray, options: Mapping[str, Any]) -> np.ndarray:
         return self.classifier.probabilities(batch)

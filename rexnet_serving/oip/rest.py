@@ -62,8 +62,10 @@ def is_oip_path(path: str) -> bool:
 
 
 def handle_rest(service: OipService, method: str, path: str, headers: Mapping[str, str],
-                body: bytes) -> Response:
-    """Answer one HTTP request; never raises for bad input (an error response instead)."""
+                body: bytes, options: Optional[Dict[str, Any]] = None) -> Response:
+    """Answer one HTTP request; never raises for bad input (an error response instead).
+
+    ``options``: transport hints handed to the model with an infer request (InferRequest.options)."""
     path = path.split("?", 1)[0]
     lowered = {k.lower(): v for k, v in headers.items()}
     for pattern, allowed, action in _ROUTES:
@@ -75,14 +77,15 @@ def handle_rest(service: OipService, method: str, path: str, headers: Mapping[st
                 {"error": f"{method} not allowed on {path} (use {allowed})"}).encode()
         args = {k: v for k, v in match.groupdict().items()}
         try:
-            return _dispatch(service, action, args.get("name") or "", args.get("version") or "", lowered, body)
+            return _dispatch(service, action, args.get("name") or "", args.get("version") or "", lowered, body,
+                             options or {})
         except OipError as exc:
             return _error(exc.http_status, exc.message)
     return _error(404, f"no such endpoint: {path}")
 
 
 def _dispatch(service: OipService, action: str, name: str, version: str, headers: Headers,
-              body: bytes) -> Response:
+              body: bytes, options: Dict[str, Any]) -> Response:
     if action == "live":
         return _health(service.live())
     if action == "ready":
@@ -95,6 +98,7 @@ def _dispatch(service: OipService, action: str, name: str, version: str, headers
         return _health(service.model_ready(name, version))
     service.model(name, version)  # 404 before parsing the body
     request, binary_default = parse_infer_request(headers, body)
+    request.options = options
     return encode_infer_response(service.infer(name, version, request), binary_default)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -102,9 +102,9 @@ class OipService:
         requested = _requested_outputs(request.outputs, model.info.class_num)
         tensor = request.inputs[0]
         if tensor.name == IMAGE_INPUT:
-            outcome = _infer_images(model, tensor.datatype, tensor.shape, tensor.data)
+            outcome = _infer_images(model, tensor.datatype, tensor.shape, tensor.data, request.options)
         else:
-            outcome = ImagesOutcome(_infer_tensor(model, tensor.datatype, tensor.shape, tensor.data))
+            outcome = ImagesOutcome(_infer_tensor(model, tensor.datatype, tensor.shape, tensor.data, request.options))
         outputs = [self._output(model, out, outcome) for out in requested.values()]
         if outcome.errors and ERRORS_OUTPUT not in requested:
             outputs.append(self._output(model, RequestedOutput(ERRORS_OUTPUT), outcome))
@@ -163,20 +163,22 @@ def _batch_size(name: str, shape: Sequence[int], limit: int, what: str) -> int:
     return n
 
 
-def _infer_images(model: OipModel, datatype: str, shape: Sequence[int], data: np.ndarray) -> ImagesOutcome:
+def _infer_images(model: OipModel, datatype: str, shape: Sequence[int], data: np.ndarray,
+                  options: Dict[str, Any]) -> ImagesOutcome:
     if datatype != BYTES:
         raise invalid(f"input '{IMAGE_INPUT}' must be BYTES (encoded image files), got {datatype}")
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
         raise invalid(f"input '{IMAGE_INPUT}' must have shape [N] (or [N, 1]), got {list(shape)}")
     _batch_size(IMAGE_INPUT, shape, model.info.max_images, "images")
-    outcome = model.infer_images(list(data.reshape(-1)))
+    outcome = model.infer_images(list(data.reshape(-1)), options)
     if len(outcome.errors) == len(outcome.probs):
         reasons = "; ".join(f"image {i}: {code}: {message}" for i, (code, message) in sorted(outcome.errors.items()))
         raise invalid(f"no image could be classified: {reasons}")
     return outcome
 
 
-def _infer_tensor(model: OipModel, datatype: str, shape: Sequence[int], data: np.ndarray) -> np.ndarray:
+def _infer_tensor(model: OipModel, datatype: str, shape: Sequence[int], data: np.ndarray,
+                  options: Dict[str, Any]) -> np.ndarray:
     size = model.info.input_size
     if datatype != FP32:
         raise invalid(f"input '{TENSOR_INPUT}' must be FP32, got {datatype}")
@@ -185,4 +187,4 @@ def _infer_tensor(model: OipModel, datatype: str, shape: Sequence[int], data: np
     _batch_size(TENSOR_INPUT, shape, model.info.max_batch, "rows")
     if not np.all(np.isfinite(data)):
         raise invalid(f"input '{TENSOR_INPUT}' holds NaN or infinite values")
-    return np.asarray(model.infer_tensor(np.ascontiguousarray(data, dtype=np.float32)), np.float32)
+    return np.asarray(model.infer_tensor(np.ascontiguousarray(data, dtype=np.float32), options), np.float32)

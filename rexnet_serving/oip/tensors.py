@@ -76,6 +76,9 @@ class InferRequest:
     outputs: Optional[List[RequestedOutput]] = None  # None: every default output
     id: str = ""
     parameters: Dict[str, Any] = field(default_factory=dict)
+    # Transport hints for the model, opaque to the protocol: ``timeout_s`` (the client's remaining
+    # deadline) and ``cancel_hook`` (called with a function to run when the client goes away).
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
