@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpc-port", type=int, help=f"gRPC port (default {defaults.GRPC_PORT})")
     parser.add_argument("--metrics-port", type=int,
                         help=f"health and /metrics port (default {defaults.METRICS_PORT})")
+    parser.add_argument("--oip-http-port", type=int, help=f"Open Inference Protocol (KServe v2) REST port "
+                                                           f"(default {defaults.OIP_HTTP_PORT}; 0: off)")
+    parser.add_argument("--oip-grpc-port", type=int, help=f"Open Inference Protocol (KServe v2) gRPC port "
+                                                           f"(default {defaults.OIP_GRPC_PORT}; 0: off)")
     parser.add_argument("--device", choices=("cpu", "gpu"), help="run inference here (overrides the config)")
     parser.add_argument("--runtime", choices=RUNTIMES,
                         help="openvino (CPU) or paddle (Paddle Inference); overrides "
@@ -75,6 +79,9 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
     rexnet: Dict[str, Any] = {}
     if args.metrics_port is not None:
         rexnet["metrics_port"] = args.metrics_port
+    for key in ("oip_http_port", "oip_grpc_port"):
+        if getattr(args, key) is not None:
+            rexnet[key] = getattr(args, key)
     if args.workdir is not None:
         rexnet["workdir"] = str(args.workdir)
     if args.host is not None:

@@ -72,6 +72,7 @@ def _versions_ok(value: Optional[dict]) -> bool:
 
 
 _PORT = dict(check=lambda v: v is None or 1 <= v <= 65535, rule="a port 1..65535")
+_OIP_PORT = dict(check=lambda v: v is None or 0 <= v <= 65535, rule="a port 1..65535, or 0 (off)")
 _OP_COMMON = {
     "concurrency": Field(int, 1, lambda v: 1 <= v <= 64, "1..64 threads"),
     "timeout": Field(int, -1, _ms, "-1 (none) or milliseconds > 0"),
@@ -123,6 +124,9 @@ SCHEMA: Dict[str, Any] = {
         "service_name": Field(str, defaults.SERVICE_NAME, lambda v: bool(v) and "/" not in v,
                               "a non-empty name without '/'"),
         "metrics_port": Field((int, type(None)), None, **_PORT),
+        # Open Inference Protocol (KServe v2) REST and gRPC: null = the default port, 0 = off.
+        "oip_http_port": Field((int, type(None)), None, **_OIP_PORT),
+        "oip_grpc_port": Field((int, type(None)), None, **_OIP_PORT),
         "workdir": Field((str, type(None)), None),
         "drain_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
         "startup_timeout_s": Field((int, float), 300, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
@@ -303,6 +307,9 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[Mapping[str
             merged[key] = value
     if merged["rexnet"]["metrics_port"] is None:
         merged["rexnet"]["metrics_port"] = defaults.METRICS_PORT
+    for key, value in (("oip_http_port", defaults.OIP_HTTP_PORT), ("oip_grpc_port", defaults.OIP_GRPC_PORT)):
+        if merged["rexnet"][key] is None:
+            merged["rexnet"][key] = value
     _check_combination(merged, source)
     infer = merged["op"]["infer"]
     if infer["client_config"] is not None:  # relative to where rexnet-serve starts (it then changes dir)
@@ -313,8 +320,10 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[Mapping[str
 def _check_combination(conf: Dict[str, Any], source: str) -> None:
     ports = {"http_port": conf["http_port"], "rpc_port": conf["rpc_port"],
              "rexnet.metrics_port": conf["rexnet"]["metrics_port"]}
+    ports.update({f"rexnet.{k}": conf["rexnet"][k] for k in ("oip_http_port", "oip_grpc_port") if conf["rexnet"][k]})
     if len(set(ports.values())) != len(ports):
-        raise ConfigError(f"{source}: http_port, rpc_port and rexnet.metrics_port must differ, got "
+        raise ConfigError(f"{source}: http_port, rpc_port, rexnet.metrics_port and the rexnet.oip_* ports must "
+                          "differ, got "
                           + ", ".join(f"{k}={v}" for k, v in ports.items()))
     service = conf["op"]["infer"]["local_service_conf"]
     if service["precision"] == "fp16" and service["device_type"] != 2:

@@ -44,6 +44,7 @@ from .config import ServingConfig, check_with_paddle
 from .frontdoor import FrontDoor, start_grpc_server
 from .health import DRAINING, READY, HealthServer, ServiceState
 from .http_front import HttpFrontDoor
+from .oip_front import OipFront
 from .ops import ModelRuntime, RexnetRequestOp, RexnetResponseOp, ServiceRuntime, build_dag
 
 log = logging.getLogger("rexnet_serve")
@@ -101,6 +102,7 @@ class RexnetServer:
         self._front: Optional[FrontDoor] = None
         self._dag: Any = None  # Paddle Serving's DAGExecutor
         self._runtime: Optional[ServiceRuntime] = None
+        self._oip: Optional[OipFront] = None  # Open Inference Protocol (oip_front.py)
 
     # -- start ------------------------------------------------------------------------------------
     def _load(self) -> ServiceRuntime:
@@ -172,6 +174,9 @@ class RexnetServer:
             self._grpc = start_grpc_server(self._front, host, self.config.rpc_port, conf["worker_num"], rex)
             self._http = HttpFrontDoor(self._front, host, self.config.http_port, rex)
             self._http.start()
+            # Open Inference Protocol (KServe v2): REST and gRPC on the same front door.
+            self._oip = OipFront(self._front, runtime, lambda: self.state.ready, host, rex["oip_http_port"] or None,
+                                 rex["oip_grpc_port"] or None, conf["worker_num"], rex)
         except OSError as exc:
             raise StartupError(str(exc)) from None
 
@@ -179,6 +184,8 @@ class RexnetServer:
         """None while the front doors serve, else what died (the liveness probe's answer)."""
         if self._http is not None and not self._http.alive():
             return "the HTTP front door stopped"
+        if self._oip is not None and not self._oip.alive():
+            return "the v2 HTTP front door stopped"
         return None
 
     def _warm_up(self, deadline: float) -> None:
@@ -259,6 +266,10 @@ class RexnetServer:
                 f"gRPC     {host}:{c.rpc_port} (PipelineService/inference, name {self.name!r})",
                 f"health   http://{host}:{c.metrics_port}/healthz  http://{host}:{c.metrics_port}/readyz",
                 f"metrics  http://{host}:{c.metrics_port}/metrics"]
+        if c.rexnet["oip_http_port"]:
+            urls.append(f"v2 REST  http://{host}:{c.rexnet['oip_http_port']}/v2/models/<model>/infer")
+        if c.rexnet["oip_grpc_port"]:
+            urls.append(f"v2 gRPC  {host}:{c.rexnet['oip_grpc_port']} (inference.GRPCInferenceService)")
         if c.remote:
             urls.append(f"backend  bRPC {','.join(c.infer['server_endpoints'])} (inference forwarded)")
         return urls
@@ -307,14 +318,19 @@ class RexnetServer:
             self._front.draining = True  # new requests on open connections: 3001 / HTTP 503
         if self._http is not None:
             self._http.stop_listening()
+        oip_grpc_stopped = self._oip.stop_listening(timeout) if self._oip is not None else None
         if self._grpc is not None:
             # New RPCs are refused at once (UNAVAILABLE); running ones get the rest of the budget.
             self._grpc.stop(grace=timeout).wait(timeout + 5)
+        if oip_grpc_stopped is not None:
+            oip_grpc_stopped.wait(timeout + 5)
         if self._runtime is not None:
             while self._runtime.admission.in_flight and time.monotonic() < give_up_at:
                 time.sleep(0.05)  # HTTP requests in flight (gRPC ones were waited for above)
         if self._http is not None:
             self._http.stop()
+        if self._oip is not None:
+            self._oip.stop()
         if self._dag is not None:
             self._dag.stop()  # op threads end on ChannelStopError
         if self._runtime is not None:

@@ -31,7 +31,7 @@ def run(module, client, model, image, bad, size):
     out["live"] = client.is_server_live()
     out["ready"] = client.is_server_ready()
     out["model_ready"] = client.is_model_ready(model)
-    out["model_ready_v1"] = client.is_model_ready(model, "1")
+    out["model_ready_v1"] = observe(lambda: client.is_model_ready(model, "1"))
     meta = client.get_server_metadata()
     model_meta = client.get_model_metadata(model)
     if module is grpcclient:

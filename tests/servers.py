@@ -25,11 +25,13 @@ class ServiceProcess:
         config = work / "test.yml"
         config.write_text(f"extends: {REPO_ROOT / 'serving_configs' / 'cpu.yml'}\n{config_text}", encoding="utf-8")
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+        self.oip_http, self.oip_grpc = free_port(), free_port()
         self.log = work / "serve.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [str(BIN / "rexnet-serve"), "--config", str(config), model_flag, str(model_dir), "--host",
-                 "127.0.0.1", "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port",
+                 "127.0.0.1", "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--oip-http-port",
+                 str(self.oip_http), "--oip-grpc-port", str(self.oip_grpc), "--metrics-port",
                  str(self.metrics), "--workdir", str(work / "wd")],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + start_timeout

@@ -519,7 +519,7 @@ def test_deployment_command_serves_and_drains(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("http", "grpc", "metrics")}
     command = [str(VENV_BIN / c["command"][0])] + _localize(c["args"], mounts) + [
         "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-        "--metrics-port", str(ports["metrics"])]
+        "--metrics-port", str(ports["metrics"]), "--oip-http-port", "0", "--oip-grpc-port", "0"]
     env = dict(os.environ, **{e["name"]: e["value"] for e in c["env"] if "value" in e})
     env["HOME"] = str(mounts["/tmp"])
     probe = c["readinessProbe"]["httpGet"]

@@ -275,7 +275,7 @@ def test_tritonclient_http_and_grpc(servers: Tuple[int, int], classifier: Classi
     x_probs = classifier.probabilities(batch)
     for protocol in ("http", "grpc"):
         got = report[protocol]
-        assert got["live"] and got["ready"] and got["model_ready"] and got["model_ready_v1"], protocol
+        assert got["live"] and got["ready"] and got["model_ready"] and got["model_ready_v1"] == {"ok": True}
         assert got["server_metadata"]["name"] == "rexnet-serving"
         assert got["model_metadata"]["versions"] == ["1", "2"]
         images = got["images"]["ok"]

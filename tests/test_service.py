@@ -85,7 +85,8 @@ def running_service(model_dir: Path, work: Path, rexnet_settings: str) -> Iterat
     log = work / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([str(BIN / "rexnet-serve"), "--config", str(config), "--model-dir", str(model_dir),
-                                 "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
+                                 "--http-port", str(http), "--grpc-port", str(grpc), "--oip-http-port", "0",
+                                 "--oip-grpc-port", "0", "--metrics-port",
                                  str(metrics), "--workdir", str(work / "wd")],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     svc = Service(proc, http, grpc, metrics, log)

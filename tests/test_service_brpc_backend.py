@@ -232,7 +232,8 @@ class Stack:
         with self.log.open("wb") as out:
             self.serve = subprocess.Popen([str(BIN / "rexnet-serve"), "--config", str(config), "--model-dir",
                                            str(self.model_dir), "--http-port", str(self.http), "--grpc-port",
-                                           str(self.grpc), "--metrics-port", str(self.metrics), "--workdir",
+                                           str(self.grpc), "--metrics-port", str(self.metrics), "--oip-http-port",
+                                           "0", "--oip-grpc-port", "0", "--workdir",
                                            str(self.work / "wd")],
                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -181,3 +181,18 @@ def test_serve_exit_codes_for_bad_config_and_model(tmp_path):
 def test_serve_dispatches_brpc_subcommand():
     run = run_serve("brpc", "--help")
     assert run.returncode == 0 and "rexnet-brpc" in run.stdout
+
+
+def test_open_inference_protocol_ports():
+    config = load_config(CONFIG_DIR / "cpu.yml")
+    assert (config.rexnet["oip_http_port"], config.rexnet["oip_grpc_port"]) == (defaults.OIP_HTTP_PORT,
+                                                                                defaults.OIP_GRPC_PORT)
+    off = load_config(CONFIG_DIR / "cpu.yml", {"rexnet": {"oip_http_port": 0, "oip_grpc_port": 0}})
+    assert (off.rexnet["oip_http_port"], off.rexnet["oip_grpc_port"]) == (0, 0)
+    with pytest.raises(ConfigError, match="the rexnet.oip_\\* ports must differ"):
+        load_config(CONFIG_DIR / "cpu.yml", {"http_port": defaults.OIP_HTTP_PORT})
+    with pytest.raises(ConfigError, match="oip_grpc_port"):
+        load_config(CONFIG_DIR / "cpu.yml", {"rexnet": {"oip_grpc_port": 70000}})
+    from rexnet_pipelines.cli import _overrides, build_parser
+    args = build_parser().parse_args(["--oip-http-port", "0", "--oip-grpc-port", "18001"])
+    assert _overrides(args)["rexnet"] == {"oip_http_port": 0, "oip_grpc_port": 18001}

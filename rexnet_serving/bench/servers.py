@@ -259,6 +259,7 @@ def pipeline_server(model_dir: Path, ports: PipelinePorts, workdir: Path, probe:
                    for p, port in (("http", ports.http), ("grpc", ports.grpc)))
     argv = _python("rexnet_pipelines.cli", "--model-dir", str(model_dir), "--http-port", str(ports.http),
                    "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+                   "--oip-http-port", "0", "--oip-grpc-port", "0",
                    "--workdir", str(workdir / name), *extra_args)
     return ServerProcess(f"rexnet-serve ({name})", argv, workdir / f"{name}.log", ready)
 

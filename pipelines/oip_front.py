@@ -1,0 +1,208 @@
+"""The Open Inference Protocol (KServe v2) front doors of rexnet-serve: REST and gRPC on the service's DAG.
+
+rexnet_serving.oip holds the protocol (handle_rest, the gRPC servicer, OipService); this module plugs it
+into the service: ``FrontDoorModel`` is an OipModel whose two infer calls go through the same
+FrontDoor as the Pipeline's HTTP and gRPC (admission, deadlines, cancellation, the DAG's batching, the
+per-model metrics), handing the request over on the admission ticket (``payload``) and reading the
+answer back from it (``outcome``); ``OipHttpFrontDoor`` is the Pipeline HTTP front door's Tornado
+server (same body, header, connection and idle limits) routing ``/v2/...`` to handle_rest; and
+``start_oip_grpc_server`` is the hardened gRPC server of rexnet_pipelines.frontdoor with the
+protocol's servicer. The v2 health endpoints answer from the service's own readiness.
+
+Deadlines: gRPC's own; on REST a ``Grpc-Timeout`` header, as on the Pipeline's HTTP (else the
+configured default). A client that goes away cancels its request.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent import futures
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import grpc
+import numpy as np
+import tornado.web
+from paddle_serving_server.pipeline.proto import pipeline_service_pb2
+
+from rexnet_serving.oip import ImagesOutcome, ModelInfo, OipError, OipService
+from rexnet_serving.oip.grpc_service import add_to_server
+from rexnet_serving.oip.rest import handle_rest
+from rexnet_serving.oip.tensors import DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, UNAVAILABLE
+
+from . import protocol
+from .frontdoor import FrontDoor, grpc_options
+from .http_front import HttpFrontDoor, _PredictionHandler, parse_grpc_timeout
+from .ops import ModelRuntime, ServiceRuntime
+
+REQUEST_TOO_LARGE = 53  # shared err_no: the per-request image budget (bad input, never retried)
+_KINDS = {protocol.INVALID_REQUEST: INVALID_ARGUMENT, REQUEST_TOO_LARGE: INVALID_ARGUMENT,
+          protocol.OVERLOADED: UNAVAILABLE, protocol.CLOSED_ERROR: UNAVAILABLE, protocol.TIMEOUT: DEADLINE_EXCEEDED}
+
+
+class FrontDoorModel:
+    """One served model version as an OipModel: each infer call is one request through the FrontDoor."""
+
+    def __init__(self, front: FrontDoor, model: ModelRuntime, runtime: ServiceRuntime,
+                 ready: Callable[[], bool]) -> None:
+        self.front = front
+        self.model = model
+        self.info = ModelInfo.from_manifest(model.name, str(model.version), model.classifier.manifest,
+                                            max_images=runtime.max_images, max_batch=runtime.max_batch_images)
+        self._ready = ready
+
+    def ready(self) -> bool:
+        return self._ready()
+
+    def _fields(self) -> Dict[str, Any]:
+        return {protocol.MODEL_KEY: self.model.name, protocol.MODEL_VERSION_KEY: str(self.model.version)}
+
+    def _call(self, payload: dict, options: Mapping[str, Any]) -> tuple:
+        tickets: List[Any] = []
+        hook = options.get("cancel_hook")
+
+        def watch(ticket: Any) -> None:
+            tickets.append(ticket)
+            if hook is not None:
+                hook(ticket.cancel)
+
+        response = self.front.call(pipeline_service_pb2.Request(), options.get("timeout_s"), watch, payload)
+        outcome = tickets[0].outcome if tickets else None
+        if response.err_no not in (protocol.OK, protocol.INVALID_IMAGE) or outcome is None:
+            raise OipError(_KINDS.get(response.err_no, INTERNAL), f"{response.err_msg} (err_no {response.err_no})")
+        return outcome
+
+    def infer_images(self, images: Sequence[Any], options: Mapping[str, Any]) -> ImagesOutcome:
+        fields = {f"image_{i}": image for i, image in enumerate(images)}
+        fields.update(self._fields(), top_k="1")  # top-k is the protocol's business (classification)
+        probs, results = self._call({"fields": fields}, options)
+        full = np.zeros((len(results), self.info.class_num), np.float32)
+        classified = [i for i, r in enumerate(results) if r.ok]
+        if classified:
+            full[classified] = np.asarray(probs, np.float32)
+        return ImagesOutcome(full, {i: (r.error_code, r.error_message) for i, r in enumerate(results) if not r.ok})
+
+    def infer_tensor(self, batch: np.ndarray, options: Mapping[str, Any]) -> np.ndarray:
+        probs, _ = self._call({"tensor": batch, "top_k": 1, "fields": self._fields()}, options)
+        return np.asarray(probs, np.float32)
+
+
+def oip_service(front: FrontDoor, runtime: ServiceRuntime, ready: Callable[[], bool]) -> OipService:
+    """Every served model version of the service, behind the protocol."""
+    return OipService([FrontDoorModel(front, m, runtime, ready) for m in runtime.models.values()], ready=ready)
+
+
+@tornado.web.stream_request_body
+class _OipHandler(_PredictionHandler):
+    """handle_rest behind the Pipeline HTTP handler's body limits (413 before reading an oversized body)."""
+
+    def initialize(self, service: OipService, pool: futures.ThreadPoolExecutor, max_bytes: int) -> None:
+        super().initialize(None, pool, max_bytes)
+        self.service = service
+        self._on_close: List[Callable[[], None]] = []
+
+    def _error(self, status: int, code: int, message: str) -> None:
+        self.set_status(status)
+        self.finish({"error": message})
+
+    async def _answer(self) -> None:
+        try:
+            timeout_s = parse_grpc_timeout(self.request.headers.get("Grpc-Timeout"))
+        except ValueError as exc:
+            return self._error(400, 0, str(exc))
+        options = {"timeout_s": timeout_s, "cancel_hook": self._on_close.append}
+        status, headers, body = await asyncio.get_running_loop().run_in_executor(
+            self.pool, handle_rest, self.service, self.request.method, self.request.path,
+            dict(self.request.headers.items()), b"".join(self._chunks), options)
+        self.set_status(status)
+        for key, value in headers.items():
+            if key.lower() != "content-length":
+                self.set_header(key, value)
+        if status == 503:
+            self.set_header("Retry-After", "1")
+        self.finish(body)
+
+    async def get(self) -> None:
+        await self._answer()
+
+    async def post(self) -> None:
+        await self._answer()
+
+    def on_connection_close(self) -> None:
+        for cancel in self._on_close:
+            cancel()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.finish({"error": self._reason})
+
+
+class _OipNotFound(tornado.web.RequestHandler):
+    def prepare(self) -> None:
+        self.set_status(404)
+        self.finish({"error": f"no route for {self.request.method} {self.request.path} (Open Inference "
+                              "Protocol: /v2/...)"})
+
+
+class OipHttpFrontDoor(HttpFrontDoor):
+    """The v2 REST API on its own port, in the Pipeline HTTP front door's server (limits, liveness)."""
+
+    def __init__(self, service: OipService, host: str, port: int, limits: Dict[str, Any]) -> None:
+        super().__init__(None, host, port, limits)
+        self.service = service
+        self._thread.name = "oip-http-front"
+
+    def _app(self) -> tornado.web.Application:
+        return tornado.web.Application(
+            [(r"/v2(?:/.*)?", _OipHandler,
+              {"service": self.service, "pool": self._pool, "max_bytes": self._limits["max_request_bytes"]})],
+            default_handler_class=_OipNotFound)
+
+
+def start_oip_grpc_server(service: OipService, host: str, port: int, workers: int,
+                          limits: Dict[str, Any]) -> grpc.Server:
+    """``inference.GRPCInferenceService`` on ``host:port`` with the Pipeline gRPC server's limits;
+    OSError when the port cannot be bound."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip-grpc"),
+                         options=grpc_options(limits), maximum_concurrent_rpcs=limits["grpc_max_pending_rpcs"])
+    add_to_server(service, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio >= 1.50 raises instead of returning 0
+        raise OSError(f"cannot listen on gRPC {address}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"cannot listen on gRPC {address}")
+    server.start()
+    return server
+
+
+class OipFront:
+    """Both v2 front doors of one service, started and stopped with it (either may be off: port None)."""
+
+    def __init__(self, front: FrontDoor, runtime: ServiceRuntime, ready: Callable[[], bool], host: str,
+                 http_port: Optional[int], grpc_port: Optional[int], workers: int, limits: Dict[str, Any]) -> None:
+        self.service = oip_service(front, runtime, ready)
+        self.http: Optional[OipHttpFrontDoor] = None
+        self.grpc: Optional[grpc.Server] = None
+        if http_port is not None:
+            self.http = OipHttpFrontDoor(self.service, host, http_port, limits)
+            self.http.start()
+        if grpc_port is not None:
+            try:
+                self.grpc = start_oip_grpc_server(self.service, host, grpc_port, workers, limits)
+            except OSError:
+                self.stop()
+                raise
+
+    def alive(self) -> bool:
+        return self.http is None or self.http.alive()
+
+    def stop_listening(self, grace: float) -> Optional[threading.Event]:
+        """Drain: no new connections or RPCs; running gRPC calls get ``grace`` seconds (wait on the
+        returned event). REST requests in flight are the admission's (the caller waits for those)."""
+        if self.http is not None:
+            self.http.stop_listening()
+        return self.grpc.stop(grace=grace) if self.grpc is not None else None
+
+    def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()

@@ -1,0 +1,96 @@
+"""The Open Inference Protocol served by rexnet-serve itself (pipelines/oip_front.py): a real service on a
+model repository, called with the official tritonclient (HTTP and gRPC, from the .venv-oip tool venv)
+through tests/oip_tritonclient_calls.py; the answers equal the offline Classifier's, go through the
+service's front door (per-model metrics), and v2 readiness follows the service's."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import SCORED_CLASSES, tool_python
+from images import encode, photo
+from rexnet_serving.classifier import Classifier
+from servers import ServiceProcess
+
+MODEL = "scored"
+SIZE = 224
+BAD = b"\xff\xd8\xff\xe0 this is no jpeg"
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def service(scored_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    work = tmp_path_factory.mktemp("oip_service")
+    repo = work / "repo"
+    (repo / MODEL).mkdir(parents=True)
+    (repo / MODEL / "3").symlink_to(scored_model_dir, target_is_directory=True)
+    svc = ServiceProcess(repo, work, model_flag="--model-repository")
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def test_v2_health_and_metadata_over_rest(service: ServiceProcess) -> None:
+    base = f"http://127.0.0.1:{service.oip_http}"
+    assert requests.get(f"{base}/v2/health/live", timeout=10).status_code == 200
+    assert requests.get(f"{base}/v2/health/ready", timeout=10).status_code == 200
+    meta = requests.get(f"{base}/v2/models/{MODEL}", timeout=10).json()
+    assert meta["versions"] == ["3"] and meta["outputs"][0]["shape"] == [-1, SCORED_CLASSES]
+    missing = requests.get(f"{base}/v2/models/nope/ready", timeout=10)
+    assert missing.status_code == 404 and "unknown model 'nope'" in missing.json()["error"]
+    assert requests.get(f"{base}/elsewhere", timeout=10).status_code == 404
+
+
+@pytest.mark.slow
+def test_tritonclient_against_rexnet_serve(service: ServiceProcess, scored_model_dir: Path, tmp_path: Path) -> None:
+    jpeg = encode(photo("china", (320, 240)), "jpeg", quality=90)
+    (tmp_path / "cat.jpg").write_bytes(jpeg)
+    (tmp_path / "bad.jpg").write_bytes(BAD)
+    before = service.metric("rexnet_model_requests_total", err_no="0", model=MODEL, version="3")
+    proc = subprocess.run([tool_python(), str(Path(__file__).parent / "oip_tritonclient_calls.py"),
+                           f"127.0.0.1:{service.oip_http}", f"127.0.0.1:{service.oip_grpc}", MODEL,
+                           str(tmp_path / "cat.jpg"), str(tmp_path / "bad.jpg"), str(SIZE)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    classifier = Classifier(scored_model_dir, mkldnn=False)
+    expected = classifier.classify_arrays(classifier.decode([jpeg])[0])[0]
+    top = classifier.classify([jpeg], top_k=3)[0].predictions
+    batch = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    for protocol in ("http", "grpc"):
+        got = report[protocol]
+        assert got["live"] and got["ready"] and got["model_ready"] is True, protocol
+    # version 1 is not served: HTTP 404 (tritonclient: not ready), gRPC NOT_FOUND
+    assert report["http"]["model_ready_v1"] == {"ok": False}
+    assert report["grpc"]["model_ready_v1"]["status"] == "StatusCode.NOT_FOUND"
+    for protocol in ("http", "grpc"):
+        got = report[protocol]
+        images = got["images"]["ok"]
+        np.testing.assert_allclose(images["probs"][0], expected, atol=1e-5)
+        np.testing.assert_allclose(images["probs"][2], expected, atol=1e-5)
+        assert not any(images["probs"][1]) and json.loads(images["errors"][1])["code"] == "truncated"
+        classes = got["images_class_count"]["ok"]["probs"]
+        assert [c.split(":")[1:] for c in classes[:3]] == [[str(p.class_id), p.label] for p in top]
+        np.testing.assert_allclose(got["x"]["ok"]["probs"], classifier.probabilities(batch), atol=1e-5)
+        assert "unknown model 'no_such_model'" in got["unknown_model"]["error"]
+        assert "no image could be classified" in got["only_bad_images"]["error"]
+    assert report["http"]["bad_shape"]["status"] == "400"
+    assert report["grpc"]["unknown_model"]["status"] == "StatusCode.NOT_FOUND"
+    # every v2 infer went through the service's front door: counted per model
+    after = service.metric("rexnet_model_requests_total", err_no="0", model=MODEL, version="3")
+    assert after - before >= 8
+
+
+def test_sigterm_drains_the_v2_front_doors_too(service: ServiceProcess) -> None:
+    import signal
+    service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(60) == 0, service.log.read_text()[-2000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{service.oip_http}/v2/health/live", timeout=5)
