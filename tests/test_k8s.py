@@ -136,8 +136,10 @@ def pod_specs(docs: List[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ports_are_the_service_defaults(overlay: str, tmp_path: Path) -> None:
     config = resolved_config(overlay, tmp_path)
-    expected = {"http": defaults.HTTP_PORT, "grpc": defaults.GRPC_PORT, "metrics": defaults.METRICS_PORT}
-    assert (config.http_port, config.rpc_port, config.metrics_port) == tuple(expected.values())
+    expected = {"http": defaults.HTTP_PORT, "grpc": defaults.GRPC_PORT, "metrics": defaults.METRICS_PORT,
+                "v2-http": defaults.OIP_HTTP_PORT, "v2-grpc": defaults.OIP_GRPC_PORT}
+    assert (config.http_port, config.rpc_port, config.metrics_port, config.rexnet["oip_http_port"],
+            config.rexnet["oip_grpc_port"]) == tuple(expected.values())
     docs = rendered(overlay)
     ports = {p["name"]: p["containerPort"] for p in serving(docs)["ports"]}
     assert ports == expected
