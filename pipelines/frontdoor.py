@@ -106,9 +106,17 @@ def grpc_options(limits: Dict[str, Any]) -> list:
 
 def start_grpc_server(front: FrontDoor, host: str, port: int, workers: int, limits: Dict[str, Any]) -> grpc.Server:
     """The PipelineService on ``host:port``; raises OSError when the port cannot be bound."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+    return serve_grpc(lambda server: pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
+        PipelineServicer(front), server), host, port, workers, limits)
+
+
+def serve_grpc(register: Callable[[grpc.Server], Any], host: str, port: int, workers: int, limits: Dict[str, Any],
+               thread_prefix: str = "grpc") -> grpc.Server:
+    """A started gRPC server with this module's limits and the servicers ``register`` adds; OSError when
+    the port cannot be bound."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_prefix),
                          options=grpc_options(limits), maximum_concurrent_rpcs=limits["grpc_max_pending_rpcs"])
-    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(front), server)
+    register(server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

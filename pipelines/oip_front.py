@@ -30,7 +30,7 @@ from rexnet_serving.oip.rest import handle_rest
 from rexnet_serving.oip.tensors import DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, UNAVAILABLE
 
 from . import protocol
-from .frontdoor import FrontDoor, grpc_options
+from .frontdoor import FrontDoor, serve_grpc
 from .http_front import HttpFrontDoor, _PredictionHandler, parse_grpc_timeout
 from .ops import ModelRuntime, ServiceRuntime
 
@@ -161,18 +161,7 @@ def start_oip_grpc_server(service: OipService, host: str, port: int, workers: in
                           limits: Dict[str, Any]) -> grpc.Server:
     """``inference.GRPCInferenceService`` on ``host:port`` with the Pipeline gRPC server's limits;
     OSError when the port cannot be bound."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip-grpc"),
-                         options=grpc_options(limits), maximum_concurrent_rpcs=limits["grpc_max_pending_rpcs"])
-    add_to_server(service, server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpcio >= 1.50 raises instead of returning 0
-        raise OSError(f"cannot listen on gRPC {address}: {exc}") from None
-    if bound == 0:
-        raise OSError(f"cannot listen on gRPC {address}")
-    server.start()
-    return server
+    return serve_grpc(lambda server: add_to_server(service, server), host, port, workers, limits, "oip-grpc")
 
 
 class OipFront:

@@ -36,6 +36,19 @@ def tool_python() -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+def tritonclient_report(http_port: int, grpc_port: int, model: str, image: bytes, bad: bytes, size: int,
+                        work: Path) -> dict:
+    """tests/oip_tritonclient_calls.py run from the tool venv against 127.0.0.1: what each call answered."""
+    import json
+    (work / "good.img").write_bytes(image)
+    (work / "bad.img").write_bytes(bad)
+    proc = subprocess.run([tool_python(), str(Path(__file__).parent / "oip_tritonclient_calls.py"),
+                           f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", model, str(work / "good.img"),
+                           str(work / "bad.img"), str(size)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
 import threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, SCORED_CLASSES, tool_python
+from conftest import REPO_ROOT, SCORED_CLASSES, tritonclient_report
 from images import encode, photo
 from rexnet_serving.classifier import Classifier
 from rexnet_serving.oip import ClassifierModel, OipService
@@ -261,14 +260,7 @@ def test_grpc_servicer(servers: Tuple[int, int], classifier: Classifier, jpeg: b
 @pytest.mark.slow
 def test_tritonclient_http_and_grpc(servers: Tuple[int, int], classifier: Classifier, jpeg: bytes,
                                     tmp_path: Path) -> None:
-    (tmp_path / "cat.jpg").write_bytes(jpeg)
-    (tmp_path / "bad.jpg").write_bytes(BAD)
-    proc = subprocess.run([tool_python(), str(Path(__file__).parent / "oip_tritonclient_calls.py"),
-                           f"127.0.0.1:{servers[0]}", f"127.0.0.1:{servers[1]}", MODEL,
-                           str(tmp_path / "cat.jpg"), str(tmp_path / "bad.jpg"), str(SIZE)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report = tritonclient_report(servers[0], servers[1], MODEL, jpeg, BAD, SIZE, tmp_path)
     expected = classifier.classify_arrays(classifier.decode([jpeg])[0])[0]
     top = classifier.classify([jpeg], top_k=3)[0].predictions
     batch = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)

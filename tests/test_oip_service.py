@@ -5,7 +5,6 @@ service's front door (per-model metrics), and v2 readiness follows the service's
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import SCORED_CLASSES, tool_python
+from conftest import SCORED_CLASSES, tritonclient_report
 from images import encode, photo
 from rexnet_serving.classifier import Classifier
 from servers import ServiceProcess
@@ -51,15 +50,8 @@ def test_v2_health_and_metadata_over_rest(service: ServiceProcess) -> None:
 @pytest.mark.slow
 def test_tritonclient_against_rexnet_serve(service: ServiceProcess, scored_model_dir: Path, tmp_path: Path) -> None:
     jpeg = encode(photo("china", (320, 240)), "jpeg", quality=90)
-    (tmp_path / "cat.jpg").write_bytes(jpeg)
-    (tmp_path / "bad.jpg").write_bytes(BAD)
     before = service.metric("rexnet_model_requests_total", err_no="0", model=MODEL, version="3")
-    proc = subprocess.run([tool_python(), str(Path(__file__).parent / "oip_tritonclient_calls.py"),
-                           f"127.0.0.1:{service.oip_http}", f"127.0.0.1:{service.oip_grpc}", MODEL,
-                           str(tmp_path / "cat.jpg"), str(tmp_path / "bad.jpg"), str(SIZE)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    report = tritonclient_report(service.oip_http, service.oip_grpc, MODEL, jpeg, BAD, SIZE, tmp_path)
     classifier = Classifier(scored_model_dir, mkldnn=False)
     expected = classifier.classify_arrays(classifier.decode([jpeg])[0])[0]
     top = classifier.classify([jpeg], top_k=3)[0].predictions
