@@ -62,7 +62,8 @@ def service(scored_model_dir, tmp_path_factory):
     with log.open("wb") as out:
         proc = subprocess.Popen([str(BIN / "rexnet-serve"), "--model-dir", str(scored_model_dir),
                                  "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
-                                 str(metrics), "--workdir", str(work / "wd")],
+                                 str(metrics), "--oip-http-port", "0", "--oip-grpc-port", "0",
+                                 "--workdir", str(work / "wd")],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT
