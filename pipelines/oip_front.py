@@ -34,8 +34,7 @@ from .frontdoor import FrontDoor, serve_grpc
 from .http_front import HttpFrontDoor, _PredictionHandler, parse_grpc_timeout
 from .ops import ModelRuntime, ServiceRuntime
 
-REQUEST_TOO_LARGE = 53  # shared err_no: the per-request image budget (bad input, never retried)
-_KINDS = {protocol.INVALID_REQUEST: INVALID_ARGUMENT, REQUEST_TOO_LARGE: INVALID_ARGUMENT,
+_KINDS = {protocol.INVALID_REQUEST: INVALID_ARGUMENT, protocol.REQUEST_TOO_LARGE: INVALID_ARGUMENT,
           protocol.OVERLOADED: UNAVAILABLE, protocol.CLOSED_ERROR: UNAVAILABLE, protocol.TIMEOUT: DEADLINE_EXCEEDED}
 
 
