@@ -80,6 +80,27 @@ def test_tritonclient_against_rexnet_serve(service: ServiceProcess, scored_model
     assert after - before >= 8
 
 
+@pytest.mark.parametrize("protocol", ["v2-grpc", "v2-http"])
+def test_project_clients_over_v2(service: ServiceProcess, scored_model_dir: Path, protocol: str) -> None:
+    from rexnet_serving.clients.base import BadRequestError, make_client
+    jpeg = encode(photo("flower", (300, 200)), "png")
+    port = service.oip_grpc if protocol == "v2-grpc" else service.oip_http
+    client = make_client(protocol, f"127.0.0.1:{port}", timeout=30, model=MODEL)
+    try:
+        good, bad = client.classify([jpeg, BAD], top_k=3)
+        expected = Classifier(scored_model_dir, mkldnn=False).classify([jpeg], top_k=3)[0]
+        assert [(p.class_id, p.label) for p in good.predictions] == [(p.class_id, p.label) for p in expected.predictions]
+        np.testing.assert_allclose([p.score for p in good.predictions], [p.score for p in expected.predictions],
+                                   atol=1e-5)
+        assert not bad.ok and bad.error_code == "truncated"
+        with pytest.raises(BadRequestError, match="no image could be classified"):
+            client.classify([BAD])
+    finally:
+        client.close()
+    with pytest.raises(BadRequestError, match="unknown model 'nope'"):
+        make_client(protocol, f"127.0.0.1:{port}", model="nope").classify([jpeg])
+
+
 def test_sigterm_drains_the_v2_front_doors_too(service: ServiceProcess) -> None:
     import signal
     service.proc.send_signal(signal.SIGTERM)

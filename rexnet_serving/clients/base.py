@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Dict, List, Protocol, Sequence
 
+from .. import defaults
 from ..results import ImageResult
 
 
@@ -32,11 +33,19 @@ PROTOCOLS: Dict[str, str] = {
     "http": "rexnet_serving.clients.http:HttpClient",
     "grpc": "rexnet_serving.clients.grpc:GrpcClient",
     "brpc": "rexnet_serving.clients.brpc:BrpcClient",
+    "v2-http": "rexnet_serving.clients.oip:OipHttpClient",   # Open Inference Protocol (KServe v2) REST
+    "v2-grpc": "rexnet_serving.clients.oip:OipGrpcClient",   # ... and gRPC
 }
 
 
+# protocol name -> the port its client talks to when no address names one.
+DEFAULT_PORTS: Dict[str, int] = {"http": defaults.HTTP_PORT, "grpc": defaults.GRPC_PORT, "brpc": defaults.BRPC_PORT,
+                                 "v2-http": defaults.OIP_HTTP_PORT, "v2-grpc": defaults.OIP_GRPC_PORT}
+
+
 def make_client(protocol: str, address: str, timeout: float = 30.0, **options: Any) -> ClassifierClient:
-    """Build the client for ``protocol`` ("http", "grpc" or "brpc") talking to ``address`` (host:port)."""
+    """Build the client for ``protocol`` ("http", "grpc", "brpc", "v2-http", "v2-grpc") talking to ``address``
+    (host:port)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     module_name, factory = PROTOCOLS[protocol].split(":")

@@ -31,15 +31,13 @@ from typing import Callable, Collection, List, Optional, Sequence, Tuple, Union
 
 from tqdm import tqdm
 
-from .. import defaults
 from ..results import ImageResult
 from ..runs.cli import SOURCES_HELP, add_output_arguments, bounded, run_and_report
 from ..runs.inputs import InputItem, PathLike, UsageError, collect_inputs  # noqa: F401 (re-exported)
 from ..runs.output import CSV_FIELDS, format_for, open_run  # noqa: F401 (re-exported)
 from ..runs.summary import EXIT_USAGE, RunInterrupted, RunSummary
-from .base import PROTOCOLS, BadRequestError, ClassifierClient, ClientError, TransientError, make_client
+from .base import DEFAULT_PORTS, PROTOCOLS, BadRequestError, ClassifierClient, ClientError, TransientError, make_client
 
-DEFAULT_PORTS = {"http": defaults.HTTP_PORT, "grpc": defaults.GRPC_PORT, "brpc": defaults.BRPC_PORT}
 
 UNREADABLE = "unreadable"
 UNAVAILABLE = "unavailable"

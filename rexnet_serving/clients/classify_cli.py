@@ -13,10 +13,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..defaults import BRPC_PORT, GRPC_PORT, HTTP_PORT
-from .base import PROTOCOLS, ClientError, make_client
-
-DEFAULT_PORTS = {"http": HTTP_PORT, "grpc": GRPC_PORT, "brpc": BRPC_PORT}
+from .base import DEFAULT_PORTS, PROTOCOLS, ClientError, make_client
 
 
 def build_parser() -> argparse.ArgumentParser:
