@@ -51,6 +51,9 @@ def eval_preprocess_config(config: Dict[str, Any]) -> PreprocessConfig:
 def _setup_logging(output_dir: Optional[str]) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
+    # Importing Paddle Serving's pipeline package (rexnet-eval or a test in the same process may) runs
+    # logging.config.dictConfig, which disables every logger that existed before: this one included.
+    log.disabled = False
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stdout)]
