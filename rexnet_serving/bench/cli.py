@@ -38,7 +38,9 @@ from .loadgen import ARRIVALS, RunResult, closed_loop, open_loop
 from .payloads import PayloadError, describe, generate_photos, load_payloads
 from .servers import IMAGES_PER_REQUEST
 
-PROTOCOLS = ("http", "grpc", "brpc")
+PROTOCOLS = ("http", "grpc", "brpc", "v2-http", "v2-grpc")
+PIPELINE_PROTOCOLS = ("http", "grpc")  # rexnet-serve's own; the floor and the runtime comparison use these
+V2_PROTOCOLS = ("v2-http", "v2-grpc")  # rexnet-serve's Open Inference Protocol ports
 BASELINES = ("inprocess", "floor", "documented")
 QUICK = {"duration": 4.0, "warmup": 2.0, "concurrency": [1, 8], "batches": [1, 8], "inprocess_seconds": 2.0,
          "calibration_seconds": 2.0}
@@ -208,7 +210,8 @@ class Bench:
                 info["runtime"] = scrape_runtime(metrics_url)
             self.result["servers"][name] = info
             for target, address in loads:  # target: a protocol, or protocol@runtime
-                factory = servers.sender_for(target.partition("@")[0], address, self.args.timeout, self.payloads)
+                factory = servers.sender_for(target.partition("@")[0], address, self.args.timeout, self.payloads,
+                                             model=self.model_dir.name)
                 for concurrency in self.settings["concurrency"]:
                     self.load_point(target, factory, "closed", concurrency, server.pid, metrics_url)
                 for rate in self.open_rates(target):
@@ -232,7 +235,7 @@ class Bench:
         per_target = len(s["concurrency"]) + (0 if s["rate"] == "none" else
                                               len(AUTO_RATE_FRACTIONS) if s["rate"] == "auto" else len(s["rate"]))
         count = len(self.args.protocols) * per_target
-        serve_protocols = len({"http", "grpc"} & set(self.args.protocols))
+        serve_protocols = len(set(PIPELINE_PROTOCOLS) & set(self.args.protocols))
         count += per_target if "http" in self.args.protocols else 0  # http-x8
         if "floor" in self.args.baselines:
             count += serve_protocols * per_target
@@ -241,7 +244,7 @@ class Bench:
         if "documented" in self.args.baselines:
             count += len(s["concurrency"])
         if not self.args.no_calibration:
-            count += len(self.args.protocols)
+            count += len([p for p in self.args.protocols if p not in V2_PROTOCOLS])
         return count
 
     # -- phases ------------------------------------------------------------------------------------------
@@ -251,7 +254,7 @@ class Bench:
         saved = dict(self.settings)
         self.settings.update(duration=self.settings["calibration_seconds"], warmup=1.0)
         try:
-            for protocol in self.args.protocols:
+            for protocol in [p for p in self.args.protocols if p not in V2_PROTOCOLS]:  # no instant v2 server
                 port = servers.free_port()
                 try:
                     with servers.fake_server(protocol, port, self.work, self.payloads[0]) as fake:
@@ -291,17 +294,19 @@ class Bench:
         same front doors, same DAG, pass-through stages), whose latency is the framework's floor; with
         ``runtime``, rexnet-serve --runtime that one (targets ``http@<runtime>``, ``grpc@<runtime>``)."""
         from . import servers
-        ports = servers.PipelinePorts.free()
+        main_run = not floor and not runtime
+        v2 = [p for p in V2_PROTOCOLS if p in self.args.protocols] if main_run else []
+        ports = servers.PipelinePorts.free(v2=bool(v2))
         name, prefix = ("floor", "floor-") if floor else ("pipeline", "")
         suffix = f"@{runtime}" if runtime else ""
         extra = (shlex.split(self.args.serve_args) + (["--floor"] if floor else [])
                  + (["--runtime", runtime] if runtime else []))
         server = servers.pipeline_server(self.model_dir, ports, self.work, self.payloads[0], self.args.timeout,
                                          extra, name + suffix)
-        loads = [(prefix + p + suffix, f"127.0.0.1:{ports.http if p == 'http' else ports.grpc}")
-                 for p in ("http", "grpc") if p in self.args.protocols]
-        if not floor and not runtime and "http" in self.args.protocols:
-            loads.append(("http-x8", f"127.0.0.1:{ports.http}"))
+        targets = [p for p in PIPELINE_PROTOCOLS if p in self.args.protocols] + v2
+        if main_run and "http" in self.args.protocols:
+            targets.append("http-x8")
+        loads = [(prefix + t + suffix, f"127.0.0.1:{ports.of(t)}") for t in targets]
         self.serve_and_load(name + suffix, server, loads, f"http://127.0.0.1:{ports.metrics}/metrics")
 
     def floor(self) -> None:
@@ -408,12 +413,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         phases.append(("calibration", bench.calibrate))
     if "inprocess" in args.baselines:
         phases.append(("in-process baseline", bench.inprocess))
-    if {"http", "grpc"} & set(args.protocols):
+    if set(PIPELINE_PROTOCOLS + V2_PROTOCOLS) & set(args.protocols):
         phases.append(("rexnet-serve", bench.pipeline))
         if args.compare_serve_runtime:
             phases.append((f"rexnet-serve --runtime {args.compare_serve_runtime}",
                            lambda: bench.pipeline(runtime=args.compare_serve_runtime)))
-    if {"http", "grpc"} & set(args.protocols) and "floor" in args.baselines:
+    if set(PIPELINE_PROTOCOLS) & set(args.protocols) and "floor" in args.baselines:
         phases.append(("framework floor", bench.floor))
     if "brpc" in args.protocols:
         phases.append(("rexnet-brpc", bench.brpc))

@@ -18,7 +18,8 @@ OPENVINO_VS_PADDLE_INPROCESS = 1.3   # in-process OpenVINO FP32 / Paddle Inferen
 OPENVINO_VS_PADDLE_SERVICE = 1.25    # HTTP service at its best concurrency, on OpenVINO FP32 / on Paddle
 
 LABELS = {"http": "HTTP (rexnet-serve)", "grpc": "gRPC (rexnet-serve)", "brpc": "bRPC (rexnet-brpc native)",
-          "http-x8": "HTTP, 8 images per request", "floor-http": "framework floor, HTTP (no model)",
+          "http-x8": "HTTP, 8 images per request", "v2-http": "v2 REST (Open Inference Protocol)",
+          "v2-grpc": "v2 gRPC (Open Inference Protocol, raw image bytes)", "floor-http": "framework floor, HTTP (no model)",
           "floor-grpc": "framework floor, gRPC (no model)", "documented": "documented way (PaddleClas example)"}
 
 
@@ -73,6 +74,10 @@ def check_targets(result: Dict[str, Any]) -> List[Dict[str, Any]]:
         if best and limit:
             add(f"{target} img/s at its best concurrency / in-process best ({limit:.1f} img/s)",
                 round(best / limit, 2), f">= {goal}", best / limit >= goal)
+    v2, pipeline_grpc = best_rate(result, "v2-grpc"), best_rate(result, "grpc")
+    if v2 and pipeline_grpc:
+        add(f"v2 gRPC best img/s / Pipeline gRPC best ({pipeline_grpc:.1f} img/s)", round(v2 / pipeline_grpc, 2),
+            ">= 1.0", v2 / pipeline_grpc >= 1.0)
     for target in ("http", "grpc"):
         point = point_at(result, target, TARGET_CONCURRENCY)
         if point and point.get("p50_ms") and point.get("p99_ms") is not None:

@@ -50,8 +50,8 @@ class ImageFailed(RuntimeError):
 class ProjectSender:
     """A loadgen Sender over the project's own clients: one image per request, top-5, result checked."""
 
-    def __init__(self, protocol: str, address: str, timeout: float) -> None:
-        self._client = make_client(protocol, address, timeout=timeout)
+    def __init__(self, protocol: str, address: str, timeout: float, **options: object) -> None:
+        self._client = make_client(protocol, address, timeout=timeout, **options)
 
     def send(self, data: bytes) -> None:
         result = self._client.classify([data], 5)[0]
@@ -133,14 +133,18 @@ class HttpSender:
         self._poster.close()
 
 
-def sender_for(target: str, address: str, timeout: float, payloads: Sequence[bytes]) -> SenderFactory:
+def sender_for(target: str, address: str, timeout: float, payloads: Sequence[bytes],
+               model: str = "") -> SenderFactory:
     """The sender factory of a target: http, grpc, brpc (the project's clients), documented, the floor's
-    (``floor-http``, ``floor-grpc``: the same clients) or ``http-x8`` (HTTP, 8 images per request)."""
+    (``floor-http``, ``floor-grpc``: the same clients), ``http-x8`` (HTTP, 8 images per request) or
+    ``v2-http`` / ``v2-grpc`` (the Open Inference Protocol, for ``model``)."""
     target = target[len("floor-"):] if target.startswith("floor-") else target
     if target == "http":
         return lambda: HttpSender(address, timeout, payloads)
     if target == "http-x8":
         return lambda: HttpSender(address, timeout, payloads, images=IMAGES_PER_REQUEST[target])
+    if target.startswith("v2-"):  # the Open Inference Protocol, raw image bytes (binary tensor data)
+        return lambda: ProjectSender(target, address, timeout, model=model)
     if target == "documented":
         from .documented_way import DocumentedClient
         return lambda: DocumentedClient(address, timeout, payloads)
@@ -241,10 +245,18 @@ class PipelinePorts:
     http: int
     grpc: int
     metrics: int
+    v2_http: int = 0  # 0: the Open Inference Protocol ports stay off
+    v2_grpc: int = 0
 
     @classmethod
-    def free(cls) -> "PipelinePorts":
-        return cls(free_port(), free_port(), free_port())
+    def free(cls, v2: bool = False) -> "PipelinePorts":
+        return cls(free_port(), free_port(), free_port(), *((free_port(), free_port()) if v2 else (0, 0)))
+
+    def of(self, target: str) -> int:
+        """The port a load target talks to (http, http-x8, grpc, v2-http, v2-grpc, floor-*)."""
+        target = target[len("floor-"):] if target.startswith("floor-") else target
+        return {"http": self.http, "http-x8": self.http, "grpc": self.grpc, "v2-http": self.v2_http,
+                "v2-grpc": self.v2_grpc}[target]
 
 
 def pipeline_server(model_dir: Path, ports: PipelinePorts, workdir: Path, probe: bytes, timeout: float,
@@ -259,7 +271,7 @@ def pipeline_server(model_dir: Path, ports: PipelinePorts, workdir: Path, probe:
                    for p, port in (("http", ports.http), ("grpc", ports.grpc)))
     argv = _python("rexnet_pipelines.cli", "--model-dir", str(model_dir), "--http-port", str(ports.http),
                    "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
-                   "--oip-http-port", "0", "--oip-grpc-port", "0",
+                   "--oip-http-port", str(ports.v2_http), "--oip-grpc-port", str(ports.v2_grpc),
                    "--workdir", str(workdir / name), *extra_args)
     return ServerProcess(f"rexnet-serve ({name})", argv, workdir / f"{name}.log", ready)
 
