@@ -152,7 +152,7 @@ SCHEMA: Dict[str, Any] = {
         "body_timeout_s": Field((int, float), 60, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
         "http_max_connections": Field(int, 1024, lambda v: 1 <= v <= 65536, "1..65536 connections"),
         "grpc_max_connections": Field(int, 256, lambda v: 1 <= v <= 65536, "1..65536 connections"),
-        "grpc_max_streams_per_connection": Field(int, 8, lambda v: 1 <= v <= 1024, "1..1024 streams"),
+        "grpc_max_streams_per_connection": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 streams"),
         "grpc_max_pending_rpcs": Field(int, 256, lambda v: 1 <= v <= 65536, "1..65536 RPCs"),
     },
 }

@@ -123,6 +123,20 @@ def test_concurrent_requests_still_form_batches(service):
     assert images == 48 and passes < 48, f"48 images in {passes:.0f} forward passes"
 
 
+def test_many_calls_multiplexed_on_one_grpc_connection_all_succeed(service):
+    """gRPC clients multiplex their calls over one connection: as many at once as the service admits
+    must all be answered, none refused back to the client by the per-connection stream limit (which
+    counts a stream until the server is done with it, so a limit at the admission limit would refuse)."""
+    from rexnet_serving.clients.grpc import GrpcClient
+    client = GrpcClient(f"127.0.0.1:{service.grpc}", timeout=60)
+    try:
+        with ThreadPoolExecutor(IN_FLIGHT) as pool:
+            results = list(pool.map(lambda _: client.classify([JPEG], top_k=1)[0], range(40 * IN_FLIGHT)))
+    finally:
+        client.close()
+    assert all(r.ok for r in results)
+
+
 # -- hostile clients ----------------------------------------------------------------------------------
 def test_rapid_reset_on_the_grpc_port(service, pipeline_client):
     send = grpc_send(pipeline_client)
