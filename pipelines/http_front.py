@@ -137,6 +137,9 @@ class _PredictionHandler(tornado.web.RequestHandler):
         self._chunks.append(chunk)
 
     async def post(self, name: str) -> None:
+        refused = self.front.refusal()  # before parsing: shedding load must cost as little as possible
+        if refused is not None:
+            return self._answer(refused)
         try:
             request = parse_request(b"".join(self._chunks))
             timeout_s = parse_grpc_timeout(self.request.headers.get("Grpc-Timeout"))
@@ -147,8 +150,10 @@ class _PredictionHandler(tornado.web.RequestHandler):
         def watch(ticket: Any) -> None:
             self.ticket = ticket
 
-        response = await asyncio.get_running_loop().run_in_executor(
-            self.pool, self.front.call, request, timeout_s, watch)
+        self._answer(await asyncio.get_running_loop().run_in_executor(
+            self.pool, self.front.call, request, timeout_s, watch))
+
+    def _answer(self, response: Any) -> None:
         if response.err_no in (protocol.OVERLOADED, protocol.CLOSED_ERROR):
             self.set_status(503)  # load balancers and clients retry elsewhere / later
             self.set_header("Retry-After", "1")
