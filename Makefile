@@ -12,9 +12,9 @@ serve: setup
 test: setup
 	$(VENV)/python -m pytest
 
-# Regenerate the Open Inference Protocol's gRPC code from rexnet_serving/oip/proto/*.proto.
+# The Open Inference Protocol's gRPC definitions again, from the kserve package (setup does this once).
 oip-proto: setup
-	@scripts/gen_oip_proto.sh
+	@.venv/bin/python scripts/oip_descriptor.py
 
 # The tool venv (.venv-oip: tritonclient, kserve) the v2 and KServe tests use.
 oip-tools:

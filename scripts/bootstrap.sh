@@ -34,7 +34,8 @@ find_python39() {
 stamp_of() { cat "$root/setup.py" "${BASH_SOURCE[0]}" "$root/scripts/no-deps-requirements.txt" | sha256sum | cut -d' ' -f1 | sed "s/\$/-$device/"; }
 stamp_file="$venv/.rexnet-installed"
 want=$(stamp_of)
-if [ -x "$venv/bin/python" ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want" ]; then
+if [ -x "$venv/bin/python" ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want" ] \
+   && [ -f "$root/rexnet_serving/oip/proto/inference_v2.desc" ]; then
   exit 0
 fi
 
@@ -58,4 +59,6 @@ echo "bootstrap: installing rexnet-serving[$device] into .venv"
 "$venv/bin/python" -m pip install -q -e "$root[$device,test]"
 # Pins that go in without their metadata's dependencies (why: in that file).
 "$venv/bin/python" -m pip install -q --no-deps -r "$root/scripts/no-deps-requirements.txt"
+# The Open Inference Protocol's gRPC definitions, from the kserve package (see that script).
+"$venv/bin/python" "$root/scripts/oip_descriptor.py"
 echo "$want" > "$stamp_file"
