@@ -58,9 +58,6 @@ class Ticket:
             return DEADLINE
         return None
 
-    def remaining(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
-
     def prepared(self) -> None:
         """The request left the prepare stage (decoded and preprocessed, or refused there)."""
         if self._preparing:

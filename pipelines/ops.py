@@ -36,7 +36,6 @@ from paddle_serving_server.pipeline import Op, RequestOp, ResponseOp
 from paddle_serving_server.pipeline.channel import ChannelDataType, ChannelTimeoutError
 from paddle_serving_server.pipeline.error_catch import CustomExceptionCode
 
-from rexnet_serving.classifier import Classifier
 from rexnet_serving.clients.base import ClientError
 from rexnet_serving.imageio import DecodeLimits, RequestTooLargeError
 
@@ -99,11 +98,6 @@ class ServiceRuntime:
     @property
     def default(self) -> ModelRuntime:
         return self.latest[self.default_model]
-
-    @property
-    def classifier(self) -> Any:
-        """The default model's classifier."""
-        return self.default.classifier
 
     def resolve(self, name: Optional[str], version: Optional[int] = None) -> ModelRuntime:
         """The model a request asks for (its highest served version unless it names one)."""
