@@ -11,15 +11,26 @@ Integrity: ``files`` records the size and sha256 of every file of the export (ma
 ``content_sha256`` is the sha256 of the manifest's own canonical JSON without that key, so a damaged
 weights file of the same size, a missing file, or a hand edit of the manifest (say, the normalisation
 constants) is refused by ``verify_files`` before anything is loaded. Every loader calls it (Paddle
-Inference, the Classifier, the bRPC endpoint, the C++ Serving launcher, the benchmark's baseline).
+Inference, OpenVINO, the Classifier and its labels, the bRPC endpoint, the C++ Serving launcher, the
+remote predictor's client config, the benchmark's baseline).
 Exports written before the digests existed (format_version 1) are refused with how to re-export.
+
+The digest is no signature (anyone who edits the manifest can recompute it), so what is loaded is
+pinned by structure too: every path the manifest names (``files``, ``paths``, ``labels_file``) is
+relative and free of ``..``, resolves (symlinks followed) inside the export, and is listed in
+``files``; a directory a runtime loads as a whole (``inference``, ``serving_server``,
+``serving_client``: Paddle Serving's LocalPredictor globs ``*.pdmodel``, the C++ engine takes the first
+model file it finds) holds only listed files. ``verify_files`` resolves every path once and returns a
+manifest whose ``path``/``file``/``labels_path`` give those resolved, verified paths, so the runtimes
+open exactly the files that were checked, never a second lookup by name.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -51,6 +62,16 @@ REQUIRED_PATH_KEYS = (INFERENCE, SERVING_SERVER, SERVING_CLIENT)
 # The program and weights file names inside inference/ (and serving_server/).
 MODEL_FILE = "inference.pdmodel"
 PARAMS_FILE = "inference.pdiparams"
+# Paddle Serving's model configs (rexnet_serving.export.serving_format writes them).
+SERVER_CONF = "serving_server_conf.prototxt"
+CLIENT_CONF = "serving_client_conf.prototxt"
+# The directories of ``paths`` and the files a runtime opens in each, which must be listed in ``files``;
+# any other file found in such a directory must be listed too (verify_files).
+RUNTIME_FILES: Dict[str, Tuple[str, ...]] = {
+    INFERENCE: (MODEL_FILE, PARAMS_FILE),
+    SERVING_SERVER: (MODEL_FILE, PARAMS_FILE, SERVER_CONF),
+    SERVING_CLIENT: (CLIENT_CONF,),
+}
 
 
 def _check_keys(data: Any, required: Tuple[str, ...], optional: Tuple[str, ...], where: str,
@@ -116,10 +137,30 @@ class FileRecord:
         return cls(size=size, sha256=sha)
 
 
-def _check_relative(name: str, source: str) -> None:
+def _check_relative(name: Any, where: str, source: str) -> str:
+    """``name`` if it is a normalised relative POSIX path inside the export (no '..', no '.', no
+    backslash, not manifest.json); ValueError naming ``where`` (the key) otherwise."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{source}: {where} must be a non-empty path string, got {name!r}")
     parts = PurePosixPath(name).parts
-    if not name or name.startswith("/") or ".." in parts or "\\" in name or name == MANIFEST_FILE:
-        raise ValueError(f"{source}: files: {name!r} is not a file path inside the export")
+    if (name.startswith("/") or ".." in parts or "\\" in name or "\0" in name or not parts
+            or PurePosixPath(name).as_posix() != name or name == MANIFEST_FILE):
+        raise ValueError(f"{source}: {where}: {name!r} is not a relative path inside the export "
+                         "(absolute paths, '..', '.', backslashes and manifest.json are refused)")
+    return name
+
+
+def _check_listed(paths: Mapping[str, str], labels_file: str, files: Mapping[str, Any], source: str) -> None:
+    """Every file a runtime opens through ``paths`` or ``labels_file`` is in ``files`` (so it is verified)."""
+    if labels_file not in files:
+        raise ValueError(f"{source}: labels_file {labels_file!r} is not listed in files (only listed, "
+                         "verified files are loaded)")
+    for key, value in paths.items():
+        needed = [f"{value}/{name}" for name in RUNTIME_FILES[key]] if key in RUNTIME_FILES else [value]
+        for name in needed:
+            if name not in files:
+                raise ValueError(f"{source}: paths.{key}: {name!r} is not listed in files (only listed, "
+                                 "verified files are loaded)")
 
 
 @dataclass(frozen=True)
@@ -142,17 +183,44 @@ class Manifest:
     files: Dict[str, FileRecord] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     model_dir: Optional[Path] = field(default=None, compare=False)
+    # Set by verify_files: every name of files/paths/labels_file -> its resolved path (not stored).
+    located: Optional[Mapping[str, Path]] = field(default=None, compare=False, repr=False)
 
     # -- where things are ------------------------------------------------------------------------
-    def path(self, key: str) -> Path:
-        """Absolute path of ``paths[key]`` (``inference``, ``serving_server``, ``serving_client``,
-        ``onnx``)."""
+    @property
+    def verified(self) -> bool:
+        """True for the manifest verify_files returned: its paths are the resolved, checked ones."""
+        return self.located is not None
+
+    def _locate(self, name: str) -> Path:
         if self.model_dir is None:
             raise ValueError("this manifest was not loaded from a model directory")
+        if self.located is not None:
+            return self.located[name]
+        return self.model_dir / name  # load_manifest's: for reading metadata, not for loading
+
+    def path(self, key: str) -> Path:
+        """Absolute path of ``paths[key]`` (``inference``, ``serving_server``, ``serving_client``,
+        ``onnx``, ``lite_<target>``); resolved and verified when the manifest came from verify_files."""
         if key not in self.paths:
             raise KeyError(f"the export in {self.model_dir} has no {key!r} "
                            f"(it has {', '.join(sorted(self.paths))})")
-        return self.model_dir / self.paths[key]
+        return self._locate(self.paths[key])
+
+    def file(self, name: str) -> Path:
+        """Absolute path of the listed file ``name`` (e.g. ``inference/inference.pdiparams``);
+        IntegrityError if the manifest does not list it (so it was never verified)."""
+        if name not in self.files:
+            raise IntegrityError(f"{self.model_dir}: {name} is not listed in {MANIFEST_FILE}'s files, "
+                                 "so it is not verified and not loaded: re-export the model")
+        return self._locate(name)
+
+    def file_in(self, key: str, name: str) -> Path:
+        """The listed file ``name`` inside the directory ``paths[key]``, e.g. (inference, MODEL_FILE)."""
+        if key not in self.paths:
+            raise KeyError(f"the export in {self.model_dir} has no {key!r} "
+                           f"(it has {', '.join(sorted(self.paths))})")
+        return self.file(f"{self.paths[key]}/{name}")
 
     @property
     def inference_dir(self) -> Path:
@@ -176,9 +244,7 @@ class Manifest:
 
     @property
     def labels_path(self) -> Path:
-        if self.model_dir is None:
-            raise ValueError("this manifest was not loaded from a model directory")
-        return self.model_dir / self.labels_file
+        return self._locate(self.labels_file)
 
     def labels(self) -> List[str]:
         """Class names indexed by class id; their count is checked against ``class_num``."""
@@ -220,7 +286,7 @@ class Manifest:
     def from_dict(cls, data: Any, source: str = MANIFEST_FILE,
                   model_dir: Optional[PathLike] = None) -> "Manifest":
         """Validate and build; ``source`` names the file in error messages."""
-        stored = tuple(f.name for f in fields(cls) if f.name != "model_dir")
+        stored = tuple(f.name for f in fields(cls) if f.name not in ("model_dir", "located"))
         if not isinstance(data, Mapping):
             _check_keys(data, stored, (), "", source)  # raises: not an object
         if data.get("format_version") == 1:
@@ -254,8 +320,12 @@ class Manifest:
             raise ValueError(f"{source}: files must be a non-empty object (path -> size, sha256)")
         files = {}
         for name, record in data["files"].items():
-            _check_relative(name, source)
+            _check_relative(name, "files", source)
             files[name] = FileRecord.from_dict(record, f"files.{name}", source)
+        for key, value in data["paths"].items():
+            _check_relative(value, f"paths.{key}", source)
+        _check_relative(data["labels_file"], "labels_file", source)
+        _check_listed(data["paths"], data["labels_file"], files, source)
         try:
             preprocess = PreprocessConfig.from_dict(data["preprocess"])
         except (TypeError, ValueError) as exc:
@@ -357,28 +427,83 @@ def _signature(paths: Sequence[Path]) -> Tuple[Any, ...]:
     return tuple(signature)
 
 
-def verify_files(model_dir: PathLike) -> Manifest:
-    """The export's manifest, after checking that manifest.json is as written and every file it lists
-    has its recorded size and sha256. Call before loading anything from ``model_dir``.
+def _inside(root: Path, name: str, what: str) -> Path:
+    """``root/name`` with every symlink resolved; IntegrityError naming ``what`` unless it stays in ``root``."""
+    try:
+        target = (root / name).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise IntegrityError(f"{root / name}: {what}: cannot resolve it ({exc})") from None
+    if target != root and root not in target.parents:
+        raise IntegrityError(f"{root / name}: {what} resolves to {target}, outside the export {root} "
+                             "(a symlink out of it): only files inside the export are verified and loaded")
+    return target
 
-    Raises FileNotFoundError / ValueError from load_manifest (not an export, or an export that predates
-    the digests) and IntegrityError naming the first file that differs.
+
+def _check_directory(manifest: Manifest, root: Path, key: str, located: Mapping[str, Path]) -> None:
+    """Every file in the directory ``paths[key]`` (which a runtime loads as a whole) is listed, and no
+    symlinked subdirectory leaves the export."""
+    name = manifest.paths[key]
+    directory = located[name]
+    if not directory.is_dir():
+        raise IntegrityError(f"{root / name}: paths.{key} is not a directory (missing or replaced): "
+                             "re-export or re-fetch the model")
+    seen = set()
+    for current, subdirs, filenames in os.walk(directory, followlinks=True):
+        real = _inside(root, os.path.relpath(current, root), f"a directory under paths.{key}")
+        if real in seen:  # a symlink back to a directory already walked
+            subdirs.clear()
+            continue
+        seen.add(real)
+        for filename in filenames:
+            relative = Path(current, filename).relative_to(directory).as_posix()
+            listed = f"{name}/{relative}"
+            if listed not in manifest.files:
+                raise IntegrityError(f"{root / listed}: not listed in {root / MANIFEST_FILE}, but it is in "
+                                     f"paths.{key} ({name}/), which a runtime loads as a whole: remove it "
+                                     "or re-export the model")
+
+
+def locate_files(manifest: Manifest, root: Path) -> Dict[str, Path]:
+    """Every path the manifest names, resolved once inside ``root`` (the resolved export directory);
+    IntegrityError naming the key or file that leaves the export or is not listed."""
+    located = {name: _inside(root, name, f"files entry {name!r}") for name in manifest.files}
+    for key, name in manifest.paths.items():
+        located[name] = _inside(root, name, f"paths.{key}")
+    located[manifest.labels_file] = _inside(root, manifest.labels_file, "labels_file")
+    _inside(root, MANIFEST_FILE, MANIFEST_FILE)
+    for key in manifest.paths:
+        if key in RUNTIME_FILES:
+            _check_directory(manifest, root, key, located)
+    return located
+
+
+def verify_files(model_dir: PathLike) -> Manifest:
+    """The export's manifest, after checking that manifest.json is as written, that every path it names
+    stays inside the export and is listed, and that every listed file has its recorded size and sha256.
+    Call before loading anything from ``model_dir``, and load through the returned manifest (its
+    ``path``, ``file``, ``file_in`` and ``labels_path`` are the resolved paths that were checked).
+
+    Raises FileNotFoundError / ValueError from load_manifest (not an export, a path outside it or not
+    listed, or an export that predates the digests) and IntegrityError naming the first file that
+    differs or leaves the export.
     """
     manifest = load_manifest(model_dir)
     root = Path(model_dir).resolve()
     manifest_path = root / MANIFEST_FILE
-    listed = [(name, root / name) for name in sorted(manifest.files)]
+    located = locate_files(manifest, root)
+    listed = [(name, located[name]) for name in sorted(manifest.files)]
     for name, path in listed:
         if not path.is_file():
-            raise IntegrityError(f"{path}: missing (listed in {manifest_path}); the export is incomplete: "
-                                 "re-export or re-fetch it")
+            raise IntegrityError(f"{root / name}: missing (listed in {manifest_path}); the export is "
+                                 "incomplete: re-export or re-fetch it")
     try:
         signature = _signature([manifest_path] + [path for _, path in listed])
     except OSError as exc:
         raise IntegrityError(f"{exc.filename}: cannot read it ({exc.strerror})") from None
+    verified = replace(manifest, located=located)
     with _verified_lock:
         if _verified.get(manifest_path) == signature:
-            return manifest
+            return verified
     raw = json.loads(manifest_path.read_text(encoding="utf-8"))
     stored = raw.get(CONTENT_KEY)
     if stored != content_digest(raw):
@@ -389,14 +514,14 @@ def verify_files(model_dir: PathLike) -> Manifest:
         expected = manifest.files[name]
         size = path.stat().st_size
         if size != expected.size:
-            raise IntegrityError(f"{path}: {size} bytes, but the manifest records {expected.size} "
+            raise IntegrityError(f"{root / name}: {size} bytes, but the manifest records {expected.size} "
                                  "(truncated or replaced): re-export or re-fetch the model")
         if file_sha256(path) != expected.sha256:
-            raise IntegrityError(f"{path}: sha256 differs from the manifest's (the file is damaged or "
-                                 "was replaced; same size): re-export or re-fetch the model")
+            raise IntegrityError(f"{root / name}: sha256 differs from the manifest's (the file is damaged "
+                                 "or was replaced; same size): re-export or re-fetch the model")
     with _verified_lock:
         _verified[manifest_path] = signature
-    return manifest
+    return verified
 
 
 def read_labels(path: PathLike) -> List[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
-from .manifest import MODEL_FILE, PARAMS_FILE, Manifest
+from .manifest import INFERENCE, MODEL_FILE, PARAMS_FILE, Manifest
 
 RUNTIMES = ("paddle", "openvino")
 # fp16: TensorRT on the GPU (runtime paddle); bf16: OpenVINO on a CPU with BF16 instructions.
@@ -69,9 +69,10 @@ def check_batch_shape(manifest: Manifest, max_batch: int, shape: Any) -> None:
 
 
 def model_files(manifest: Manifest) -> Tuple[Path, Path]:
-    """``inference/inference.pdmodel`` and ``.pdiparams`` of the export, which both runtimes read;
-    FileNotFoundError naming the one that is missing."""
-    files = (manifest.inference_dir / MODEL_FILE, manifest.inference_dir / PARAMS_FILE)
+    """``inference/inference.pdmodel`` and ``.pdiparams`` of the export, which both runtimes read: the
+    listed files as verify_files resolved them (IntegrityError if unlisted); FileNotFoundError naming
+    the one that is missing."""
+    files = (manifest.file_in(INFERENCE, MODEL_FILE), manifest.file_in(INFERENCE, PARAMS_FILE))
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"not an exported model directory: {path} is missing (re-run rexnet-export)")

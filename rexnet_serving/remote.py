@@ -22,7 +22,7 @@ import numpy as np
 
 from .clients.base import ClientError, TransientError
 from .clients.brpc import BrpcClient
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, verify_files
 
 PathLike = Union[str, Path]
 
@@ -61,7 +61,7 @@ closed, so an infer thread is never stuck longer than this (nor, then, the servi
         if not endpoints:
             raise ValueError("a remote predictor needs at least one host:port endpoint")
         self.model_dir = Path(model_dir)
-        self.manifest = manifest if manifest is not None else load_manifest(model_dir)
+        self.manifest = manifest if manifest is not None else verify_files(model_dir)
         self.endpoints = list(endpoints)
         self.timeout = float(timeout)
         self.client_config = Path(client_config) if client_config is not None \

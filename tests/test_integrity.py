@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from rexnet_serving.manifest import (CONTENT_KEY, MANIFEST_FILE, IntegrityError, file_sha256, load_manifest,
-                                     verify_files)
+from rexnet_serving.manifest import (CONTENT_KEY, MANIFEST_FILE, IntegrityError, content_digest, file_sha256,
+                                     load_manifest, verify_files)
 
 PARAMS = "inference/inference.pdiparams"
 BIN = Path(sys.executable).parent
@@ -113,10 +113,166 @@ def test_old_format_export_is_refused_with_how_to_reexport(model: Path) -> None:
         verify_files(model)
 
 
-def test_manifest_file_paths_stay_inside_the_export(model: Path) -> None:
-    edit_manifest(model, lambda data: data["files"].update({"../outside": {"size": 1, "sha256": "0" * 64}}))
-    with pytest.raises(ValueError, match="'../outside' is not a file path inside the export"):
+# -- every path the manifest names: relative, inside the export (symlinks resolved), listed --------------
+def rewrite_manifest(model: Path, change) -> None:
+    """A hostile edit that also recomputes content_sha256 (it is a digest, not a signature)."""
+    path = model / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    change(data)
+    data[CONTENT_KEY] = content_digest(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def outside_copy(model: Path, tmp_path: Path, name: str = "inference") -> Path:
+    """A copy of the export's ``name`` directory outside the export (a loader must never open it)."""
+    return Path(shutil.copytree(model / name, tmp_path / "elsewhere" / name))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("files", "../outside", r"files: '\.\./outside' is not a relative path inside the export"),
+    ("files", "/etc/passwd", r"files: '/etc/passwd' is not a relative path"),
+    ("paths.inference", "/tmp/elsewhere/inference", r"paths\.inference: '/tmp/elsewhere/inference' is not a "
+                                                     "relative path"),
+    ("paths.serving_server", "../serving_server", r"paths\.serving_server: '\.\./serving_server' is not"),
+    ("paths.inference", "inference/../inference", r"paths\.inference: 'inference/\.\./inference' is not"),
+    ("paths.inference", "./inference", r"paths\.inference: '\./inference' is not"),
+    ("labels_file", "/etc/hostname", r"labels_file: '/etc/hostname' is not a relative path"),
+    ("labels_file", "../labels.txt", r"labels_file: '\.\./labels\.txt' is not a relative path"),
+])
+def test_absolute_and_dotdot_paths_are_refused(model: Path, key: str, value: str, message: str) -> None:
+    def change(data):
+        if key == "files":
+            data["files"][value] = {"size": 1, "sha256": "0" * 64}
+        elif key.startswith("paths."):
+            data["paths"][key.split(".", 1)[1]] = value
+        else:
+            data[key] = value
+    rewrite_manifest(model, change)
+    with pytest.raises(ValueError, match=message):
         load_manifest(model)
+    with pytest.raises(ValueError, match=message):
+        verify_files(model)
+
+
+def test_manifest_listing_only_labels_with_inference_outside_is_refused(model: Path, tmp_path: Path) -> None:
+    """The reported hole: only labels.txt listed, paths.inference outside the export; passed before."""
+    outside = outside_copy(model, tmp_path)
+    rewrite_manifest(model, lambda data: (data.update(files={"labels.txt": data["files"]["labels.txt"]}),
+                                          data["paths"].update(inference=str(outside))))
+    with pytest.raises(ValueError, match=f"paths.inference: '{outside}' is not a relative path"):
+        verify_files(model)
+    # Relative this time, still unlisted: refused for the listing.
+    shutil.copytree(outside, model / "other")
+    rewrite_manifest(model, lambda data: data["paths"].update(inference="other"))
+    with pytest.raises(ValueError, match=r"paths\.inference: 'other/inference\.pdmodel' is not listed in files"):
+        verify_files(model)
+
+
+@pytest.mark.parametrize("key, name", [
+    ("labels_file", "labels.txt"),
+    ("paths.serving_server", "serving_server/serving_server_conf.prototxt"),
+    ("paths.serving_client", "serving_client/serving_client_conf.prototxt"),
+    ("paths.inference", PARAMS),
+])
+def test_files_a_runtime_opens_must_be_listed(model: Path, key: str, name: str) -> None:
+    rewrite_manifest(model, lambda data: data["files"].pop(name))
+    with pytest.raises(ValueError, match=f"{key}.*'{name}' is not listed in files"):
+        verify_files(model)
+
+
+def test_unlisted_file_in_a_loaded_directory_is_refused(model: Path) -> None:
+    """LocalPredictor globs *.pdmodel and the C++ engine takes the first model file it finds, so an
+    unlisted file in serving_server/ could be what is loaded."""
+    extra = model / "serving_server" / "a.pdmodel"
+    shutil.copy(model / "inference" / "inference.pdmodel", extra)
+    with pytest.raises(IntegrityError, match=f"{extra}: not listed in .*paths.serving_server"):
+        verify_files(model)
+    extra.unlink()
+    (model / "inference" / "sub").mkdir()
+    (model / "inference" / "sub" / "x.pdiparams").write_bytes(b"x")
+    with pytest.raises(IntegrityError, match=r"inference/sub/x\.pdiparams: not listed .*paths\.inference"):
+        verify_files(model)
+    shutil.rmtree(model / "inference" / "sub")
+    (model / "notes.txt").write_text("beside the export, loaded by nothing")
+    verify_files(model)
+
+
+def test_symlinked_file_out_of_the_export_is_refused(model: Path, tmp_path: Path) -> None:
+    """Same bytes, so the digest alone would pass: the link leaves the export."""
+    outside = outside_copy(model, tmp_path)
+    params = model / PARAMS
+    params.unlink()
+    params.symlink_to(outside / "inference.pdiparams")
+    with pytest.raises(IntegrityError, match=f"{params}: files entry '{PARAMS}' resolves to "
+                                             f"{outside.resolve()}/inference.pdiparams, outside the export"):
+        verify_files(model)
+    labels = model / "labels.txt"
+    shutil.copy(labels, tmp_path / "labels.txt")
+    labels.unlink()
+    labels.symlink_to(tmp_path / "labels.txt")
+    params.unlink()
+    shutil.copy(outside / "inference.pdiparams", params)
+    with pytest.raises(IntegrityError, match="labels.txt: files entry 'labels.txt' resolves to .*outside"):
+        verify_files(model)
+
+
+def test_symlinked_directory_out_of_the_export_is_refused(model: Path, tmp_path: Path) -> None:
+    from rexnet_serving.brpc.cpp_backend import BackendError, model_serving_dir
+    from rexnet_serving.inference import InferenceModel
+    outside = outside_copy(model, tmp_path, "serving_server")
+    shutil.rmtree(model / "serving_server")
+    (model / "serving_server").symlink_to(outside, target_is_directory=True)
+    message = "serving_server/.* resolves to .*, outside the export"
+    with pytest.raises(IntegrityError, match=message):
+        verify_files(model)
+    with pytest.raises(BackendError, match=message):
+        model_serving_dir(model)
+    with pytest.raises(IntegrityError, match=message):
+        InferenceModel(model)
+
+
+def test_symlinked_subdirectory_out_of_a_loaded_directory_is_refused(model: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (model / "inference" / "more").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(IntegrityError, match="a directory under paths.inference resolves to .*outside"):
+        verify_files(model)
+
+
+def test_symlinks_inside_the_export_are_followed_and_verified(model: Path) -> None:
+    """A link that stays inside (say, a deduplicated copy) is fine: its target is what is hashed."""
+    copy = model / "serving_server" / "inference.pdiparams"
+    copy.unlink()
+    copy.symlink_to(model / PARAMS)
+    manifest = verify_files(model)
+    assert manifest.file("serving_server/inference.pdiparams") == (model / PARAMS).resolve()
+    flip_bytes(model / PARAMS)
+    with pytest.raises(IntegrityError, match="sha256 differs"):
+        verify_files(model)
+
+
+def test_the_verified_manifest_gives_the_checked_paths(model: Path) -> None:
+    """Runtimes open what verify_files resolved: the inference files, labels, serving dirs."""
+    from rexnet_serving.brpc.cpp_backend import BackendError, model_serving_dir
+    from rexnet_serving.classifier import Classifier
+    from rexnet_serving.predictor import model_files
+    linked = model.parent / "linked_export"
+    linked.symlink_to(model, target_is_directory=True)
+    manifest = verify_files(linked)
+    root = model.resolve()
+    assert manifest.verified and not load_manifest(linked).verified
+    assert model_files(manifest) == (root / "inference/inference.pdmodel", root / PARAMS)
+    assert manifest.labels_path == root / "labels.txt"
+    assert manifest.serving_server_dir == root / "serving_server" == model_serving_dir(linked)
+    with pytest.raises(IntegrityError, match="not-listed.txt is not listed"):
+        manifest.file("not-listed.txt")
+    classifier = Classifier(linked)  # a real export still loads and classifies
+    assert classifier.manifest.verified and len(classifier.labels) == classifier.class_num
+    decoy = model / "serving_server_copy"  # beside the export's own: not what the manifest names
+    decoy.mkdir()
+    shutil.copy(model / "serving_server" / "serving_server_conf.prototxt", decoy)
+    with pytest.raises(BackendError, match="not the serving_server of the export"):
+        model_serving_dir(decoy)
 
 
 @pytest.mark.server

@@ -50,7 +50,7 @@ def pipeline_config(model_dir: Path, http_port: int, grpc_port: int) -> Dict[str
         "op": {SERVICE_NAME: {
             "concurrency": 1,
             "local_service_conf": {
-                "model_config": str(manifest.serving_server_dir.resolve()),
+                "model_config": str(manifest.serving_server_dir),
                 "device_type": 0,
                 "devices": "",
                 "client_type": "local_predictor",
@@ -62,8 +62,8 @@ def pipeline_config(model_dir: Path, http_port: int, grpc_port: int) -> Dict[str
 
 def prepare_workdir(model_dir: Path, workdir: Path, http_port: int, grpc_port: int) -> Path:
     """Write config.yml and imagenet.label (one class name per line) into ``workdir``."""
-    from ..manifest import load_manifest
-    manifest = load_manifest(model_dir)
+    from ..manifest import verify_files
+    manifest = verify_files(model_dir)  # the labels are read from it
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / LABEL_FILE).write_text("\n".join(manifest.labels()) + "\n", encoding="utf-8")
     config = workdir / "config.yml"

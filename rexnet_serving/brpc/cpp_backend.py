@@ -78,8 +78,9 @@ def build_server(serving_server_dir: Path, threads: int = DEFAULT_THREADS,
     """A Server with the standard reader -> infer -> response workflow and the model's config loaded."""
     from paddle_serving_server import OpMaker, OpSeqMaker, Server
 
-    if not (serving_server_dir / "serving_server_conf.prototxt").is_file():
-        raise BackendError(f"{serving_server_dir}: no serving_server_conf.prototxt (not a Serving model)")
+    from ..manifest import SERVER_CONF
+    if not (serving_server_dir / SERVER_CONF).is_file():
+        raise BackendError(f"{serving_server_dir}: no {SERVER_CONF} (not a Serving model)")
     op_maker = OpMaker()
     sequence = OpSeqMaker()
     for op in ("GeneralReaderOp", "GeneralInferOp", "GeneralResponseOp"):
@@ -133,19 +134,24 @@ def serving_command(server: "Server", binary: Path) -> List[str]:
 
 
 def model_serving_dir(model_dir: Path) -> Path:
-    """``serving_server/`` of an export (read from its manifest, after verify_files), or ``model_dir`` if
-    it is one itself (then the export around it, if any, is verified; a bare Paddle Serving model made
-    elsewhere has no digests to check)."""
-    from ..manifest import MANIFEST_FILE, verify_files
-    if (model_dir / "serving_server_conf.prototxt").is_file():
-        if (model_dir.parent / MANIFEST_FILE).is_file():
-            try:
-                verify_files(model_dir.parent)
-            except (OSError, ValueError) as exc:
-                raise BackendError(f"{model_dir.parent}: {exc}") from None
-        return model_dir.resolve()
+    """``serving_server/`` of an export as verify_files resolved it (every file in it listed and
+    checked), or ``model_dir`` if it is one itself: then the export around it, if any, is verified and
+    ``model_dir`` must be that export's ``serving_server`` (a bare Paddle Serving model made elsewhere
+    has no digests to check)."""
+    from ..manifest import MANIFEST_FILE, SERVER_CONF, verify_files
+    if (model_dir / SERVER_CONF).is_file():
+        if not (model_dir.parent / MANIFEST_FILE).is_file():
+            return model_dir.resolve()
+        try:
+            served = verify_files(model_dir.parent).serving_server_dir
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"{model_dir.parent}: {exc}") from None
+        if served != model_dir.resolve():
+            raise BackendError(f"{model_dir}: not the serving_server of the export around it (its manifest "
+                               f"names {served}); pass the export directory {model_dir.parent}")
+        return served
     try:
-        return verify_files(model_dir).serving_server_dir.resolve()
+        return verify_files(model_dir).serving_server_dir
     except (OSError, ValueError, KeyError) as exc:
         raise BackendError(f"{model_dir}: not an exported model ({exc})") from None
 

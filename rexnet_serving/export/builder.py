@@ -230,18 +230,18 @@ def _verify(staging: Path, model: paddle.nn.Layer, softmax: bool, size: int) -> 
         if softmax:
             expected = paddle.nn.functional.softmax(expected, axis=-1)
     expected = expected.numpy()
-    got = InferenceModel(staging, mkldnn=False).run(batch)
+    exported = InferenceModel(staging, mkldnn=False)
+    got = exported.run(batch)
     diff = float(np.max(np.abs(got - expected)))
     if not diff <= PADDLE_TOLERANCE:
         raise ExportError(f"the exported program differs from the eager model by {diff:.3g} "
                           f"(> {PADDLE_TOLERANCE:g})")
-    onnx_file = staging / ONNX_PATH
-    if onnx_file.exists():
+    manifest = exported.manifest  # verified: the files below are the listed ones
+    if manifest.onnx_file is not None:
         try:
-            onnx_format.check_against(onnx_file, batch, got)
+            onnx_format.check_against(manifest.onnx_file, batch, got)
         except RuntimeError as exc:  # OnnxUnavailable, or outputs that differ
             raise ExportError(str(exc)) from None
-    manifest = verify_files(staging)
     for target in lite_format.CHECKABLE_HERE:
         lite_file = manifest.lite_file(target)
         if lite_file is not None:

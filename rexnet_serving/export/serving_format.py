@@ -29,11 +29,9 @@ from pathlib import Path
 from google.protobuf import text_format
 from paddle_serving_client.proto import general_model_config_pb2
 
-from ..manifest import MODEL_FILE, PARAMS_FILE, TensorSpec
+from ..manifest import CLIENT_CONF, MODEL_FILE, PARAMS_FILE, SERVER_CONF, TensorSpec
 
-SERVER_CONF = "serving_server_conf.prototxt"
 SERVER_CONF_STREAM = "serving_server_conf.stream.prototxt"
-CLIENT_CONF = "serving_client_conf.prototxt"
 CLIENT_CONF_STREAM = "serving_client_conf.stream.prototxt"
 RELOAD_STAMP = "fluid_time_file"
 
