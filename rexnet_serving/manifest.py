@@ -137,9 +137,9 @@ class FileRecord:
         return cls(size=size, sha256=sha)
 
 
-def _check_relative(name: Any, where: str, source: str) -> str:
-    """``name`` if it is a normalised relative POSIX path inside the export (no '..', no '.', no
-    backslash, not manifest.json); ValueError naming ``where`` (the key) otherwise."""
+def _check_relative(name: Any, where: str, source: str) -> None:
+    """ValueError naming ``where`` (the key) unless ``name`` is a normalised relative POSIX path inside
+    the export (no '..', no '.', no backslash, not manifest.json)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"{source}: {where} must be a non-empty path string, got {name!r}")
     parts = PurePosixPath(name).parts
@@ -147,7 +147,6 @@ def _check_relative(name: Any, where: str, source: str) -> str:
             or PurePosixPath(name).as_posix() != name or name == MANIFEST_FILE):
         raise ValueError(f"{source}: {where}: {name!r} is not a relative path inside the export "
                          "(absolute paths, '..', '.', backslashes and manifest.json are refused)")
-    return name
 
 
 def _check_listed(paths: Mapping[str, str], labels_file: str, files: Mapping[str, Any], source: str) -> None:

@@ -1,6 +1,6 @@
 """OpenVINO on an exported model directory: the CPU runtime, behind the same interface as InferenceModel.
 
-OpenVINO's Paddle frontend reads ``inference/inference.pdmodel`` (+ ``.pdiparams``) directly
+OpenVINO's Paddle frontend reads ``inference/inference.pdmodel`` + ``.pdiparams`` directly
 (``openvino.Core().read_model``; no ONNX step, no second model file), and its CPU plugin runs ReXNet
 about twice as fast as Paddle Inference with oneDNN on the same cores (issue 10; PaddleX's
 high-performance inference picks OpenVINO on the CPU for the same reason).
@@ -79,10 +79,12 @@ class OpenVinoModel:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.manifest: Manifest = verify_files(model_dir)  # refuses damaged or old exports
         self.max_batch = max_batch
-        model_file, _ = model_files(self.manifest)
+        model_file, params_file = model_files(self.manifest)
         core = _core()
-        # The program's feed is [-1, 3, S, S]: the batch stays dynamic (1..max_batch is checked in run).
-        self._compiled = core.compile_model(core.read_model(str(model_file)), "CPU", {
+        # The weights file is named, not left to the frontend to find beside the program by name: both
+        # are the paths verify_files checked. The program's feed is [-1, 3, S, S]: the batch stays
+        # dynamic (1..max_batch is checked in run).
+        self._compiled = core.compile_model(core.read_model(str(model_file), str(params_file)), "CPU", {
             "INFERENCE_PRECISION_HINT": _HINTS[precision],
             "NUM_STREAMS": streams,
             "INFERENCE_NUM_THREADS": cpu_threads * streams,
