@@ -138,11 +138,14 @@ class Classifier:
             return np.stack(images)
         import paddle
         place = next(row.place for row in images if isinstance(row, paddle.Tensor))
-        rows = [row if isinstance(row, paddle.Tensor) and row.dtype == paddle.float32 and str(row.place) == str(place)
-                else paddle.to_tensor(np.asarray(row, np.float32) if isinstance(row, np.ndarray) else row,
-                                      dtype="float32", place=place)
-                for row in images]
-        return paddle.stack(rows)
+        def on_place(row: Any) -> Any:
+            if isinstance(row, np.ndarray):
+                return paddle.to_tensor(np.asarray(row, np.float32), place=place)
+            if row.dtype != paddle.float32 or str(row.place) != str(place):
+                return paddle.to_tensor(row, dtype="float32", place=place)
+            return row
+
+        return paddle.stack([on_place(row) for row in images])
 
     def probabilities(self, batch: Any, model: Any = None) -> np.ndarray:
         """Class probabilities [N, C] for a preprocessed batch (softmax here when the export has none).

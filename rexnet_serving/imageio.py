@@ -75,13 +75,15 @@ class RequestTooLargeError(ValueError):
 
 # Peak memory of decoding and preprocessing one request, measured on the CPU (solid-colour PNGs, OpenCV
 # decode and preprocessing, 36 MP per request): 2.9-5.7 MB per megapixel, the high end for one huge
-# image (the decoder's own copy) and for many small ones (per-image buffers); Paddle-op preprocessing
-# (the GPU path, run on the CPU) measured up to 6.4. Through the whole service (tests/test_service.py)
-# 64 images of 1 MP raised peak RSS by ~220 MB once Paddle's inference pool had grown to its steady
-# state. The default per-request pixel budget keeps one request under REQUEST_MEMORY_BUDGET_MB at the
-# conservative PEAK_MB_PER_MEGAPIXEL.
+# image (the decoder's own copy) and for many small ones (per-image buffers); one 39 MP image: 5.8 for
+# JPEG, PNG and BMP in any aspect ratio (1048576x38 included), 6.7 for WebP; Paddle-op preprocessing
+# (the GPU path, run on the CPU) measured up to 6.4. The resize adds at most
+# rexnet_serving.resize.MAX_RESIZE_BYTES (16 MiB) whatever the aspect ratio. Through the whole service
+# (tests/test_service.py) 64 images of 1 MP raised peak RSS by ~220 MB once Paddle's inference pool had
+# grown to its steady state. The default per-request pixel budget keeps one request under
+# REQUEST_MEMORY_BUDGET_MB at the conservative PEAK_MB_PER_MEGAPIXEL.
 REQUEST_MEMORY_BUDGET_MB = 512
-PEAK_MB_PER_MEGAPIXEL = 6.5
+PEAK_MB_PER_MEGAPIXEL = 7.0
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,8 @@ class DecodeLimits:
 
     The per-request limits bound the memory one request can take: every image of a request is decoded
     before preprocessing, so 64 images of 40 MP each would need ~8 GB. max_request_pixels defaults to
-    64 MP: at PEAK_MB_PER_MEGAPIXEL that is ~420 MB, under the 512 MB budget with room for the request
-    body itself.
+    64 MP: at PEAK_MB_PER_MEGAPIXEL that is ~450 MB, under the 512 MB budget with room for the resize
+    (at most 16 MiB, rexnet_serving.resize.MAX_RESIZE_BYTES).
     """
 
     max_bytes: int = 20 * 2**20
@@ -430,8 +432,8 @@ def decode_jpeg_on_device(data: bytes, limits: DecodeLimits = DecodeLimits()) ->
 
     Returns None, so the caller falls back to decode_image, unless Paddle was built with CUDA, the current
     device is a GPU, the data is an 8-bit grey or YCbCr JPEG without an EXIF rotation that passes every
-    check of check_image (nvJPEG ignores EXIF orientation, which OpenCV applies), and nvJPEG decodes it. nvJPEG's IDCT may differ
-    from libjpeg's by a level or two on some pixels.
+    check of check_image (nvJPEG ignores EXIF orientation, which OpenCV applies), and nvJPEG decodes it.
+    nvJPEG's IDCT may differ from libjpeg's by a level or two on some pixels.
     UNTESTED: no GPU exists where this project is tested; only its None branches run in the tests.
     """
     import paddle

@@ -13,19 +13,13 @@ device; the constants of both come from one PreprocessConfig, the export's manif
   only the crop's window with another cv2 call cannot reproduce resize's source coordinates exactly), the
   crop as a view, then per channel one cv2.LUT pass from uint8 levels straight into the preallocated
   [N, 3, S, S] batch: the 256-entry table holds NormalizeImage's float32 result for each level, so the
-  output equals PaddleClas's exactly.
-  Except for extreme aspect ratios: the resized image is short side x (short side * aspect ratio), so a
-  20000x1 strip (a 200-byte PNG within every pixel limit) would resize to 256 x 5,120,000 x 3 = 3.9 GB
-  (and 6-12 s) for a 224 x 224 crop. Where the whole resized image would exceed MAX_RESIZE_BYTES
-  (resize_bytes, the cost model, from the size alone), resized_window() computes only the crop's window
-  by replaying cv2.resize's fixed-point arithmetic for uint8 INTER_LINEAR in NumPy (its coordinates and
-  integer weights as _taps computes them, the vertical pass's SIMD rounding, the exact-half INTER_AREA
-  switch): equal to cv2.resize's crop bit for bit (tests/test_preprocess.py checks it over a sweep of
-  sizes), ~1-2 ms per image, and bounded by the crop whatever the image. Photos keep cv2.resize, which is
-  faster there and is PaddleClas's own call. Measured on this 2-core CPU (min of 40, noisy shared machine), the
+  output equals PaddleClas's exactly. Measured on this 2-core CPU (min of 40, noisy shared machine), the
   fastest of: NumPy (x - mean) * inv_std then a CHW copy (~0.6 ms/image), two NumPy ufunc passes per
   channel (~0.2), cv2.addWeighted per channel (~0.17), cv2.dnn.blobFromImagesWithParams (~0.17 at batch 1,
   slower at 8), the LUT (~0.16, bit-exact).
+  Extreme aspect ratios are the exception: a 20000x1 strip would resize to 256 x 5,120,000 pixels
+  (3.9 GB) for one 224 x 224 crop, so past rexnet_serving.resize.MAX_RESIZE_BYTES only the crop's window
+  is computed (rexnet_serving.resize.crop_window: the same result bit for bit, bounded by the crop).
 - preprocess(), when it runs on the GPU: Paddle ops on the current device (paddle.get_device()), so a GPU
   service never copies pixels back to the host, and images decoded by nvJPEG stay on the device. It is
   also what training evaluation uses (a tensor for the Paddle model). On the CPU it costs over 10x the OpenCV
@@ -59,6 +53,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import cv2
 import numpy as np
+
+from .resize import COEF_SCALE, crop_window, linear_taps, resized_size
 
 if TYPE_CHECKING:
     import paddle
@@ -100,7 +96,6 @@ def config_for(arch: str) -> PreprocessConfig:
     return PreprocessConfig(resize_short=variant.resize_short, crop_size=variant.input_size)
 
 
-_COEF_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE: bilinear weights are multiples of 1/2048
 # OpenCV's vector vertical pass floors each of its two row products (mulhi) before rounding their sum, which
 # often lowers a result by a quarter level; rounding the exact sum a little low there (x + 0.375, not x + 0.5)
 # is the best single threshold (measured against cv2.resize on photos) and halves the one-level differences.
@@ -110,34 +105,6 @@ _BAND_ROWS = 32  # output rows per band of the vertical pass: big enough for MKL
 _PLAN_CACHE = 32  # plans per (source size, device): a batch of phone photos shares a handful of sizes
 
 Selection = Union[slice, np.ndarray]
-
-
-def resized_size(width: int, height: int, resize_short: int) -> Tuple[int, int]:
-    """(width, height) after PaddleClas's ResizeImage(resize_short): Python round() on each side."""
-    percent = float(resize_short) / min(width, height)
-    return int(round(width * percent)), int(round(height * percent))
-
-
-def _taps(src: int, dst: int, start: int, count: int) -> Tuple[np.ndarray, ...]:
-    """Source indices, integer weights (summing to 2048) and edge clamping of output pixels start..start+count
-    along one axis.
-
-    OpenCV's resize computes the position in float32 from a double scale, floors it and clamps both ends to
-    the edge pixel with weight 0 on the missing neighbour; the weights are saturate_cast (round to nearest).
-    """
-    scale = 1.0 / (float(dst) / src)
-    pos = ((np.arange(start, start + count, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
-    left = np.floor(pos)
-    frac = pos - left
-    left = left.astype(np.int64)
-    low, high = left < 0, left >= src - 1
-    frac[low | high] = 0
-    left[low] = 0
-    left[high] = src - 1
-    right = np.minimum(left + 1, src - 1)
-    w_right = np.rint(frac * np.float32(_COEF_SCALE)).astype(np.int32)
-    w_left = np.rint((np.float32(1) - frac) * np.float32(_COEF_SCALE)).astype(np.int32)
-    return left, right, w_left, w_right, low | high
 
 
 def _band_rows(crop: int) -> int:
@@ -153,7 +120,7 @@ def _row_bands(src: int, dst: int, crop: int) -> Tuple[np.ndarray, np.ndarray, n
 
     A band holds at most 2 * rows-per-band source rows whatever the scale (a downscale skips rows).
     """
-    low, high, w_low, w_high, clamped = _taps(src, dst, (dst - crop) // 2, crop)
+    low, high, w_low, w_high, clamped = linear_taps(src, dst, (dst - crop) // 2, crop)
     block = _band_rows(crop)
     bands = crop // block
     taps = [np.unique(np.concatenate([low[i:i + block], high[i:i + block]])) for i in range(0, crop, block)]
@@ -166,10 +133,10 @@ def _row_bands(src: int, dst: int, crop: int) -> Tuple[np.ndarray, np.ndarray, n
     for tap, weight in ((low, w_low), (high, w_high)):
         position = np.searchsorted(keys, band * src + tap) - band * height
         # add.at, not assignment: at a clamped border both taps are the same row (weights 2048 and 0).
-        np.add.at(weights, (band, row, position), weight / np.float32(_COEF_SCALE))
+        np.add.at(weights, (band, row, position), weight / np.float32(COEF_SCALE))
     # Measured against cv2.resize: a row on a source row (weights 2048, 0) or halfway between two (1024, 1024:
     # even integer scales) rounds at one half like the scalar code, except where the edge clamps it.
-    exact = ((w_high == 0) | (w_high == _COEF_SCALE // 2)) & ~clamped
+    exact = ((w_high == 0) | (w_high == COEF_SCALE // 2)) & ~clamped
     return rows, weights, np.where(exact, _HALF, _TWO_TAP_ROUNDING).astype(np.float32)
 
 
@@ -179,15 +146,15 @@ def _columns(src: int, dst: int, crop: int) -> Tuple[Selection, np.ndarray]:
     The columns are the crop's window, or only the columns it taps when that is fewer (a downscale by more
     than 2x skips columns), so the matrix stays at most 2 * crop tall whatever the photo's size.
     """
-    low, high, w_low, w_high, _ = _taps(src, dst, (dst - crop) // 2, crop)
+    low, high, w_low, w_high, _ = linear_taps(src, dst, (dst - crop) // 2, crop)
     start, stop = int(low[0]), int(high[-1]) + 1
     tapped = np.unique(np.concatenate([low, high]))
     select: Selection = tapped if len(tapped) < stop - start else slice(start, stop)
     lines = tapped if isinstance(select, np.ndarray) else np.arange(start, stop)
     weights = np.zeros((len(lines), crop), np.float32)
     out = np.arange(crop)
-    np.add.at(weights, (np.searchsorted(lines, low), out), w_low / np.float32(_COEF_SCALE))
-    np.add.at(weights, (np.searchsorted(lines, high), out), w_high / np.float32(_COEF_SCALE))
+    np.add.at(weights, (np.searchsorted(lines, low), out), w_low / np.float32(COEF_SCALE))
+    np.add.at(weights, (np.searchsorted(lines, high), out), w_high / np.float32(COEF_SCALE))
     return select, weights
 
 
@@ -280,97 +247,6 @@ def _level_tables(cfg: PreprocessConfig) -> Tuple[np.ndarray, ...]:
     return tuple(np.ascontiguousarray(table[:, channel:channel + 1]) for channel in range(3))
 
 
-# The OpenCV path resizes a whole image only while the result is at most this: 16 MiB is a 256-high image
-# of aspect ratio ~85 (panoramas included); past it only the crop's window is computed (resized_window),
-# whose working set (_window_bytes) is under it for crops up to 295.
-MAX_RESIZE_BYTES = 16 * 2**20
-# OpenCV's vertical INTER_LINEAR pass on uint8 runs 8 uint16 lanes at a time (v_uint16 of its 128-bit
-# universal intrinsics: the SSE3 baseline of the x86 wheels, NEON on ARM); row elements past the last full
-# group take the scalar loop, which rounds exactly.
-_VERTICAL_LANES = 8
-_ROUND_BITS = 22  # INTER_RESIZE_COEF_BITS * 2: the two passes' weights multiplied
-
-
-def resize_bytes(width: int, height: int, cfg: PreprocessConfig) -> int:
-    """What the OpenCV path's resize holds for one width x height image, from the size alone (the header).
-
-    The whole resized image (uint8, 3 channels) while that is at most MAX_RESIZE_BYTES, else the crop
-    window's working set (resized_window: a few int32 crop x crop x 3 planes), so at most
-    MAX_RESIZE_BYTES for any image at crops up to 295 (ReXNet's is 224): the per-request memory budget
-    needs only the decoded pixels counted, and one image is preprocessed at a time.
-    """
-    new_w, new_h = resized_size(width, height, cfg.resize_short)
-    whole = 3 * new_w * new_h
-    return whole if whole <= MAX_RESIZE_BYTES else _window_bytes(cfg.crop_size)
-
-
-def _window_bytes(crop: int) -> int:
-    # int32 crop x crop x 3 planes: the tapped source pixels (at most 2 crop x 2 crop: 4 planes), the
-    # horizontal pass (2), the two vertical roundings and their temporaries (8), with room to spare
-    return 16 * 4 * 3 * crop * crop
-
-
-def _row_taps(src: int, dst: int, start: int, count: int) -> Tuple[np.ndarray, ...]:
-    """Source rows and integer weights of output rows start..start+count, as cv::resize's vertical pass
-    takes them: the weights come from the unclamped position (unlike the columns' in _taps), only the
-    row indices are clamped to the image."""
-    scale = 1.0 / (float(dst) / src)
-    pos = ((np.arange(start, start + count, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
-    top = np.floor(pos)
-    frac = pos - top
-    top = top.astype(np.int64)
-    w_low = np.rint((np.float32(1) - frac) * np.float32(_COEF_SCALE)).astype(np.int32)
-    w_high = np.rint(frac * np.float32(_COEF_SCALE)).astype(np.int32)
-    return np.clip(top, 0, src - 1), np.clip(top + 1, 0, src - 1), w_low, w_high
-
-
-def resized_window(image: np.ndarray, size: Tuple[int, int], top: int, left: int, crop: int) -> np.ndarray:
-    """``cv2.resize(image, size, interpolation=INTER_LINEAR)[top:top + crop, left:left + crop]`` for an
-    H x W x 3 uint8 image, bit for bit, computing only that window: O(crop^2) memory and time.
-
-    Hand-written because no library resizes a window of a virtual output with OpenCV's coordinates and
-    rounding. It replays opencv/modules/imgproc/src/resize.cpp for uint8 INTER_LINEAR: a horizontal pass
-    of exact integer sums (weights in 1/2048, columns clamped as _taps does) over the source rows the
-    window taps, then the vertical pass: VResizeLinearVec_32s8u's ((s0 >> 4) * b0 >> 16) + ((s1 >> 4) *
-    b1 >> 16) + 2 >> 2 on the SIMD lanes, (s0 * b0 + s1 * b1 + 2^21) >> 22 on the row's scalar tail. At
-    exactly half size cv::resize switches to INTER_AREA: the rounded mean of each 2 x 2 block.
-    """
-    height, width = image.shape[:2]
-    new_w, new_h = size
-    if width == 2 * new_w and height == 2 * new_h:
-        block = image[2 * top:2 * (top + crop), 2 * left:2 * (left + crop)].astype(np.uint16)
-        sums = block[0::2, 0::2] + block[1::2, 0::2] + block[0::2, 1::2] + block[1::2, 1::2]
-        return ((sums + 2) >> 2).astype(np.uint8)
-    x_low, x_high, wx_low, wx_high, _ = _taps(width, new_w, left, crop)
-    y_low, y_high, wy_low, wy_high = _row_taps(height, new_h, top, crop)
-    rows, cols = np.unique(np.concatenate([y_low, y_high])), np.unique(np.concatenate([x_low, x_high]))
-    source = image[np.ix_(rows, cols)].astype(np.int32)  # at most 2 * crop rows and columns
-    x_low, x_high = np.searchsorted(cols, x_low), np.searchsorted(cols, x_high)
-    horizontal = source[:, x_low] * wx_low[:, None] + source[:, x_high] * wx_high[:, None]
-    upper = horizontal[np.searchsorted(rows, y_low)]
-    lower = horizontal[np.searchsorted(rows, y_high)]
-    b_upper, b_lower = wy_low[:, None, None], wy_high[:, None, None]
-    simd = (((upper >> 4) * b_upper >> 16) + ((lower >> 4) * b_lower >> 16) + 2) >> 2
-    exact = (upper * b_upper + lower * b_lower + (1 << (_ROUND_BITS - 1))) >> _ROUND_BITS
-    element = 3 * np.arange(left, left + crop)[:, None] + np.arange(3)  # index in the resized row
-    on_lanes = element < (3 * new_w) // _VERTICAL_LANES * _VERTICAL_LANES
-    return np.clip(np.where(on_lanes, simd, exact), 0, 255).astype(np.uint8)
-
-
-def crop_window(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """PaddleClas's ResizeImage(resize_short) then CropImage(crop_size) of one H x W x 3 uint8 image: the
-    crop_size x crop_size x 3 window, by cv2.resize of the whole image or, past MAX_RESIZE_BYTES,
-    resized_window (equal bit for bit; see resize_bytes)."""
-    height, width = image.shape[:2]
-    crop = cfg.crop_size
-    new_w, new_h = resized_size(width, height, cfg.resize_short)
-    top, left = (new_h - crop) // 2, (new_w - crop) // 2
-    if 3 * new_w * new_h > MAX_RESIZE_BYTES:
-        return resized_window(image, (new_w, new_h), top, left, crop)
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    return resized[top:top + crop, left:left + crop]
-
-
 def preprocess_opencv(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:
     """PaddleClas's eval preprocessing on the host, as PaddleClas computes it: [N, 3, crop, crop] float32 NumPy.
 
@@ -385,7 +261,7 @@ def preprocess_opencv(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np
     crop, tables = cfg.crop_size, _level_tables(cfg)
     out = np.empty((len(images), 3, crop, crop), np.float32)
     for image, planes in zip(images, out):
-        window = crop_window(image, cfg)
+        window = crop_window(image, cfg.resize_short, crop)
         # One pass per channel from uint8 levels into the batch: OpenCV writes into a dst of the right
         # shape and type in place (each plane of the batch is a contiguous crop x crop float32 array).
         for channel, table, plane in zip(cv2.split(window), tables, planes):

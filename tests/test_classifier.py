@@ -186,7 +186,7 @@ import numpy as np, paddle
 from rexnet_serving.classifier import Classifier
 rng = np.random.default_rng(0)
 rows = [rng.standard_normal((3, 8, 8)).astype(np.float32) for _ in range(4)]
-mixed = [paddle.to_tensor(rows[0]), rows[1], paddle.to_tensor(rows[2]), rows[3].astype(np.float64)]
+mixed = [paddle.to_tensor(rows[0]), rows[1], paddle.to_tensor(rows[2].astype(np.float64)), rows[3].astype(np.float64)]
 for order in (mixed, mixed[::-1]):
     batch = Classifier.stack(order)
     assert isinstance(batch, paddle.Tensor) and batch.dtype == paddle.float32, type(batch)

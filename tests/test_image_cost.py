@@ -24,12 +24,12 @@ from rexnet_pipelines import protocol
 from rexnet_serving.imageio import REQUEST_MEMORY_BUDGET_MB
 from servers import ServiceProcess
 
-MODEL = "scored"
 pytestmark = pytest.mark.server
 
 
 def strip_png(width: int, height: int) -> bytes:
-    """A one-colour PNG one pixel high or wide: about 200 bytes on the wire, width x height pixels decoded."""
+    """A one-colour PNG one pixel high or wide: 140 bytes (20000x1) to 13 KB (1x20000: a filter byte per
+    row) on the wire, width x height pixels decoded."""
     return encode(np.full((height, width, 3), 120, np.uint8), "png")
 
 
@@ -39,11 +39,8 @@ BMP_2M = bmp_strip(2_000_000)  # 6 MB, 2 MP: within every limit; OpenCV refuses 
 
 @pytest.fixture(scope="module")
 def service(scored_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    work = tmp_path_factory.mktemp("image_cost")
-    repo = work / "repo"
-    (repo / MODEL).mkdir(parents=True)
-    (repo / MODEL / "1").symlink_to(scored_model_dir, target_is_directory=True)
-    svc = ServiceProcess(repo, work, model_flag="--model-repository")
+    svc = ServiceProcess(scored_model_dir, tmp_path_factory.mktemp("image_cost"))
+    svc.model = scored_model_dir.name  # a served export is named after its directory
     try:
         yield svc
     finally:
@@ -89,10 +86,11 @@ def pipeline_http(svc: ServiceProcess, images: List[bytes]) -> Dict:
 
 
 def v2_rest(svc: ServiceProcess, images: List[bytes]) -> requests.Response:
+    """An infer request with encoded images, on the one export served (named after its directory)."""
     body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)],
                         "data": [base64.b64encode(data).decode("ascii") for data in images]}],
             "outputs": [{"name": "probs"}, {"name": "errors"}]}
-    return requests.post(f"http://127.0.0.1:{svc.oip_http}/v2/models/{MODEL}/infer", json=body, timeout=300)
+    return requests.post(f"http://127.0.0.1:{svc.oip_http}/v2/models/{svc.model}/infer", json=body, timeout=300)
 
 
 def v2_errors(reply: requests.Response) -> List[str]:

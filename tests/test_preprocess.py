@@ -18,9 +18,8 @@ from images import make_photo_set, photo
 
 from rexnet_serving.imageio import decode_image
 from rexnet_serving.models import VARIANTS
-from rexnet_serving.preprocess import (MAX_RESIZE_BYTES, PreprocessConfig, config_for, crop_window, preprocess,
-                                      preprocess_opencv,
-                                      resize_bytes, resized_size, resized_window)
+from rexnet_serving.preprocess import PreprocessConfig, config_for, preprocess, preprocess_opencv, resized_size
+from rexnet_serving.resize import MAX_RESIZE_BYTES, crop_window, resize_bytes, resized_window
 
 import paddle  # noqa: E402  (after imageio: see its note on libpaddle's zlib)
 
@@ -279,7 +278,7 @@ STRIPS = [(2000, 7), (7, 2000), (300, 1), (1, 300), (9000, 100), (100, 9000), (4
 
 def test_extreme_aspect_ratios_are_paddleclas_bit_for_bit():
     for width, height in STRIPS:
-        assert resize_bytes(width, height, CFG) < 3 * np.prod(resized_size(width, height, 256)), (width, height)
+        assert resize_bytes(width, height, 256, 224) < 3 * np.prod(resized_size(width, height, 256)), (width, height)
         image = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
         np.testing.assert_array_equal(preprocess_opencv([image], CFG)[0], paddleclas_reference(image, CFG),
                                       f"{width}x{height}")
@@ -310,12 +309,12 @@ def test_the_crop_window_equals_cv2_resize_bit_for_bit(cfg):
 
 def test_the_resize_cost_is_bounded_for_every_shape():
     # The cost model, from the header's size alone: what the OpenCV path's resize holds for one image.
-    assert resize_bytes(640, 427, CFG) == 3 * 384 * 256  # a photo: the whole resized image, as PaddleClas
+    assert resize_bytes(640, 427, 256, 224) == 3 * 384 * 256  # a photo: the whole resized image, as PaddleClas
     shapes = [(1, 1), (1, 2**20), (2**20, 1), (20000, 1), (1, 20000), (40, 1_000_000), (1_000_000, 40),
               (6000, 6000), (8000, 5000), (2**20, 38), (300, 1)]
-    for cfg in (CFG, PreprocessConfig(resize_short=288, crop_size=250)):
+    for resize_short, crop in ((256, 224), (288, 250), (320, 295)):
         for width, height in shapes:
-            assert resize_bytes(width, height, cfg) <= MAX_RESIZE_BYTES, (width, height)
+            assert resize_bytes(width, height, resize_short, crop) <= MAX_RESIZE_BYTES, (width, height, crop)
 
 
 _STRIPS_UNDER_A_MEMORY_LIMIT = """
@@ -358,7 +357,7 @@ def test_the_cost_model_holds_what_the_resize_allocates():
     for width, height in ((640, 427), (427, 640), (4000, 3000), (20000, 1), (1, 20000), (9000, 100), (3, 1)):
         image = np.full((height, width, 3), 9, np.uint8)
         tracemalloc.start()
-        crop_window(image, CFG)
+        crop_window(image, 256, 224)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert peak <= resize_bytes(width, height, CFG) + 65536, (width, height, peak)
+        assert peak <= resize_bytes(width, height, 256, 224) + 65536, (width, height, peak)
