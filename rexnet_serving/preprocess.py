@@ -10,8 +10,8 @@ device; the constants of both come from one PreprocessConfig, the export's manif
 
 - preprocess_opencv(), when inference runs on the CPU: PaddleClas's own arithmetic on the host, a NumPy
   batch. cv2.resize of the whole image (its cost follows the output size, ~0.1 ms for a photo; resizing
-  only the crop's window with another cv2 call cannot reproduce resize's source coordinates exactly), the
-  crop as a view, then per channel one cv2.LUT pass from uint8 levels straight into the preallocated
+  only the crop's window with another call cannot reproduce resize's source coordinates exactly), the crop
+  as a view, then per channel one cv2.LUT pass from uint8 levels straight into the preallocated
   [N, 3, S, S] batch: the 256-entry table holds NormalizeImage's float32 result for each level, so the
   output equals PaddleClas's exactly. Measured on this 2-core CPU (min of 40, noisy shared machine), the
   fastest of: NumPy (x - mean) * inv_std then a CHW copy (~0.6 ms/image), two NumPy ufunc passes per
