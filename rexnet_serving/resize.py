@@ -21,15 +21,10 @@ import cv2
 import numpy as np
 
 COEF_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE: bilinear weights are multiples of 1/2048
-_ROUND_BITS = 22   # INTER_RESIZE_COEF_BITS * 2: the two passes' weights multiplied
 # cv2.resize of a whole image only while the result is at most this: 16 MiB is a 256-high image of aspect
 # ratio ~85 (panoramas included); past it only the crop's window is computed, whose working set
 # (_window_bytes) is under it for crops up to 295 (ReXNet's is 224).
 MAX_RESIZE_BYTES = 16 * 2**20
-# OpenCV's vertical INTER_LINEAR pass on uint8 runs 8 uint16 lanes at a time (v_uint16 of its 128-bit
-# universal intrinsics: the SSE3 baseline of the x86 wheels, NEON on ARM); row elements past the last
-# full group take the scalar loop, which rounds exactly.
-_VERTICAL_LANES = 8
 
 
 def resized_size(width: int, height: int, resize_short: int) -> Tuple[int, int]:
@@ -81,9 +76,10 @@ def resized_window(image: np.ndarray, size: Tuple[int, int], top: int, left: int
     Hand-written because no library resizes a window of a virtual output with OpenCV's coordinates and
     rounding. It replays opencv/modules/imgproc/src/resize.cpp for uint8 INTER_LINEAR: a horizontal pass
     of exact integer sums (weights in 1/2048, columns clamped as linear_taps does) over the pixels the
-    window taps, then the vertical pass: VResizeLinearVec_32s8u's ((s0 >> 4) * b0 >> 16) + ((s1 >> 4) *
-    b1 >> 16) + 2 >> 2 on the SIMD lanes, (s0 * b0 + s1 * b1 + 2^21) >> 22 on the row's scalar tail. At
-    exactly half size cv::resize switches to INTER_AREA: the rounded mean of each 2 x 2 block.
+    window taps, then the vertical pass in VResizeLinear<uchar, int, short>'s fixed point, (((s0 >> 4) *
+    b0 >> 16) + ((s1 >> 4) * b1 >> 16) + 2) >> 2, the same in its SIMD lanes (VResizeLinearVec_32s8u)
+    and its scalar tail (the vertical weights come from the unclamped position: _row_taps). At exactly
+    half size cv::resize switches to INTER_AREA: the rounded mean of each 2 x 2 block.
     tests/test_preprocess.py compares it with cv2.resize over a sweep of sizes.
     """
     height, width = image.shape[:2]
@@ -101,11 +97,8 @@ def resized_window(image: np.ndarray, size: Tuple[int, int], top: int, left: int
     upper = horizontal[np.searchsorted(rows, y_low)]
     lower = horizontal[np.searchsorted(rows, y_high)]
     b_upper, b_lower = wy_low[:, None, None], wy_high[:, None, None]
-    simd = (((upper >> 4) * b_upper >> 16) + ((lower >> 4) * b_lower >> 16) + 2) >> 2
-    exact = (upper * b_upper + lower * b_lower + (1 << (_ROUND_BITS - 1))) >> _ROUND_BITS
-    element = 3 * np.arange(left, left + crop)[:, None] + np.arange(3)  # index in the resized row
-    on_lanes = element < (3 * new_w) // _VERTICAL_LANES * _VERTICAL_LANES
-    return np.clip(np.where(on_lanes, simd, exact), 0, 255).astype(np.uint8)
+    blended = (((upper >> 4) * b_upper >> 16) + ((lower >> 4) * b_lower >> 16) + 2) >> 2
+    return np.clip(blended, 0, 255).astype(np.uint8)
 
 
 def _window_bytes(crop: int) -> int:

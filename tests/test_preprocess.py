@@ -294,10 +294,14 @@ def _sizes_for_the_window() -> list:
 
 
 @pytest.mark.parametrize("cfg", [CFG, PreprocessConfig(resize_short=9, crop_size=5),
-                                 PreprocessConfig(resize_short=288, crop_size=250)], ids=["256-224", "9-5", "288-250"])
+                                 PreprocessConfig(resize_short=288, crop_size=250),
+                                 PreprocessConfig(resize_short=13, crop_size=13)],
+                         ids=["256-224", "9-5", "288-250", "13-13"])
 def test_the_crop_window_equals_cv2_resize_bit_for_bit(cfg):
     # The window is computed alone for any size (upscales, downscales, exact halves, borders), equal to
     # cv2.resize of the whole image cropped: so it may stand in for it wherever that would be too large.
+    # A crop as wide as the resized image reaches the ends of its rows, where OpenCV's SIMD loop hands over
+    # to its scalar tail.
     for width, height in _sizes_for_the_window():
         image = np.random.default_rng(width + 7 * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
         new_w, new_h = resized_size(width, height, cfg.resize_short)
