@@ -127,12 +127,25 @@ class Classifier:
 
     @staticmethod
     def stack(images: Sequence[Any]) -> Any:
-        """Per-image [3, S, S] tensors (as preprocess returns them, split) back into one batch, on the
-        device they are on: paddle.stack for Paddle tensors, np.stack for NumPy arrays."""
-        if images and not isinstance(images[0], np.ndarray):
-            import paddle
-            return paddle.stack(list(images))
-        return np.stack(images)
+        """Per-image [3, S, S] float32 rows back into one batch, where they are: np.stack when every row is
+        NumPy; else one paddle.Tensor on the device of the first tensor row.
+
+        One auto-batch may mix both (a GPU service's preprocessed images are device tensors, the v2 ``x``
+        input's rows NumPy): every row is made a float32 tensor on that device first, because
+        paddle.stack of a Tensor and an ndarray is a SIGSEGV in Paddle 2.6.2, which kills the service.
+        """
+        if all(isinstance(row, np.ndarray) for row in images):
+            return np.stack(images)
+        import paddle
+        place = next(row.place for row in images if isinstance(row, paddle.Tensor))
+        def on_place(row: Any) -> Any:
+            if isinstance(row, np.ndarray):
+                return paddle.to_tensor(np.asarray(row, np.float32), place=place)
+            if row.dtype != paddle.float32 or str(row.place) != str(place):
+                return paddle.to_tensor(row, dtype="float32", place=place)
+            return row
+
+        return paddle.stack([on_place(row) for row in images])
 
     def probabilities(self, batch: Any, model: Any = None) -> np.ndarray:
         """Class probabilities [N, C] for a preprocessed batch (softmax here when the export has none).

@@ -17,7 +17,9 @@ markers, PNG IHDR/IEND per ISO/IEC 15948, BMP BITMAPINFOHEADER, WebP RIFF/VP8/VP
     either fails or returns a partly grey image with only a warning on stderr.
 The headers are parsed here rather than by Pillow because Pillow's open() applies its own process-wide
 decompression-bomb limit (Image.MAX_IMAGE_PIXELS, a global) and cannot tell where a JPEG's scan starts.
-Every refusal is an ImageError with a stable .code that the services return per image.
+Every refusal is an ImageError with a stable .code that the services return per image; so is whatever a
+decoder raises on an image that passed these checks (decode_image: 'not_an_image', e.g. OpenCV's cv2.error
+for a side over 2**20 pixels), so one image never fails the others of its request.
 
 A request's images are also checked together, from their headers and before any of them is decoded
 (check_request): their count and their summed pixel count, which bound the memory one request takes.
@@ -73,13 +75,15 @@ class RequestTooLargeError(ValueError):
 
 # Peak memory of decoding and preprocessing one request, measured on the CPU (solid-colour PNGs, OpenCV
 # decode and preprocessing, 36 MP per request): 2.9-5.7 MB per megapixel, the high end for one huge
-# image (the decoder's own copy) and for many small ones (per-image buffers); Paddle-op preprocessing
-# (the GPU path, run on the CPU) measured up to 6.4. Through the whole service (tests/test_service.py)
-# 64 images of 1 MP raised peak RSS by ~220 MB once Paddle's inference pool had grown to its steady
-# state. The default per-request pixel budget keeps one request under REQUEST_MEMORY_BUDGET_MB at the
-# conservative PEAK_MB_PER_MEGAPIXEL.
+# image (the decoder's own copy) and for many small ones (per-image buffers); one 39 MP image: 5.8 for
+# JPEG, PNG and BMP in any aspect ratio (1048576x38 included), 6.7 for WebP; Paddle-op preprocessing
+# (the GPU path, run on the CPU) measured up to 6.4. The resize adds at most
+# rexnet_serving.resize.MAX_RESIZE_BYTES (16 MiB) whatever the aspect ratio. Through the whole service
+# (tests/test_service.py) 64 images of 1 MP raised peak RSS by ~220 MB once Paddle's inference pool had
+# grown to its steady state. The default per-request pixel budget keeps one request under
+# REQUEST_MEMORY_BUDGET_MB at the conservative PEAK_MB_PER_MEGAPIXEL.
 REQUEST_MEMORY_BUDGET_MB = 512
-PEAK_MB_PER_MEGAPIXEL = 6.5
+PEAK_MB_PER_MEGAPIXEL = 7.0
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,8 @@ class DecodeLimits:
 
     The per-request limits bound the memory one request can take: every image of a request is decoded
     before preprocessing, so 64 images of 40 MP each would need ~8 GB. max_request_pixels defaults to
-    64 MP: at PEAK_MB_PER_MEGAPIXEL that is ~420 MB, under the 512 MB budget with room for the request
-    body itself.
+    64 MP: at PEAK_MB_PER_MEGAPIXEL that is ~450 MB, under the 512 MB budget with room for the resize
+    (at most 16 MiB, rexnet_serving.resize.MAX_RESIZE_BYTES).
     """
 
     max_bytes: int = 20 * 2**20
@@ -336,10 +340,27 @@ def check_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> ImageHead
     return header
 
 
+def decoder_refusal(fmt: str, decoder: str, exc: BaseException) -> ImageError:
+    """The image's own error for an exception a decoder raised on it: the header passed every check, but
+    the decoder has limits of its own (OpenCV refuses a side over 2**20, CV_IO_MAX_IMAGE_WIDTH, with
+    cv2.error) or chokes on the data. Its message kept on one line, without the library's source path."""
+    text = " ".join(str(exc).split())
+    if "error: " in text:  # "OpenCV(4.11.0) /io/.../loadsave.cpp:75: error: (-215:Assertion failed) ..."
+        text = text.split("error: ", 1)[1]
+    return ImageError("not_an_image", f"the {fmt} image could not be decoded ({decoder}: {text[:300]})")
+
+
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Decode JPEG/PNG/BMP/WebP bytes to an H x W x 3 uint8 RGB C-contiguous array, as PaddleClas does."""
+    """Decode JPEG/PNG/BMP/WebP bytes to an H x W x 3 uint8 RGB C-contiguous array, as PaddleClas does.
+
+    Whatever the decoder raises on the image (not only what check_image refuses) becomes its ImageError,
+    so one bad image never fails the request or the run it is part of.
+    """
     header = check_image(data, limits)
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except Exception as exc:  # noqa: BLE001 - cv2.error and anything else the decoder raises on this image
+        raise decoder_refusal(header.format, "OpenCV", exc) from None
     if bgr is None:
         raise ImageError("not_an_image", f"the {header.format} data is damaged and could not be decoded")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)
@@ -410,9 +431,9 @@ def decode_jpeg_on_device(data: bytes, limits: DecodeLimits = DecodeLimits()) ->
     """Decode a JPEG on the GPU with nvJPEG (paddle.vision.ops.decode_jpeg) to an H x W x 3 uint8 RGB tensor.
 
     Returns None, so the caller falls back to decode_image, unless Paddle was built with CUDA, the current
-    device is a GPU, and the data is an 8-bit grey or YCbCr JPEG without an EXIF rotation that passes every
-    check of check_image (nvJPEG ignores EXIF orientation, which OpenCV applies). nvJPEG's IDCT may differ
-    from libjpeg's by a level or two on some pixels.
+    device is a GPU, the data is an 8-bit grey or YCbCr JPEG without an EXIF rotation that passes every
+    check of check_image (nvJPEG ignores EXIF orientation, which OpenCV applies), and nvJPEG decodes it.
+    nvJPEG's IDCT may differ from libjpeg's by a level or two on some pixels.
     UNTESTED: no GPU exists where this project is tested; only its None branches run in the tests.
     """
     import paddle
@@ -426,7 +447,11 @@ def decode_jpeg_on_device(data: bytes, limits: DecodeLimits = DecodeLimits()) ->
             or header.precision != 8:
         return None
     # decode_jpeg reads the bytes from a CPU tensor and allocates its CHW output on the GPU; the transpose
-    # copies it to HWC, so the CHW buffer is released when this frame returns.
-    encoded = paddle.to_tensor(np.frombuffer(data, np.uint8), place=paddle.CPUPlace())
-    chw = paddle.vision.ops.decode_jpeg(encoded, mode="rgb")
-    return paddle.transpose(chw, [1, 2, 0]).contiguous()
+    # copies it to HWC, so the CHW buffer is released when this frame returns. nvJPEG refuses some JPEGs
+    # libjpeg takes (and raises on damaged data): OpenCV then decodes the image, or refuses it itself.
+    try:
+        encoded = paddle.to_tensor(np.frombuffer(data, np.uint8), place=paddle.CPUPlace())
+        chw = paddle.vision.ops.decode_jpeg(encoded, mode="rgb")
+        return paddle.transpose(chw, [1, 2, 0]).contiguous()
+    except Exception:  # noqa: BLE001 - any failure of the device decoder falls back to the CPU's
+        return None

@@ -17,6 +17,9 @@ device; the constants of both come from one PreprocessConfig, the export's manif
   fastest of: NumPy (x - mean) * inv_std then a CHW copy (~0.6 ms/image), two NumPy ufunc passes per
   channel (~0.2), cv2.addWeighted per channel (~0.17), cv2.dnn.blobFromImagesWithParams (~0.17 at batch 1,
   slower at 8), the LUT (~0.16, bit-exact).
+  Extreme aspect ratios are the exception: a 20000x1 strip would resize to 256 x 5,120,000 pixels
+  (3.9 GB) for one 224 x 224 crop, so past rexnet_serving.resize.MAX_RESIZE_BYTES only the crop's window
+  is computed (rexnet_serving.resize.crop_window: the same result bit for bit, bounded by the crop).
 - preprocess(), when it runs on the GPU: Paddle ops on the current device (paddle.get_device()), so a GPU
   service never copies pixels back to the host, and images decoded by nvJPEG stay on the device. It is
   also what training evaluation uses (a tensor for the Paddle model). On the CPU it costs over 10x the OpenCV
@@ -50,6 +53,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import cv2
 import numpy as np
+
+from .resize import COEF_SCALE, crop_window, linear_taps, resized_size
 
 if TYPE_CHECKING:
     import paddle
@@ -91,7 +96,6 @@ def config_for(arch: str) -> PreprocessConfig:
     return PreprocessConfig(resize_short=variant.resize_short, crop_size=variant.input_size)
 
 
-_COEF_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE: bilinear weights are multiples of 1/2048
 # OpenCV's vector vertical pass floors each of its two row products (mulhi) before rounding their sum, which
 # often lowers a result by a quarter level; rounding the exact sum a little low there (x + 0.375, not x + 0.5)
 # is the best single threshold (measured against cv2.resize on photos) and halves the one-level differences.
@@ -101,34 +105,6 @@ _BAND_ROWS = 32  # output rows per band of the vertical pass: big enough for MKL
 _PLAN_CACHE = 32  # plans per (source size, device): a batch of phone photos shares a handful of sizes
 
 Selection = Union[slice, np.ndarray]
-
-
-def resized_size(width: int, height: int, resize_short: int) -> Tuple[int, int]:
-    """(width, height) after PaddleClas's ResizeImage(resize_short): Python round() on each side."""
-    percent = float(resize_short) / min(width, height)
-    return int(round(width * percent)), int(round(height * percent))
-
-
-def _taps(src: int, dst: int, start: int, count: int) -> Tuple[np.ndarray, ...]:
-    """Source indices, integer weights (summing to 2048) and edge clamping of output pixels start..start+count
-    along one axis.
-
-    OpenCV's resize computes the position in float32 from a double scale, floors it and clamps both ends to
-    the edge pixel with weight 0 on the missing neighbour; the weights are saturate_cast (round to nearest).
-    """
-    scale = 1.0 / (float(dst) / src)
-    pos = ((np.arange(start, start + count, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
-    left = np.floor(pos)
-    frac = pos - left
-    left = left.astype(np.int64)
-    low, high = left < 0, left >= src - 1
-    frac[low | high] = 0
-    left[low] = 0
-    left[high] = src - 1
-    right = np.minimum(left + 1, src - 1)
-    w_right = np.rint(frac * np.float32(_COEF_SCALE)).astype(np.int32)
-    w_left = np.rint((np.float32(1) - frac) * np.float32(_COEF_SCALE)).astype(np.int32)
-    return left, right, w_left, w_right, low | high
 
 
 def _band_rows(crop: int) -> int:
@@ -144,7 +120,7 @@ def _row_bands(src: int, dst: int, crop: int) -> Tuple[np.ndarray, np.ndarray, n
 
     A band holds at most 2 * rows-per-band source rows whatever the scale (a downscale skips rows).
     """
-    low, high, w_low, w_high, clamped = _taps(src, dst, (dst - crop) // 2, crop)
+    low, high, w_low, w_high, clamped = linear_taps(src, dst, (dst - crop) // 2, crop)
     block = _band_rows(crop)
     bands = crop // block
     taps = [np.unique(np.concatenate([low[i:i + block], high[i:i + block]])) for i in range(0, crop, block)]
@@ -157,10 +133,10 @@ def _row_bands(src: int, dst: int, crop: int) -> Tuple[np.ndarray, np.ndarray, n
     for tap, weight in ((low, w_low), (high, w_high)):
         position = np.searchsorted(keys, band * src + tap) - band * height
         # add.at, not assignment: at a clamped border both taps are the same row (weights 2048 and 0).
-        np.add.at(weights, (band, row, position), weight / np.float32(_COEF_SCALE))
+        np.add.at(weights, (band, row, position), weight / np.float32(COEF_SCALE))
     # Measured against cv2.resize: a row on a source row (weights 2048, 0) or halfway between two (1024, 1024:
     # even integer scales) rounds at one half like the scalar code, except where the edge clamps it.
-    exact = ((w_high == 0) | (w_high == _COEF_SCALE // 2)) & ~clamped
+    exact = ((w_high == 0) | (w_high == COEF_SCALE // 2)) & ~clamped
     return rows, weights, np.where(exact, _HALF, _TWO_TAP_ROUNDING).astype(np.float32)
 
 
@@ -170,15 +146,15 @@ def _columns(src: int, dst: int, crop: int) -> Tuple[Selection, np.ndarray]:
     The columns are the crop's window, or only the columns it taps when that is fewer (a downscale by more
     than 2x skips columns), so the matrix stays at most 2 * crop tall whatever the photo's size.
     """
-    low, high, w_low, w_high, _ = _taps(src, dst, (dst - crop) // 2, crop)
+    low, high, w_low, w_high, _ = linear_taps(src, dst, (dst - crop) // 2, crop)
     start, stop = int(low[0]), int(high[-1]) + 1
     tapped = np.unique(np.concatenate([low, high]))
     select: Selection = tapped if len(tapped) < stop - start else slice(start, stop)
     lines = tapped if isinstance(select, np.ndarray) else np.arange(start, stop)
     weights = np.zeros((len(lines), crop), np.float32)
     out = np.arange(crop)
-    np.add.at(weights, (np.searchsorted(lines, low), out), w_low / np.float32(_COEF_SCALE))
-    np.add.at(weights, (np.searchsorted(lines, high), out), w_high / np.float32(_COEF_SCALE))
+    np.add.at(weights, (np.searchsorted(lines, low), out), w_low / np.float32(COEF_SCALE))
+    np.add.at(weights, (np.searchsorted(lines, high), out), w_high / np.float32(COEF_SCALE))
     return select, weights
 
 
@@ -281,14 +257,11 @@ def preprocess_opencv(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np
         if not isinstance(image, np.ndarray):
             raise ValueError(f"image {index}: the OpenCV path takes numpy arrays, got {type(image).__name__} "
                              "(device tensors go through preprocess())")
-    sizes = _check_batch(images, cfg)
+    _check_batch(images, cfg)
     crop, tables = cfg.crop_size, _level_tables(cfg)
     out = np.empty((len(images), 3, crop, crop), np.float32)
-    for image, (height, width), planes in zip(images, sizes, out):
-        new_w, new_h = resized_size(width, height, cfg.resize_short)
-        resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        top, left = (new_h - crop) // 2, (new_w - crop) // 2
-        window = resized[top:top + crop, left:left + crop]
+    for image, planes in zip(images, out):
+        window = crop_window(image, cfg.resize_short, crop)
         # One pass per channel from uint8 levels into the batch: OpenCV writes into a dst of the right
         # shape and type in place (each plane of the batch is a contiguous crop x crop float32 array).
         for channel, table, plane in zip(cv2.split(window), tables, planes):

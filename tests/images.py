@@ -7,6 +7,7 @@ photographs shipped inside the wheel, so nothing downloads). Tests import this m
 from __future__ import annotations
 
 import functools
+import struct
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -89,6 +90,15 @@ def encode(image: np.ndarray, fmt: str, **opts) -> bytes:
         Image.fromarray(image).quantize(colors=64).save(buf, format="PNG")
         return buf.getvalue()
     raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def bmp_strip(width: int, height: int = 1) -> bytes:
+    """An uncompressed 24-bit BMP of width x height grey pixels, built without an encoder: any size, even
+    one no decoder takes (OpenCV refuses a side over 2**20)."""
+    row = (width * 24 + 31) // 32 * 4
+    pixels = b"\x80" * (row * height)
+    return (b"BM" + struct.pack("<IHHI", 54 + len(pixels), 0, 0, 54)
+            + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, len(pixels), 2835, 2835, 0, 0) + pixels)
 
 
 def make_photo_set(directory) -> List[Path]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import SCORED_CLASSES
-from images import encode, make_photo_set, photo
+from images import bmp_strip, encode, make_photo_set, photo
 from rexnet_pipelines import protocol
 from rexnet_serving import postprocess
 from rexnet_serving.classifier import Classifier, decode_payloads, inference_model_options, preprocess_images
@@ -169,3 +169,42 @@ def test_decode_payloads_refuses_a_request_over_its_pixel_budget():
     assert len(images) == 1 and errors[1].code == "not_an_image"
     with pytest.raises(RequestTooLargeError):
         decode_payloads([image, base64.b64encode(image).decode()], limits)
+
+
+def test_a_decoder_exception_costs_only_its_image(classifier):
+    good = encode(photo("china", (120, 90)), "jpeg")
+    results = classifier.classify([good, bmp_strip(1_200_000), good], top_k=2)  # 3.6 MB, 1.2 MP
+    assert [r.error_code for r in results] == [None, "not_an_image", None]
+    assert results[0].predictions == results[2].predictions
+
+
+# Run in a child: before rows were made one type, paddle.stack([Tensor, ndarray]) was a SIGSEGV (Paddle
+# 2.6.2), which would take the test process with it.
+_MIXED_STACK = """
+import rexnet_serving.imageio
+import numpy as np, paddle
+from rexnet_serving.classifier import Classifier
+rng = np.random.default_rng(0)
+rows = [rng.standard_normal((3, 8, 8)).astype(np.float32) for _ in range(4)]
+mixed = [paddle.to_tensor(rows[0]), rows[1], paddle.to_tensor(rows[2].astype(np.float64)), rows[3].astype(np.float64)]
+for order in (mixed, mixed[::-1]):
+    batch = Classifier.stack(order)
+    assert isinstance(batch, paddle.Tensor) and batch.dtype == paddle.float32, type(batch)
+    assert str(batch.place) == str(paddle.to_tensor(rows[0]).place)
+    want = np.stack([np.asarray(r.numpy() if isinstance(r, paddle.Tensor) else r, np.float32) for r in order])
+    np.testing.assert_array_equal(batch.numpy(), want)
+host = Classifier.stack(rows)
+assert isinstance(host, np.ndarray) and host.dtype == np.float32 and host.shape == (4, 3, 8, 8)
+print("ok")
+"""
+
+
+def test_a_batch_of_device_tensors_and_numpy_rows_is_one_device_and_type():
+    """An auto-batch of GPU-preprocessed image requests (paddle.Tensor rows) and v2 ``x`` requests (NumPy
+    rows): CPU tensors stand in for the GPU's here."""
+    import subprocess
+    import sys
+    from conftest import REPO_ROOT
+    run = subprocess.run([sys.executable, "-c", _MIXED_STACK], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])

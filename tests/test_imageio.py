@@ -13,7 +13,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from images import FORMATS, encode, make_photo_set, photo
+from images import FORMATS, bmp_strip, encode, make_photo_set, photo
 
 from rexnet_serving import imageio
 from rexnet_serving.imageio import (ERROR_CODES, DecodeLimits, ImageError, check_image, decode_base64_image,
@@ -275,6 +275,23 @@ def test_a_request_over_the_image_count_is_refused():
 
 
 def test_default_request_budget_fits_the_memory_budget():
+    from rexnet_serving.resize import MAX_RESIZE_BYTES
     limits = DecodeLimits()
-    assert limits.max_request_pixels / 1e6 * imageio.PEAK_MB_PER_MEGAPIXEL <= imageio.REQUEST_MEMORY_BUDGET_MB
+    # decoded pixels at the worst measured rate, plus the one resize in progress (bounded for any shape)
+    assert (limits.max_request_pixels / 1e6 * imageio.PEAK_MB_PER_MEGAPIXEL + MAX_RESIZE_BYTES / 2**20
+            <= imageio.REQUEST_MEMORY_BUDGET_MB)
     assert limits.max_request_pixels >= limits.max_pixels  # one image at the per-image limit still fits
+
+
+# -- what the decoder itself refuses ---------------------------------------------------------------------
+@pytest.mark.parametrize("width,height", [(2_000_000, 1), (1, 2_000_000)], ids=["wide", "tall"])
+def test_a_decoder_exception_is_the_images_error(width, height):
+    # 2 MP in 6 MB passes every limit and every header check; cv2.imdecode raises cv2.error on a side
+    # over 2**20 (its CV_IO_MAX_IMAGE_WIDTH/HEIGHT). That is this image's refusal, not the caller's crash.
+    data = bmp_strip(width, height)
+    assert check_image(data).width == width
+    with pytest.raises(ImageError, match=r"could not be decoded \(OpenCV: .*CV_IO_MAX_IMAGE") as err:
+        decode_image(data)
+    assert err.value.code == "not_an_image" and "\n" not in str(err.value)
+    # the largest side OpenCV takes decodes
+    assert decode_image(bmp_strip(1 << 20)).shape == (1, 1 << 20, 3)

@@ -19,6 +19,7 @@ from images import make_photo_set, photo
 from rexnet_serving.imageio import decode_image
 from rexnet_serving.models import VARIANTS
 from rexnet_serving.preprocess import PreprocessConfig, config_for, preprocess, preprocess_opencv, resized_size
+from rexnet_serving.resize import MAX_RESIZE_BYTES, crop_window, resize_bytes, resized_window
 
 import paddle  # noqa: E402  (after imageio: see its note on libpaddle's zlib)
 
@@ -267,3 +268,100 @@ def test_batch_time_is_reported():
                 times.append(time.perf_counter() - start)
             print(f"\npreprocess {path}: batch of {len(batch)} 640x427 images on the CPU: "
                   f"min {min(times) / len(batch) * 1e3:.2f} ms per image, median {np.median(times) * 1e3:.1f} ms")
+
+
+# -- extreme aspect ratios: what the resize may cost ---------------------------------------------------------
+# Sizes (width, height) whose whole resized image is over MAX_RESIZE_BYTES, so the OpenCV path computes only
+# the crop's window; each still small enough for the reference to resize the whole image here.
+STRIPS = [(2000, 7), (7, 2000), (300, 1), (1, 300), (9000, 100), (100, 9000), (4099, 41), (1200, 3)]
+
+
+def test_extreme_aspect_ratios_are_paddleclas_bit_for_bit():
+    for width, height in STRIPS:
+        assert resize_bytes(width, height, 256, 224) < 3 * np.prod(resized_size(width, height, 256)), (width, height)
+        image = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(preprocess_opencv([image], CFG)[0], paddleclas_reference(image, CFG),
+                                      f"{width}x{height}")
+
+
+def _sizes_for_the_window() -> list:
+    rng = np.random.default_rng(11)
+    sizes = [(1, 1), (2, 2), (5, 5), (1, 257), (257, 1), (3, 1000), (1000, 3), (224, 224), (256, 256),
+             (640, 480), (480, 640), (512, 1024), (1024, 512), (1536, 1024), (4000, 512), (513, 512), (333, 777)]
+    sizes += [(int(w), int(h)) for w, h in rng.integers(1, 1500, size=(40, 2))]
+    sizes += [(int(w), 1 + int(w) // int(a)) for w, a in zip(rng.integers(50, 3000, 20), rng.integers(5, 60, 20))]
+    return sizes
+
+
+@pytest.mark.parametrize("cfg", [CFG, PreprocessConfig(resize_short=9, crop_size=5),
+                                 PreprocessConfig(resize_short=288, crop_size=250),
+                                 PreprocessConfig(resize_short=13, crop_size=13)],
+                         ids=["256-224", "9-5", "288-250", "13-13"])
+def test_the_crop_window_equals_cv2_resize_bit_for_bit(cfg):
+    # The window is computed alone for any size (upscales, downscales, exact halves, borders), equal to
+    # cv2.resize of the whole image cropped: so it may stand in for it wherever that would be too large.
+    # A crop as wide as the resized image reaches the ends of its rows, where OpenCV's SIMD loop hands over
+    # to its scalar tail.
+    for width, height in _sizes_for_the_window():
+        image = np.random.default_rng(width + 7 * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        new_w, new_h = resized_size(width, height, cfg.resize_short)
+        top, left, crop = (new_h - cfg.crop_size) // 2, (new_w - cfg.crop_size) // 2, cfg.crop_size
+        want = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)[top:top + crop, left:left + crop]
+        np.testing.assert_array_equal(resized_window(image, (new_w, new_h), top, left, crop), want,
+                                      f"{width}x{height}")
+
+
+def test_the_resize_cost_is_bounded_for_every_shape():
+    # The cost model, from the header's size alone: what the OpenCV path's resize holds for one image.
+    assert resize_bytes(640, 427, 256, 224) == 3 * 384 * 256  # a photo: the whole resized image, as PaddleClas
+    shapes = [(1, 1), (1, 2**20), (2**20, 1), (20000, 1), (1, 20000), (40, 1_000_000), (1_000_000, 40),
+              (6000, 6000), (8000, 5000), (2**20, 38), (300, 1)]
+    for resize_short, crop in ((256, 224), (288, 250), (320, 295)):
+        for width, height in shapes:
+            assert resize_bytes(width, height, resize_short, crop) <= MAX_RESIZE_BYTES, (width, height, crop)
+
+
+_STRIPS_UNDER_A_MEMORY_LIMIT = """
+import resource, sys
+import numpy as np
+from rexnet_serving.preprocess import PreprocessConfig, preprocess_opencv
+size = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + 512 * 2**20, resource.RLIM_INFINITY))
+for width, height in ((20000, 1), (1, 20000), (2**20, 1), (1, 2**20), (2**20, 38)):
+    image = np.full((height, width, 3), 77, np.uint8)
+    batch = preprocess_opencv([image], PreprocessConfig())
+    assert batch.shape == (1, 3, 224, 224), batch.shape
+print("ok")
+"""
+
+
+def test_one_pixel_strips_preprocess_within_half_a_gigabyte():
+    """A 20000x1 image (a 200-byte PNG) once cost 256 * 20000 * 256 * 3 = 3.9 GB of resized pixels: here a
+    child process may map only 512 MB more than it has, and every strip up to OpenCV's longest side passes."""
+    import subprocess
+    import sys
+    from conftest import REPO_ROOT
+    run = subprocess.run([sys.executable, "-c", _STRIPS_UNDER_A_MEMORY_LIMIT], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_the_two_paths_agree_on_strips():
+    # The Paddle-op path computes only the crop's window by construction; on strips it agrees with the
+    # OpenCV path within one level, as on photos.
+    for width, height in ((20000, 1), (1, 20000), (3000, 2), (2, 3000)):
+        image = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        diff = np.abs(preprocess([image], CFG).numpy() - preprocess_opencv([image], CFG))
+        assert diff.max() <= MAX_ABS, (width, height, float(diff.max()))
+
+
+def test_the_cost_model_holds_what_the_resize_allocates():
+    # NumPy and OpenCV's Python arrays report their buffers to tracemalloc: the model is checked, not trusted.
+    import tracemalloc
+    for width, height in ((640, 427), (427, 640), (4000, 3000), (20000, 1), (1, 20000), (9000, 100), (3, 1)):
+        image = np.full((height, width, 3), 9, np.uint8)
+        tracemalloc.start()
+        crop_window(image, 256, 224)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak <= resize_bytes(width, height, 256, 224) + 65536, (width, height, peak)
