@@ -3,17 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 from ..results import ImageResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+class UsageError(ValueError):
+    """The inputs or the output cannot be used as given (no images found, unknown format, ...)."""
+
+
 @dataclass
 class RunSummary:
     """What a run did. ``processed`` counts images written by this run (errors included)."""
-    output: Optional[Path]    # None when the records went to stdout
+    output: Optional[Union[Path, str]]  # None when the records went to stdout; a str for a URL
     total: int
     tool: str = "rexnet-batch"
     skipped: int = 0

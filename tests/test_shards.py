@@ -1,0 +1,267 @@
+"""Sharded runs (rexnet_serving.runs: shards, storage, run, merge) end to end.
+
+Real rexnet-predict processes on one export (the session's ReXNet_1_0, OpenVINO: the faster runtime
+here) over one listing of real image files: four shards, one SIGKILLed half-way and rerun, and the merge
+must find every image exactly once; the same with inputs and outputs on a real S3-protocol server
+(moto's standalone server, started on 127.0.0.1 and stopped after) in Parquet; the partition's
+stability; the CSV path escape; clear errors for a missing bucket and missing credentials.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from conftest import free_port
+from images import encode, photo
+from rexnet_serving.results import ImageResult, Prediction
+from rexnet_serving.runs.inputs import InputItem, collect_inputs
+from rexnet_serving.runs.output import ResultWriter
+from rexnet_serving.runs.shards import Shard, parse_shard, resolve_shard, select, shard_of, shard_output
+from rexnet_serving.runs.summary import UsageError
+
+BIN = Path(sys.executable).parent
+SHARDS = 4
+FAST = ["--runtime", "openvino", "--threads", "1", "--decode-workers", "1", "--no-progress"]
+
+
+def write_images(folder: Path, count: int) -> List[Path]:
+    """``count`` small real images (PNG and JPEG, a few sizes), in nested folders like a dataset."""
+    paths = []
+    for i in range(count):
+        image = photo(("china", "flower")[i % 2], (40 + i % 7, 32 + i % 5))
+        fmt, suffix = (("png", ".png"), ("jpeg", ".jpg"))[i % 2]
+        path = folder / f"class_{i % 3}" / f"img_{i:03d}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(image, fmt))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shard_images")
+    write_images(folder, 72)
+    (folder / "class_0" / "broken.png").write_bytes(b"not an image at all")  # one error by code
+    return folder
+
+
+def predict(*args, env: Dict[str, str] = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "rexnet-predict"), *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def merge(*args, env: Dict[str, str] = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "rexnet-batch"), "merge", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+# ------------------------------------------------------------------------------------- partition
+
+def test_partition_is_stable_however_the_input_is_listed(dataset: Path, tmp_path: Path) -> None:
+    folder = collect_inputs([dataset])
+    shuffled = list(folder)
+    random.Random(1).shuffle(shuffled)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{os.path.relpath(i.path, tmp_path)} 7\n" for i in shuffled))
+    by_list = collect_inputs([listing])
+    by_glob = collect_inputs([str(dataset / "class_*" / "*.*")])
+    for n in (1, 3, SHARDS):
+        expected = [sorted(i.name for i in select(folder, Shard(k, n))) for k in range(n)]
+        for other in (shuffled, by_list, by_glob):
+            assert [sorted(i.name for i in select(other, Shard(k, n))) for k in range(n)] == expected
+        assert sorted(sum(expected, [])) == sorted(i.name for i in folder)  # a partition
+    sizes = [len(select(folder, Shard(k, SHARDS))) for k in range(SHARDS)]
+    assert min(sizes) > 0 and sum(sizes) == len(folder)
+    # the hash is of the name only (not the process: Python's hash() is salted per process)
+    code = "from rexnet_serving.runs.shards import shard_of; print(shard_of('s3://b/k/x.jpg', 16))"
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+            for _ in range(2)}
+    assert runs == {f"{shard_of('s3://b/k/x.jpg', 16)}\n"}
+
+
+def test_shard_flags_and_the_indexed_job_environment() -> None:
+    assert parse_shard("3/16") == Shard(3, 16) and str(Shard(3, 16)) == "3/16"
+    for bad in ("16/16", "1", "a/b", "-1/4", "0/0"):
+        with pytest.raises(UsageError, match="--shard"):
+            parse_shard(bad)
+    assert resolve_shard(None, None, {}) is None
+    assert resolve_shard("1/2", None, {"JOB_COMPLETION_INDEX": "5"}) == Shard(1, 2)  # the flag wins
+    assert resolve_shard(None, 8, {"JOB_COMPLETION_INDEX": "5"}) == Shard(5, 8)
+    assert resolve_shard(None, None, {"JOB_COMPLETION_INDEX": "5", "REXNET_SHARD_COUNT": "8"}) == Shard(5, 8)
+    with pytest.raises(UsageError, match="shard count"):
+        resolve_shard(None, None, {"JOB_COMPLETION_INDEX": "5"})
+    with pytest.raises(UsageError, match="index must be"):
+        resolve_shard(None, 4, {"JOB_COMPLETION_INDEX": "5"})
+    assert shard_output("s3://b/run/preds.jsonl", Shard(3, 16)) == "s3://b/run/preds-00003-of-00016.jsonl"
+    assert shard_output("/r/preds.parquet", None) == "/r/preds.parquet"
+
+
+def test_csv_path_with_a_newline_survives_a_torn_row(tmp_path: Path) -> None:
+    """Issue 19 point 8: the path column on one physical line, reversibly, so resume matches it."""
+    names = [tmp_path / "a\nb.jpg", tmp_path / '"quoted".jpg', tmp_path / "plain, comma.jpg"]
+    out = tmp_path / "out.csv"
+    ok = ImageResult(predictions=[Prediction(1, "one\ntwo", 0.5)])
+    writer = ResultWriter(out, "csv")
+    for name in names:
+        writer.write(InputItem(name), ok)
+    writer.close()
+    assert out.read_text().count("\n") == 1 + len(names)  # header + one physical line per row
+    with out.open("a") as f:
+        f.write(str(tmp_path / "x.jpg") + ",tr")  # a torn last row, as a kill leaves
+    again = ResultWriter(out, "csv")
+    again.close()
+    assert again.repaired and set(again.done) == {str(n) for n in names}
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [json.loads(r["path"]) if r["path"].startswith('"') else r["path"] for r in rows] == \
+        [str(n) for n in names]
+
+
+# ---------------------------------------------------------------------- local: four shards, a kill
+
+@pytest.mark.server
+def test_four_shards_one_killed_and_rerun_merge_exactly_once(scored_model_dir, dataset: Path,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "results" / "preds.jsonl"
+    common = [dataset, "-m", scored_model_dir, "-o", out, *FAST]
+    victim = 2
+    env = dict(os.environ, JOB_COMPLETION_INDEX=str(victim), REXNET_SHARD_COUNT=str(SHARDS))
+    killed = predict(*common, "--batch-size", "1", "--commit-every", "0", env=env)  # the Job's way
+    others = [predict(*common, "--shard", f"{i}/{SHARDS}", "--batch-size", "4")
+              for i in range(SHARDS) if i != victim]
+    target = shard_output(str(out), Shard(victim, SHARDS))
+    deadline = time.monotonic() + 240
+    while not (Path(target).exists() and Path(target).read_text().count("\n") >= 3):
+        assert killed.poll() is None, killed.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    killed.stderr.close()
+    before = Path(target).read_text().count("\n")
+    for proc in others:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode in (0, 1), err  # 1: the shard holding broken.png
+        assert f"shard {proc.args[proc.args.index('--shard') + 1]}" in err
+    expected = len(select(collect_inputs([dataset]), Shard(victim, SHARDS)))
+    assert before < expected, "the shard finished before it could be killed"
+
+    incomplete = merge(dataset, "-o", out)
+    assert incomplete.returncode == 1 and "INCOMPLETE" in incomplete.stderr
+    assert f"missing {expected - before}" in incomplete.stderr
+
+    rerun = predict(*common, "--batch-size", "4", env=env)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode in (0, 1), err
+    assert f"{expected - before} processed, {before} skipped" in err
+
+    done = merge(dataset, "-o", out)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "results" / "preds-summary.json").read_text())
+    names = {i.name for i in collect_inputs([dataset])}
+    records = [json.loads(line) for i in range(SHARDS)
+               for line in Path(shard_output(str(out), Shard(i, SHARDS))).read_text().splitlines()]
+    assert sorted(r["path"] for r in records) == sorted(names)  # every image exactly once
+    assert summary["complete"] and summary["inputs"] == summary["records"] == len(names)
+    assert summary["errors"] == {"not_an_image": 1} and summary["ok"] == len(names) - 1
+    assert summary["model"]["name"] == "ReXNet_1_0" and len(summary["model"]["manifest_sha256"]) == 64
+    assert all(s["finished"] and s["images_per_second"] > 0 for s in summary["shards"])
+
+    # a record too many (a shard file edited, or two runs' files mixed) fails the merge
+    with open(shard_output(str(out), Shard(0, SHARDS)), "a") as f:
+        f.write(json.dumps(records[-1]) + "\n")
+    again = merge(dataset, "-o", out, "--summary", tmp_path / "s.json")
+    assert again.returncode == 1
+    bad = json.loads((tmp_path / "s.json").read_text())
+    assert bad["duplicates"] == 1 and not bad["complete"]
+
+
+# ------------------------------------------------------------------------------ S3 (moto server)
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server on a free loopback port; the AWS variables that point at it."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        import requests
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                requests.get(env["AWS_ENDPOINT_URL"], timeout=2)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        yield env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.mark.server
+def test_shards_on_s3_in_parquet_and_clear_store_errors(scored_model_dir, s3_server, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    import fsspec
+    import pyarrow.parquet as pq
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("rexnet-batch")
+    local = write_images(tmp_path / "images", 12)
+    for path in local:
+        fs.put_file(str(path), f"rexnet-batch/images/{path.parent.name}/{path.name}")
+    fs.invalidate_cache()
+    source, out = "s3://rexnet-batch/images/", "s3://rexnet-batch/results/preds.parquet"
+    env = dict(os.environ, REXNET_STAGING_DIR=str(tmp_path / "staging"))
+    procs = [predict(source, "-m", scored_model_dir, "-o", out, "--shard", f"{i}/2", "--commit-every", "0",
+                     *FAST, env=env) for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+
+    done = merge(source, "-o", out, env=env)
+    assert done.returncode == 0, done.stderr
+    fs.invalidate_cache()
+    summary = json.loads(fs.cat_file("rexnet-batch/results/preds-summary.json"))
+    names = sorted(f"s3://rexnet-batch/images/{p.parent.name}/{p.name}" for p in local)
+    assert summary["complete"] and summary["inputs"] == summary["records"] == len(names)
+    assert summary["shard_count"] == 2 and summary["errors"] == {}
+    paths = []
+    for i in range(2):
+        with fs.open(f"rexnet-batch/results/preds-0000{i}-of-00002.parquet", "rb") as f:
+            table = pq.read_table(f)
+        assert table.schema.names == ["path", "label", "ok", "class_ids", "labels", "scores", "error_code",
+                                      "error_message", "model_name", "model_version", "manifest_sha256"]
+        rows = table.to_pylist()
+        assert all(r["ok"] and len(r["class_ids"]) == 5 and r["model_name"] == "ReXNet_1_0"
+                   and r["manifest_sha256"] == summary["model"]["manifest_sha256"] for r in rows)
+        paths += [r["path"] for r in rows]
+    assert sorted(paths) == names
+
+    # a bucket that does not exist, and no credentials: one clear line, exit 2, before any image
+    missing = predict("s3://no-such-bucket/images/", "-m", scored_model_dir, "-o", out, *FAST, env=env)
+    _, err = missing.communicate(timeout=120)
+    assert missing.returncode == 2 and "no such bucket" in err and "Traceback" not in err, err
+    bare = {k: v for k, v in env.items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}
+    bare.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    nocreds = predict(source, "-m", scored_model_dir, "-o", out, *FAST, env=bare)
+    _, err = nocreds.communicate(timeout=120)
+    assert nocreds.returncode == 2 and "credentials" in err and "Traceback" not in err, err
