@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -97,10 +98,35 @@ def read_records(location: str, fmt: str) -> Iterator[Tuple[str, Optional[str]]]
         yield unescape_path(row[0]), None if row[1] == "true" else row[6]
 
 
-def merge(sources: Sequence[str], output: str, fmt: str, count: Optional[int] = None) -> Dict[str, Any]:
-    """The summary of the run's shards against the listing of ``sources`` (see the module docstring)."""
-    items = collect_inputs(sources)
-    expected = {item.name for item in items}
+def merge(sources: Sequence[str], output: str, fmt: str, count: Optional[int] = None,
+          wait: float = 0.0, poll: float = 30.0) -> Dict[str, Any]:
+    """The summary of the run's shards against the listing of ``sources`` (see the module docstring).
+
+    With ``wait`` > 0 (the merge Job, started with the shards' Job), the shards are read again every
+    ``poll`` seconds until each has a finished result file or ``wait`` seconds have passed; the input
+    is listed once.
+    """
+    expected = {item.name for item in collect_inputs(sources)}
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            summary = _check(expected, output, fmt, count)
+        except UsageError:
+            if time.monotonic() >= deadline:
+                raise
+            summary = None  # no shard file yet
+        if summary is not None and (summary["complete"] or not (summary["absent_shards"] or
+                                                                summary["unfinished_shards"])):
+            return summary
+        if time.monotonic() >= deadline:
+            return summary
+        print(f"{TOOL}: waiting for the shards"
+              + ("" if summary is None else f" ({len(summary['absent_shards'])} absent, "
+                 f"{len(summary['unfinished_shards'])} unfinished)"), file=sys.stderr, flush=True)
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
+def _check(expected: set, output: str, fmt: str, count: Optional[int]) -> Dict[str, Any]:
     count, files = find_shards(output, count)
     seen: Counter = Counter()
     errors: Counter = Counter()
@@ -188,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the shards' format (default: from the extension)")
     parser.add_argument("--shards", type=int, metavar="N",
                         help="the shard count (default: from the files found)")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to this long for every shard to finish, re-reading them every "
+                             "--poll seconds (a merge Job started with the shards' Job; default: no wait)")
+    parser.add_argument("--poll", type=float, default=30.0, metavar="SECONDS",
+                        help="how often to re-read the shards while waiting (default: %(default)s)")
     parser.add_argument("--summary", metavar="PATH",
                         help="where to write the JSON summary (default: OUT-summary.json beside OUT)")
     return parser
@@ -199,7 +230,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.shards is not None and args.shards < 1:
             raise UsageError("--shards must be at least 1")
         output = str(args.output)
-        summary = merge(args.sources, output, format_for(output, args.format), args.shards)
+        if args.wait < 0 or args.poll <= 0:
+            raise UsageError("--wait must be zero or more and --poll more than zero")
+        summary = merge(args.sources, output, format_for(output, args.format), args.shards,
+                        wait=args.wait, poll=args.poll)
         target = args.summary or default_summary_path(output)
         storage.write_text(target, json.dumps(summary, indent=2) + "\n")
     except UsageError as e:
