@@ -229,6 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def work() -> RunSummary:
         fmt = format_for(args.output, args.format) if args.output is not None else _stdout_format(args)
+        if fmt == "parquet" and args.output is None:
+            raise UsageError("--format parquet needs -o/--output (a Parquet file is not a stream)")
         shard = shard_from_args(args)
         return run_predict(args.sources, load_classifier(args), args.output, top_k=args.top_k,
                            batch_size=args.batch_size, output_format=fmt, overwrite=args.overwrite,

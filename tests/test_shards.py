@@ -225,17 +225,42 @@ def test_shards_on_s3_in_parquet_and_clear_store_errors(scored_model_dir, s3_ser
     import pyarrow.parquet as pq
     fs = fsspec.filesystem("s3")
     fs.mkdir("rexnet-batch")
-    local = write_images(tmp_path / "images", 12)
+    local = write_images(tmp_path / "images", 24)
     for path in local:
         fs.put_file(str(path), f"rexnet-batch/images/{path.parent.name}/{path.name}")
     fs.invalidate_cache()
     source, out = "s3://rexnet-batch/images/", "s3://rexnet-batch/results/preds.parquet"
     env = dict(os.environ, REXNET_STAGING_DIR=str(tmp_path / "staging"))
-    procs = [predict(source, "-m", scored_model_dir, "-o", out, "--shard", f"{i}/2", "--commit-every", "0",
-                     *FAST, env=env) for i in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
+    shard = ["-m", scored_model_dir, "-o", out, "--shard", "0/2", "--commit-every", "0", *FAST]
+    # shard 0's pod is killed once its object holds a few records; its retry runs on another "node"
+    # (an empty staging folder), so it resumes from what was committed to the store
+    killed = predict(source, *shard, "--batch-size", "1", env=env)
+    journal = "rexnet-batch/results/preds-00000-of-00002.parquet.journal.jsonl"
+    deadline = time.monotonic() + 240
+    while True:
+        assert killed.poll() is None, killed.stderr.read()
+        assert time.monotonic() < deadline
+        fs.invalidate_cache()
+        if fs.exists(journal) and fs.cat_file(journal).count(b"\n") >= 2:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    killed.stderr.close()
+    fs.invalidate_cache()
+    committed = fs.cat_file(journal).count(b"\n")
+    expected = len(select([InputItem(f"s3://rexnet-batch/images/{p.parent.name}/{p.name}") for p in local],
+                          Shard(0, 2)))
+    assert committed < expected, "the shard finished before it could be killed"
+    elsewhere = dict(env, REXNET_STAGING_DIR=str(tmp_path / "staging-2"))
+    resumed = predict(source, *shard, env=elsewhere)
+    other = predict(source, "-m", scored_model_dir, "-o", out, "--shard", "1/2", "--commit-every", "0", *FAST,
+                    env=env)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"{expected - committed} processed, {committed} skipped" in err
+    _, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err
 
     done = merge(source, "-o", out, env=env)
     assert done.returncode == 0, done.stderr

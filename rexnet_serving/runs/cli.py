@@ -14,7 +14,7 @@ from .output import FORMATS
 from .progress import DEFAULT_LOG_SECONDS
 from .run import DEFAULT_COMMIT_SECONDS
 from .shards import COUNT_ENV, INDEX_ENV, Shard, resolve_shard
-from .summary import EXIT_USAGE, RunInterrupted, RunSummary, UsageError
+from .summary import EXIT_COMMIT, EXIT_USAGE, CommitError, RunInterrupted, RunSummary, UsageError
 
 DEFAULT_RUNTIME, DEFAULT_PRECISION = "paddle", "fp32"
 
@@ -92,13 +92,17 @@ def sigterm_as_interrupt() -> Iterator[threading.Event]:
 
 def run_and_report(tool: str, work: Callable[[], RunSummary]) -> int:
     """Run ``work`` with SIGTERM as Ctrl-C; print its summary (or the one error line) on stderr and
-    return the exit code: the summary's, 2 for a UsageError, 130/143 when interrupted."""
+    return the exit code: the summary's, 2 for a UsageError, 3 for a CommitError, 130/143 when
+    interrupted."""
     with sigterm_as_interrupt() as terminated:
         try:
             summary = work()
         except UsageError as e:
             print(f"{tool}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
+        except CommitError as e:
+            print(f"{tool}: error: {e}", file=sys.stderr)
+            return EXIT_COMMIT
         except RunInterrupted as e:
             print(e.summary.format(), file=sys.stderr)
             return 128 + (signal.SIGTERM if terminated.is_set() else signal.SIGINT)

@@ -37,7 +37,9 @@ def _siblings(output: str) -> List[str]:
     if storage.is_url(output) and storage.file_url_path(output) is None:
         fs, path = storage.filesystem(output)
         try:
-            return [p.rpartition("/")[2] for p in fs.ls(path.rpartition("/")[0], detail=False)]
+            folder = path.rpartition("/")[0]
+            fs.invalidate_cache(folder)
+            return [p.rpartition("/")[2] for p in fs.ls(folder, detail=False)]
         except FileNotFoundError:
             return []
         except Exception as e:
@@ -50,7 +52,7 @@ def find_shards(output: str, count: Optional[int]) -> Tuple[int, Dict[int, str]]
     """(N, {index: result file}) of the run writing ``output``; N from ``count`` or the files found."""
     pattern = shard_outputs_pattern(output)
     found: Dict[int, Dict[int, str]] = {}
-    for name in _siblings(output):
+    for name in _siblings(output):  # listed afresh on every call (merge --wait polls)
         match = pattern.fullmatch(name)
         if match:
             index, n = int(match.group(1)), int(match.group(2))
@@ -130,6 +132,7 @@ def _check(expected: set, output: str, fmt: str, count: Optional[int]) -> Dict[s
     count, files = find_shards(output, count)
     seen: Counter = Counter()
     errors: Counter = Counter()
+    ok = 0
     misplaced: List[str] = []
     shards: List[Dict[str, Any]] = []
     models: Dict[str, Dict[str, Any]] = {}
@@ -147,7 +150,11 @@ def _check(expected: set, output: str, fmt: str, count: Optional[int]) -> Dict[s
             for path, code in read_records(location, fmt):
                 records += 1
                 seen[path] += 1
-                if code is not None:
+                if path not in expected:
+                    continue
+                if code is None:
+                    ok += 1
+                else:
                     errors[code] += 1
                 if shard_of(path, count) != index:
                     misplaced.append(path)
@@ -159,7 +166,6 @@ def _check(expected: set, output: str, fmt: str, count: Optional[int]) -> Dict[s
     unexpected = sorted(set(seen) - expected)
     absent = [s["index"] for s in shards if not s["present"]]
     complete = not (missing or duplicates or unexpected or misplaced or absent) and len(models) <= 1
-    ok = sum(n for path, n in seen.items() if path in expected) - sum(errors.values())
     return {
         "complete": complete, "inputs": len(expected), "records": sum(seen.values()), "ok": ok,
         "errors": dict(sorted(errors.items())), "shard_count": count,

@@ -10,6 +10,7 @@ image is read, so a store that refuses writes (no credentials, no bucket) fails 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,7 @@ from . import parquet, storage
 from .inputs import InputItem, PathLike, collect_inputs
 from .output import ResultWriter
 from .shards import Shard, select, shard_output
-from .summary import RunSummary, UsageError
+from .summary import CommitError, RunSummary, UsageError
 
 RUN_SUFFIX = ".run.json"
 DEFAULT_COMMIT_SECONDS = 60.0
@@ -74,7 +75,12 @@ class Run:
     def checkpoint(self) -> None:
         """Commit the staged file and the stats when ``commit_seconds`` have passed since the last."""
         if time.monotonic() - self.last_commit >= self.commit_seconds:
-            self._commit(finished=False)
+            try:
+                self._commit(finished=False)
+            except Exception as e:  # the store's own retries are spent: try again at the next one
+                self.last_commit = time.monotonic()
+                print(f"{self.summary.tool}: warning: commit to {self.output} failed, retrying at the next "
+                      f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
     def _commit(self, finished: bool) -> None:
         self.writer.flush()
@@ -94,7 +100,11 @@ class Run:
             if self.remote is not None:
                 storage.copy_local(local, self.output)
         done = self.summary.skipped + self.summary.processed
-        self._commit(finished=not interrupted and done == self.summary.total)
+        try:
+            self._commit(finished=not interrupted and done == self.summary.total)
+        except Exception as e:
+            raise CommitError(f"{self.output}: the results could not be committed ({type(e).__name__}: "
+                              f"{e}); a rerun resumes from the last commit") from None
 
     def _write_stats(self, finished: bool) -> None:
         elapsed = time.monotonic() - self.started

@@ -127,8 +127,9 @@ class RemoteOutput:
     ``commit()`` uploads it whole (atomically, see the module docstring).
 
     The staging folder is keyed by the URL, so a rerun in the same place (a restarted container with
-    its emptyDir, a laptop) continues from its staging copy, which is never behind the last commit;
-    anywhere else the last committed object is downloaded first.
+    its emptyDir, a laptop) continues from its staging copy, which holds everything committed from
+    there and what was written since; anywhere else, or when the committed object is larger (another
+    machine got further), the committed object is downloaded first.
     """
 
     def __init__(self, url: str, overwrite: bool = False, staging: Optional[Path] = None) -> None:
@@ -141,20 +142,28 @@ class RemoteOutput:
             self.local.parent.mkdir(parents=True, exist_ok=True)
             if overwrite:
                 self.local.unlink(missing_ok=True)
-            elif not self.local.exists():
-                try:
-                    self.fs.get_file(self.path, str(self.local) + ".download")
-                    os.replace(str(self.local) + ".download", self.local)
-                except FileNotFoundError:
-                    pass  # nothing committed yet
-        except UsageError:
-            raise
         except OSError as e:
-            if type(e) is not OSError and not isinstance(e, (PermissionError, FileNotFoundError)):
-                raise UsageError(f"{self.local}: cannot stage the output: {e}") from None
+            raise UsageError(f"{self.local}: cannot stage the output: {e.strerror or e}") from None
+        if overwrite:
+            return
+        try:
+            if not self.local.exists() or self._remote_size() > self.local.stat().st_size:
+                self._download()  # nothing staged here, or another machine got further since
+        except Exception as e:  # the backends raise their own types for credentials and connections
             raise access_error(url, e) from None
-        except Exception as e:
-            raise access_error(url, e) from None
+
+    def _remote_size(self) -> int:
+        try:
+            return int(self.fs.info(self.path).get("size") or 0)
+        except FileNotFoundError:
+            return 0
+
+    def _download(self) -> None:
+        try:
+            self.fs.get_file(self.path, str(self.local) + ".download")
+            os.replace(str(self.local) + ".download", self.local)
+        except FileNotFoundError:
+            pass  # nothing committed yet
 
     def commit(self) -> None:
         """Upload the staged file as the object (the previous object stays until this one is whole)."""
@@ -173,10 +182,13 @@ def write_text(target: str, text: str) -> None:
             raise access_error(target, e) from None
         return
     local = file_url_path(target) or Path(target)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    temporary = local.with_name(local.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, local)
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        temporary = local.with_name(local.name + ".tmp")
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, local)
+    except OSError as e:
+        raise UsageError(f"{local}: cannot write: {e.strerror or e}") from None
 
 
 def read_text(source: str) -> Optional[str]:
