@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "model: no server. A table on a terminal, JSONL into a pipe, or a JSONL/CSV file "
                     "with -o that a rerun resumes.",
         epilog="Exit codes: 0 every image classified, 1 some images refused (each has its error code in "
-               "the output), 2 usage or model error, 130 interrupted (143 on SIGTERM) after writing "
-               "what was done.")
+               "the output), 2 usage, model or store error, 3 the output could not be committed to its "
+               "object store (rerun to resume), 130 interrupted (143 on SIGTERM) after writing what was "
+               "done.")
     parser.add_argument("sources", nargs="+", metavar="SRC", help=SOURCES_HELP)
     parser.add_argument("-m", "--model-dir", type=Path, default=None,
                         help="exported model directory (default: $%s, else %s, as rexnet-serve)"

@@ -364,6 +364,8 @@ def test_indexed_job_shards_and_failure_policy(variant: str) -> None:
                                                "values": [summary.EXIT_USAGE]}
     assert rules["FailIndex"]["onExitCodes"]["values"] == [summary.EXIT_FAILED]  # bad input: not retried
     assert rules["Ignore"]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    assert summary.EXIT_COMMIT not in sum((r.get("onExitCodes", {}).get("values", []) for r in rules.values()),
+                                          []), "a failed upload must be retried (backoffLimitPerIndex)"
     args = build_parser().parse_args(_expand(c["args"], env))  # every $(VAR) set, every flag known
     assert c["command"] == ["rexnet-predict"] and "$(" not in " ".join(_expand(c["args"], env))
     assert args.device == ("gpu" if variant else "cpu") and args.output and args.shard is None

@@ -290,3 +290,35 @@ def test_shards_on_s3_in_parquet_and_clear_store_errors(scored_model_dir, s3_ser
     nocreds = predict(source, "-m", scored_model_dir, "-o", out, *FAST, env=bare)
     _, err = nocreds.communicate(timeout=120)
     assert nocreds.returncode == 2 and "credentials" in err and "Traceback" not in err, err
+
+
+def test_a_failed_commit_warns_then_exits_3(s3_server, tmp_path: Path, capsys,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store going away mid-run: a checkpoint warns and goes on, the final commit is an error with
+    its own exit code (retried by the Job, unlike exit 2)."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("REXNET_STAGING_DIR", str(tmp_path / "staging"))
+    import fsspec
+    from rexnet_serving.runs.cli import run_and_report
+    from rexnet_serving.runs.run import open_run
+    from rexnet_serving.runs.summary import EXIT_COMMIT, CommitError
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("vanishing")
+    write_images(tmp_path / "images", 4)
+    ok = ImageResult(predictions=[Prediction(1, "one", 0.9)])
+    run = open_run([tmp_path / "images"], "s3://vanishing/out.jsonl", "jsonl", commit_seconds=0)
+    run.write(run.todo[0], ok)
+    run.checkpoint()
+    fs.invalidate_cache()
+    assert fs.cat_file("vanishing/out.jsonl").count(b"\n") == 1
+    fs.rm("vanishing", recursive=True)  # the objects, then the bucket
+    run.write(run.todo[1], ok)
+    run.checkpoint()
+    assert "warning: commit to s3://vanishing/out.jsonl failed" in capsys.readouterr().err
+    with pytest.raises(CommitError, match="a rerun resumes from the last commit"):
+        run.close(interrupted=False)
+
+    def work():
+        raise CommitError("s3://vanishing/out.jsonl: the results could not be committed")
+    assert run_and_report("rexnet-predict", work) == EXIT_COMMIT == 3

@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify images (folders, globs, list files, object-store URLs) through the rexnet "
                     "service into a JSONL, CSV or Parquet file, N requests at a time; rerunning resumes "
                     "where a run stopped. `rexnet-batch merge --help`: check the shards of a run.",
-        epilog="Exit codes: 0 every image succeeded, 1 some images failed, 2 usage error, "
+        epilog="Exit codes: 0 every image succeeded, 1 some images failed, 2 usage or store error, "
+               "3 the output could not be committed to its object store (rerun to resume), "
                "130 interrupted (Ctrl-C; 143 on SIGTERM) after writing what had arrived.")
     parser.add_argument("sources", nargs="+", metavar="SRC", help=SOURCES_HELP)
     add_output_arguments(parser, required=True)
