@@ -177,13 +177,16 @@ def test_four_shards_one_killed_and_rerun_merge_exactly_once(scored_model_dir, d
     assert summary["model"]["name"] == "ReXNet_1_0" and len(summary["model"]["manifest_sha256"]) == 64
     assert all(s["finished"] and s["images_per_second"] > 0 for s in summary["shards"])
 
-    # a record too many (a shard file edited, or two runs' files mixed) fails the merge
+    # records too many (a shard file edited, or two runs' files mixed) fail the merge: one twice in its
+    # own shard's file, one in another shard's file
+    first, second = (Path(shard_output(str(out), Shard(i, SHARDS))).read_text().splitlines()[0] for i in (0, 1))
     with open(shard_output(str(out), Shard(0, SHARDS)), "a") as f:
-        f.write(json.dumps(records[-1]) + "\n")
+        f.write(first + "\n" + second + "\n")
     again = merge(dataset, "-o", out, "--summary", tmp_path / "s.json")
     assert again.returncode == 1
     bad = json.loads((tmp_path / "s.json").read_text())
-    assert bad["duplicates"] == 1 and not bad["complete"]
+    assert (bad["duplicates"], bad["misplaced"], bad["missing"], bad["complete"]) == (1, 1, 0, False)
+    assert bad["examples"]["duplicates"] == [json.loads(first)["path"]]
 
 
 # ------------------------------------------------------------------------------ S3 (moto server)

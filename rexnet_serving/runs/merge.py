@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import sys
 import time
@@ -29,6 +28,7 @@ from .summary import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 
 TOOL = "rexnet-batch merge"
 EXAMPLES = 20  # paths listed per problem in the summary
+SHARD_LINES = 32  # shards listed one per line on stderr; more are summarised
 
 
 def _siblings(output: str) -> List[str]:
@@ -71,9 +71,23 @@ def _open_text(location: str) -> Optional[str]:
     return storage.read_text(location)
 
 
+def _lines(location: str) -> Iterator[str]:
+    """The complete lines of a result file, streamed; a torn last line (a shard still running, or
+    killed mid-write) is left out, as resume would cut it."""
+    if storage.is_url(location) and storage.file_url_path(location) is None:
+        fs, path = storage.filesystem(location)
+        handle = fs.open(path, "rt", encoding="utf-8", newline="")
+    else:
+        handle = open(storage.file_url_path(location) or location, encoding="utf-8", newline="")
+    with handle as f:
+        for line in f:
+            if not line.endswith("\n"):
+                return
+            yield line
+
+
 def read_records(location: str, fmt: str) -> Iterator[Tuple[str, Optional[str]]]:
-    """(path, error code or None) of every complete record of a result file; a torn last line (a shard
-    still running, or killed) is left out, as resume would cut it."""
+    """(path, error code or None) of every complete record of a result file, streamed."""
     if fmt == "parquet":
         if storage.is_url(location) and storage.file_url_path(location) is None:
             fs, path = storage.filesystem(location)
@@ -84,19 +98,18 @@ def read_records(location: str, fmt: str) -> Iterator[Tuple[str, Optional[str]]]
         for row in rows:
             yield row["path"], None if row["ok"] else row["error_code"]
         return
-    text = _open_text(location) or ""
-    text = text[:text.rfind("\n") + 1]
+    lines = _lines(location)
     if fmt == "jsonl":
-        for line in text.splitlines():
+        for line in lines:
             if line.strip():
                 record = json.loads(line)
                 yield record["path"], None if record["ok"] else record["error"]["code"]
         return
-    rows = csv.reader(io.StringIO(text, newline=""))
-    header = next(rows, None)
-    if header is not None and tuple(header) != CSV_FIELDS:
-        raise UsageError(f"{location}: not a result CSV (header {header})")
-    for row in rows:
+    header = next(lines, None)  # every row of a result CSV is one physical line (output.escape_path)
+    if header is not None and tuple(next(csv.reader([header]))) != CSV_FIELDS:
+        raise UsageError(f"{location}: not a result CSV (header {header.strip()!r})")
+    for line in lines:
+        row = next(csv.reader([line]))
         yield unescape_path(row[0]), None if row[1] == "true" else row[6]
 
 
@@ -106,13 +119,14 @@ def merge(sources: Sequence[str], output: str, fmt: str, count: Optional[int] = 
 
     With ``wait`` > 0 (the merge Job, started with the shards' Job), the shards are read again every
     ``poll`` seconds until each has a finished result file or ``wait`` seconds have passed; the input
-    is listed once.
+    is listed once. Memory: the input names, grouped by shard, and one shard's records at a time.
     """
-    expected = {item.name for item in collect_inputs(sources)}
+    names = [item.name for item in collect_inputs(sources)]
+    groups: Dict[int, List[set]] = {}
     deadline = time.monotonic() + wait
     while True:
         try:
-            summary = _check(expected, output, fmt, count)
+            summary = _check(names, groups, output, fmt, count)
         except UsageError:
             if time.monotonic() >= deadline:
                 raise
@@ -128,52 +142,77 @@ def merge(sources: Sequence[str], output: str, fmt: str, count: Optional[int] = 
         time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
 
-def _check(expected: set, output: str, fmt: str, count: Optional[int]) -> Dict[str, Any]:
+class _Problems:
+    """How many of one kind of problem, and the first few paths."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.examples: List[str] = []
+
+    def add(self, path: str) -> None:
+        self.count += 1
+        if len(self.examples) < EXAMPLES:
+            self.examples.append(path)
+
+
+def _check(names: List[str], groups: Dict[int, List[set]], output: str, fmt: str,
+           count: Optional[int]) -> Dict[str, Any]:
     count, files = find_shards(output, count)
-    seen: Counter = Counter()
+    if count not in groups:
+        groups.clear()
+        groups[count] = [set() for _ in range(count)]
+        for name in names:
+            groups[count][shard_of(name, count)].add(name)
+    expected_by_shard = groups[count]
+    problems = {key: _Problems() for key in ("missing", "duplicates", "unexpected", "misplaced")}
     errors: Counter = Counter()
-    ok = 0
-    misplaced: List[str] = []
+    ok = records_total = 0
     shards: List[Dict[str, Any]] = []
     models: Dict[str, Dict[str, Any]] = {}
     for index in range(count):
         location = shard_output(output, Shard(index, count))
-        entry: Dict[str, Any] = {"index": index, "output": location, "present": index in files}
+        expected = expected_by_shard[index]
+        entry: Dict[str, Any] = {"index": index, "output": location, "present": index in files,
+                                 "expected": len(expected)}
         stats_text = _open_text(location + RUN_SUFFIX)
         stats = json.loads(stats_text) if stats_text else {}
         entry.update({key: stats.get(key) for key in ("finished", "processed", "wall_seconds",
                                                       "images_per_second", "updated_at")})
         if stats.get("model"):
             models[json.dumps(stats["model"], sort_keys=True)] = stats["model"]
+        seen: Counter = Counter()
         records = 0
         if index in files:
             for path, code in read_records(location, fmt):
                 records += 1
-                seen[path] += 1
-                if path not in expected:
+                owner = shard_of(path, count)
+                if owner != index:  # another shard's input (the listing or N changed), or none
+                    problems["misplaced" if path in expected_by_shard[owner] else "unexpected"].add(path)
                     continue
-                if code is None:
-                    ok += 1
-                else:
-                    errors[code] += 1
-                if shard_of(path, count) != index:
-                    misplaced.append(path)
+                if path not in expected:
+                    problems["unexpected"].add(path)
+                    continue
+                seen[path] += 1
+                if seen[path] == 2:
+                    problems["duplicates"].add(path)
+                elif seen[path] == 1:
+                    if code is None:
+                        ok += 1
+                    else:
+                        errors[code] += 1
+        for path in sorted(expected - seen.keys()):
+            problems["missing"].add(path)
         entry["records"] = records
-        entry["expected"] = sum(1 for name in expected if shard_of(name, count) == index)
+        records_total += records
         shards.append(entry)
-    missing = sorted(expected - set(seen))
-    duplicates = sorted(path for path, n in seen.items() if n > 1)
-    unexpected = sorted(set(seen) - expected)
     absent = [s["index"] for s in shards if not s["present"]]
-    complete = not (missing or duplicates or unexpected or misplaced or absent) and len(models) <= 1
+    complete = not (any(p.count for p in problems.values()) or absent) and len(models) <= 1
     return {
-        "complete": complete, "inputs": len(expected), "records": sum(seen.values()), "ok": ok,
+        "complete": complete, "inputs": len(names), "records": records_total, "ok": ok,
         "errors": dict(sorted(errors.items())), "shard_count": count,
-        "missing": len(missing), "duplicates": len(duplicates), "unexpected": len(unexpected),
-        "misplaced": len(misplaced), "absent_shards": absent,
+        **{key: p.count for key, p in problems.items()}, "absent_shards": absent,
         "unfinished_shards": [s["index"] for s in shards if s["present"] and not s["finished"]],
-        "examples": {"missing": missing[:EXAMPLES], "duplicates": duplicates[:EXAMPLES],
-                     "unexpected": unexpected[:EXAMPLES], "misplaced": misplaced[:EXAMPLES]},
+        "examples": {key: p.examples for key, p in problems.items()},
         "model": next(iter(models.values())) if len(models) == 1 else None,
         "models": list(models.values()),
         "images_per_second": sum(s["images_per_second"] or 0.0 for s in shards),
@@ -197,9 +236,15 @@ def format_summary(summary: Dict[str, Any]) -> str:
         lines.append(f"  shards not finished (or still running): {summary['unfinished_shards']}")
     if len(summary["models"]) > 1:
         lines.append(f"  results from {len(summary['models'])} different models: {summary['models']}")
-    for s in summary["shards"]:
-        lines.append(f"  shard {s['index']}: {s['records']}/{s['expected']} records, "
-                     f"{s['images_per_second'] or 0.0:.1f} images/s")
+    rates = sorted(s["images_per_second"] or 0.0 for s in summary["shards"])
+    if len(rates) <= SHARD_LINES:
+        for s in summary["shards"]:
+            lines.append(f"  shard {s['index']}: {s['records']}/{s['expected']} records, "
+                         f"{s['images_per_second'] or 0.0:.1f} images/s")
+    else:  # the JSON summary has every shard
+        lines.append(f"  images/s per shard: min {rates[0]:.1f}, median {rates[len(rates) // 2]:.1f}, "
+                     f"max {rates[-1]:.1f}")
+    lines.append(f"  images/s, all shards: {summary['images_per_second']:.1f}")
     return "\n".join(lines)
 
 

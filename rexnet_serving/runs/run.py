@@ -36,6 +36,8 @@ class Run:
         self.output, self.format, self.shard, self.tool = shard_output(output, shard), fmt, shard, tool
         self.model = dict(model) if model else None
         self.commit_seconds = commit_seconds
+        if fmt == "parquet":
+            parquet.schema()  # pyarrow missing is a usage error now, not after the work
         record_file = self.output + (parquet.JOURNAL_SUFFIX if fmt == "parquet" else "")
         self.remote: Optional[storage.RemoteOutput] = None
         if storage.is_url(self.output) and storage.file_url_path(self.output) is None:

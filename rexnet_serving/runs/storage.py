@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -76,7 +77,10 @@ def access_error(url: str, error: BaseException) -> UsageError:
 
 
 def join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name.lstrip("/")
+    """``name`` relative to the folder URL ``base``, normalised (``a/../b`` is ``b``) so that an object
+    has one name however a list file spells it (the name is the key of shards and resume)."""
+    scheme = URL.match(base).group(0)
+    return scheme + posixpath.normpath(base[len(scheme):].rstrip("/") + "/" + name)
 
 
 def _full(fs: Any, url: str, path: str) -> str:
