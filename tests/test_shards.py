@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import pytest
 
@@ -58,6 +58,19 @@ def dataset(tmp_path_factory) -> Path:
 def predict(*args, env: Dict[str, str] = None, **kw) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "rexnet-predict"), *map(str, args)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def kill_once_written(proc: subprocess.Popen, records: Callable[[], int], at_least: int = 3) -> int:
+    """SIGKILL ``proc`` once ``records()`` reaches ``at_least``; the records there after the kill."""
+    deadline = time.monotonic() + 240
+    while records() < at_least:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "no records in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    proc.stderr.close()
+    return records()
 
 
 def merge(*args, env: Dict[str, str] = None) -> subprocess.CompletedProcess:
@@ -139,16 +152,8 @@ def test_four_shards_one_killed_and_rerun_merge_exactly_once(scored_model_dir, d
     killed = predict(*common, "--batch-size", "1", "--commit-every", "0", env=env)  # the Job's way
     others = [predict(*common, "--shard", f"{i}/{SHARDS}", "--batch-size", "4")
               for i in range(SHARDS) if i != victim]
-    target = shard_output(str(out), Shard(victim, SHARDS))
-    deadline = time.monotonic() + 240
-    while not (Path(target).exists() and Path(target).read_text().count("\n") >= 3):
-        assert killed.poll() is None, killed.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait(30)
-    killed.stderr.close()
-    before = Path(target).read_text().count("\n")
+    target = Path(shard_output(str(out), Shard(victim, SHARDS)))
+    before = kill_once_written(killed, lambda: target.read_text().count("\n") if target.exists() else 0)
     for proc in others:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode in (0, 1), err  # 1: the shard holding broken.png
@@ -239,19 +244,12 @@ def test_shards_on_s3_in_parquet_and_clear_store_errors(scored_model_dir, s3_ser
     # (an empty staging folder), so it resumes from what was committed to the store
     killed = predict(source, *shard, "--batch-size", "1", env=env)
     journal = "rexnet-batch/results/preds-00000-of-00002.parquet.journal.jsonl"
-    deadline = time.monotonic() + 240
-    while True:
-        assert killed.poll() is None, killed.stderr.read()
-        assert time.monotonic() < deadline
+
+    def committed_records() -> int:
         fs.invalidate_cache()
-        if fs.exists(journal) and fs.cat_file(journal).count(b"\n") >= 2:
-            break
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait(30)
-    killed.stderr.close()
-    fs.invalidate_cache()
-    committed = fs.cat_file(journal).count(b"\n")
+        return fs.cat_file(journal).count(b"\n") if fs.exists(journal) else 0
+
+    committed = kill_once_written(killed, committed_records, at_least=2)
     expected = len(select([InputItem(f"s3://rexnet-batch/images/{p.parent.name}/{p.name}") for p in local],
                           Shard(0, 2)))
     assert committed < expected, "the shard finished before it could be killed"
