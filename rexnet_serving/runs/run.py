@@ -61,6 +61,11 @@ class Run:
         self.summary.skipped = len(items) - len(self.todo)
         self.summary.skipped_failed = sum(1 for item in items if self.writer.done.get(item.name) is not None)
         self.started = self.last_commit = time.monotonic()
+        try:
+            if overwrite and self.remote is not None:
+                self.remote.commit()  # the old results go now, not at the first checkpoint
+        except Exception as e:
+            raise storage.access_error(self.output, e) from None
         self._write_stats(finished=False)  # before any work: a store that refuses writes fails here
 
     def _previous_stats(self) -> Dict[str, Any]:
