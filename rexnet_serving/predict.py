@@ -233,7 +233,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if fmt == "parquet" and args.output is None:
             raise UsageError("--format parquet needs -o/--output (a Parquet file is not a stream)")
         shard = shard_from_args(args)
-        return run_predict(args.sources, load_classifier(args), args.output, top_k=args.top_k,
+        # Listed before the model loads: a missing bucket or credential costs seconds, not a model load.
+        inputs = collect_inputs(args.sources)
+        return run_predict(inputs, load_classifier(args), args.output, top_k=args.top_k,
                            batch_size=args.batch_size, output_format=fmt, overwrite=args.overwrite,
                            decode_workers=args.decode_workers, progress=not args.no_progress,
                            shard=shard, commit_seconds=args.commit_every,

@@ -291,6 +291,19 @@ def test_shards_on_s3_in_parquet_and_clear_store_errors(scored_model_dir, s3_ser
     nocreds = predict(source, "-m", scored_model_dir, "-o", out, *FAST, env=bare)
     _, err = nocreds.communicate(timeout=120)
     assert nocreds.returncode == 2 and "credentials" in err and "Traceback" not in err, err
+    closed = dict(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1")
+    unreachable = predict(source, "-m", scored_model_dir, "-o", out, *FAST, env=closed)
+    _, err = unreachable.communicate(timeout=120)
+    assert unreachable.returncode == 2 and "unreachable" in err and "Traceback" not in err, err
+
+    # a list file on the store (relative lines, any order, PaddleClas labels) names the same objects
+    lines = [f"../images/{p.parent.name}/{p.name} {i % 3}" for i, p in enumerate(reversed(local))]
+    fs.pipe_file("rexnet-batch/lists/val.txt", ("\n".join(lines) + "\n").encode())
+    listed = collect_inputs(["s3://rexnet-batch/lists/val.txt"])
+    assert sorted(i.name for i in listed) == names and {i.label for i in listed} == {"0", "1", "2"}
+    for k in range(2):
+        assert {i.name for i in select(listed, Shard(k, 2))} == \
+            {i.name for i in select(collect_inputs([source]), Shard(k, 2))}
 
 
 def test_a_failed_commit_warns_then_exits_3(s3_server, tmp_path: Path, capsys,
@@ -323,3 +336,43 @@ def test_a_failed_commit_warns_then_exits_3(s3_server, tmp_path: Path, capsys,
     def work():
         raise CommitError("s3://vanishing/out.jsonl: the results could not be committed")
     assert run_and_report("rexnet-predict", work) == EXIT_COMMIT == 3
+
+
+def test_object_reads_are_retried_then_recorded_unreadable(s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transient read failures (injected in front of the real S3 filesystem) are retried with backoff;
+    a read that keeps failing becomes that image's ``unreadable`` record; a missing object is not retried."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    from rexnet_serving.imageio import DecodeLimits
+    from rexnet_serving.predict import UNREADABLE, read_and_decode
+    from rexnet_serving.runs import storage
+    data = encode(photo("flower", (40, 30)), "png")
+    real, _ = storage.filesystem("s3://flaky/a.png")
+    real.mkdir("flaky")
+    real.pipe_file("flaky/a.png", data)
+    calls: List[str] = []
+
+    class Flaky:
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+
+        def cat_file(self, path: str) -> bytes:
+            calls.append(path)
+            if len(calls) <= self.failures:
+                raise ConnectionResetError("connection reset by peer")
+            return real.cat_file(path)
+
+    monkeypatch.setattr(storage, "filesystem", lambda url: (Flaky(2), url[len("s3://"):]))
+    assert storage.read_bytes("s3://flaky/a.png", backoff=0.01) == data and len(calls) == 3
+    calls.clear()
+    monkeypatch.setattr(storage, "filesystem", lambda url: (Flaky(99), url[len("s3://"):]))
+    with pytest.raises(OSError, match="after 3 attempts"):
+        storage.read_bytes("s3://flaky/a.png", backoff=0.01)
+    calls.clear()
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    result = read_and_decode(InputItem("s3://flaky/a.png"), DecodeLimits())
+    assert result.error_code == UNREADABLE and "connection reset" in result.error_message and len(calls) == 3
+    calls.clear()
+    monkeypatch.setattr(storage, "filesystem", lambda url: (real, url[len("s3://"):]))
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("s3://flaky/missing.png")

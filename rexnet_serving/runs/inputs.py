@@ -108,8 +108,9 @@ def _expand(source: str) -> List[InputItem]:
     raise UsageError(f"{source}: no such file or directory")
 
 
-def collect_inputs(sources: Sequence[PathLike]) -> List[InputItem]:
-    """Expand folders (recursive, image extensions, sorted), globs and list files into images.
+def collect_inputs(sources: Sequence[Union[PathLike, InputItem]]) -> List[InputItem]:
+    """Expand folders (recursive, image extensions, sorted), globs and list files into images; an
+    InputItem (already collected) stands for itself.
 
     Each image appears once (the first mention wins); a source that yields nothing is a UsageError,
     because it is almost always a typo.
@@ -119,7 +120,7 @@ def collect_inputs(sources: Sequence[PathLike]) -> List[InputItem]:
     items: List[InputItem] = []
     seen = set()
     for source in sources:
-        found = _expand(os.fspath(source))
+        found = [source] if isinstance(source, InputItem) else _expand(os.fspath(source))
         if not found:
             raise UsageError(f"{source}: no images found "
                              f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
