@@ -399,7 +399,6 @@ def test_indexed_job_shards_and_failure_policy(variant: str) -> None:
     assert "ingress" not in policy and set(policy["policyTypes"]) == {"Ingress", "Egress"}
 
 
-@pytest.mark.server
 @needs_kubectl
 def test_indexed_job_command_runs_each_shard_locally(scored_model_dir: Path, tmp_path: Path) -> None:
     """The Job's own command lines: the initContainer fetches the packed export, each index's pod runs

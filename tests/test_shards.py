@@ -142,7 +142,6 @@ def test_csv_path_with_a_newline_survives_a_torn_row(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- local: four shards, a kill
 
-@pytest.mark.server
 def test_four_shards_one_killed_and_rerun_merge_exactly_once(scored_model_dir, dataset: Path,
                                                              tmp_path: Path) -> None:
     out = tmp_path / "results" / "preds.jsonl"
@@ -306,6 +305,7 @@ def test_shards_on_s3_in_parquet_and_clear_store_errors(scored_model_dir, s3_ser
             {i.name for i in select(collect_inputs([source]), Shard(k, 2))}
 
 
+@pytest.mark.server
 def test_a_failed_commit_warns_then_exits_3(s3_server, tmp_path: Path, capsys,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The store going away mid-run: a checkpoint warns and goes on, the final commit is an error with
@@ -338,6 +338,7 @@ def test_a_failed_commit_warns_then_exits_3(s3_server, tmp_path: Path, capsys,
     assert run_and_report("rexnet-predict", work) == EXIT_COMMIT == 3
 
 
+@pytest.mark.server
 def test_object_reads_are_retried_then_recorded_unreadable(s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Transient read failures (injected in front of the real S3 filesystem) are retried with backoff;
     a read that keeps failing becomes that image's ``unreadable`` record; a missing object is not retried."""
