@@ -261,6 +261,7 @@ def test_shards_on_s3_in_parquet_and_clear_store_errors(scored_model_dir, s3_ser
     assert f"{expected - committed} processed, {committed} skipped" in err
     _, err = other.communicate(timeout=300)
     assert other.returncode == 0, err
+    assert not [p for p in (tmp_path / "staging-2").rglob("*") if p.is_file()]  # committed, then removed
 
     done = merge(source, "-o", out, env=env)
     assert done.returncode == 0, done.stderr

@@ -107,11 +107,14 @@ class Run:
             if self.remote is not None:
                 storage.copy_local(local, self.output)
         done = self.summary.skipped + self.summary.processed
+        finished = not interrupted and done == self.summary.total
         try:
-            self._commit(finished=not interrupted and done == self.summary.total)
+            self._commit(finished)
         except Exception as e:
             raise CommitError(f"{self.output}: the results could not be committed ({type(e).__name__}: "
                               f"{e}); a rerun resumes from the last commit") from None
+        if finished and self.remote is not None:
+            self.remote.discard_staging()  # all of it is in the store; a rerun downloads it
 
     def _write_stats(self, finished: bool) -> None:
         elapsed = time.monotonic() - self.started

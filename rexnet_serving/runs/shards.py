@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Mapping, NamedTuple, Optional, Sequence, TypeVar
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, TypeVar
 
 from .summary import UsageError
 
@@ -78,8 +78,10 @@ def shard_of(name: str, count: int) -> int:
     return int.from_bytes(digest[:8], "big") % count
 
 
-def select(items: Sequence[T], shard: Optional[Shard], name=lambda item: str(item.path)) -> list:
-    """The items of ``shard`` (all of them for None), in their listed order."""
+def select(items: Sequence[T], shard: Optional[Shard],
+           name: Callable[[T], str] = lambda item: item.name) -> List[T]:
+    """The items of ``shard`` (all of them for None), in their listed order; ``name`` gives an item's
+    canonical name (runs.inputs.InputItem.name)."""
     if shard is None:
         return list(items)
     return [item for item in items if shard_of(name(item), shard.count) == shard.index]

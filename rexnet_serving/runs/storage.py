@@ -169,6 +169,10 @@ class RemoteOutput:
         except FileNotFoundError:
             pass  # nothing committed yet
 
+    def discard_staging(self) -> None:
+        """Remove the staging folder (everything in it was committed)."""
+        shutil.rmtree(self.local.parent, ignore_errors=True)
+
     def commit(self) -> None:
         """Upload the staged file as the object (the previous object stays until this one is whole)."""
         if self.local.exists():
