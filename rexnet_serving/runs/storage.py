@@ -83,7 +83,7 @@ def join(base: str, name: str) -> str:
     return scheme + posixpath.normpath(base[len(scheme):].rstrip("/") + "/" + name)
 
 
-def _full(fs: Any, url: str, path: str) -> str:
+def _full(url: str, path: str) -> str:
     """``path`` (as fsspec returns it, without the protocol) back as a URL of ``url``'s scheme."""
     return URL.match(url).group(0) + path
 
@@ -107,7 +107,7 @@ def list_images(url: str, is_image) -> Tuple[List[str], Optional[str]]:
         raise UsageError(f"{url}: neither an image nor a UTF-8 list file") from None
     except Exception as e:  # the backends raise their own types for credentials and connections
         raise access_error(url, e) from None
-    return [_full(fs, url, p) for p in sorted(found) if is_image(p)], None
+    return [_full(url, p) for p in sorted(found) if is_image(p)], None
 
 
 def read_bytes(url: str, attempts: int = READ_ATTEMPTS, backoff: float = 0.5) -> bytes:
