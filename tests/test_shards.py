@@ -378,3 +378,40 @@ def test_object_reads_are_retried_then_recorded_unreadable(s3_server, monkeypatc
     monkeypatch.setattr(storage, "filesystem", lambda url: (real, url[len("s3://"):]))
     with pytest.raises(FileNotFoundError):
         storage.read_bytes("s3://flaky/missing.png")
+
+
+def test_local_parquet_resumes_from_its_journal_and_refuses_another_model(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+    from rexnet_serving.runs.run import open_run
+    paths = write_images(tmp_path / "images", 5)
+    model = {"name": "ReXNet_1_0", "version": "1", "manifest_sha256": "a" * 64}
+    out = tmp_path / "out" / "preds.parquet"
+    run = open_run([tmp_path / "images"], out, "parquet", model=model)
+    for item in run.todo[:3]:
+        run.write(item, ImageResult(predictions=[Prediction(2, "two", 0.75), Prediction(1, "one", 0.25)]))
+    run.close(interrupted=True)  # stopped early: the Parquet file holds what was done
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 3 and rows[0]["class_ids"] == [2, 1] and rows[0]["scores"] == [0.75, 0.25]
+    assert rows[0]["manifest_sha256"] == "a" * 64 and rows[0]["error_code"] is None
+    assert not json.loads(Path(str(out) + ".run.json").read_text())["finished"]
+
+    with pytest.raises(UsageError, match="written by another model"):
+        open_run([tmp_path / "images"], out, "parquet", model=dict(model, manifest_sha256="b" * 64))
+    run = open_run([tmp_path / "images"], out, "parquet", model=model)
+    assert run.summary.skipped == 3 and len(run.todo) == 2
+    for item in run.todo:
+        run.write(item, ImageResult.failure("truncated", "cut short"))
+    run.close(interrupted=False)
+    rows = pq.read_table(out).to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in paths)
+    assert [r["error_code"] for r in rows].count("truncated") == 2
+    assert json.loads(Path(str(out) + ".run.json").read_text())["finished"]
+
+
+def test_parquet_and_shards_need_an_output_file(tmp_path: Path, capsys) -> None:
+    from rexnet_serving.predict import main
+    write_images(tmp_path / "images", 1)
+    for flags, message in ((["--format", "parquet"], "--format parquet needs -o"),
+                           (["--shard", "0/2"], "a shard needs -o")):
+        assert main([str(tmp_path / "images"), "-m", str(tmp_path / "no-model"), *flags]) == 2
+        assert message in capsys.readouterr().err
