@@ -34,6 +34,7 @@ COMMON = [
     "psutil>=5.8",  # rexnet-bench: service RSS and CPU over its process tree
     "tornado==6.5.10",  # rexnet-serve's HTTP front door (pipelines/http_front.py)
 ]
+FSSPEC, PYARROW = "fsspec==2025.10.0", "pyarrow==21.0.0"
 EXTRAS = {
     # openvino: the CPU runtime (rexnet_serving/openvino_model.py); 2025.3.0 is its newest release with
     # Python 3.9 wheels. The GPU images run Paddle Inference only and do without it.
@@ -46,9 +47,18 @@ EXTRAS = {
     # rexnet-bench's documented-way baseline: paddle_serving_app.reader imports these at import time (the
     # --no-deps install of paddle-serving-app leaves them out); scikit-learn ships the benchmark photos.
     "bench": ["sentencepiece==0.1.96", "pyclipper==1.3.0.post6", "shapely==2.0.7", "scikit-learn>=1.0"],
-    # h2: the front-door tests' HTTP/2 rapid-reset probe (tests/probes.py)
+    # Object storage for rexnet-predict/rexnet-batch inputs and outputs (rexnet_serving/runs/storage.py),
+    # through fsspec and its maintained backends; the newest releases with Python 3.9 wheels, resolved
+    # against the protobuf 3.20 and numpy<2 pins above (gcsfs's google-api-core settles on 2.29).
+    "s3": [FSSPEC, "s3fs==2025.10.0"],
+    "gcs": [FSSPEC, "gcsfs==2025.10.0"],
+    "azure": [FSSPEC, "adlfs==2025.8.0"],
+    "parquet": [PYARROW],  # --format parquet (rexnet_serving/runs/output.py)
+    # h2: the front-door tests' HTTP/2 rapid-reset probe (tests/probes.py); moto[server]: the S3 server
+    # the sharded-run tests start on loopback (tests/test_shards.py)
     "test": ["pytest>=7", "pytest-timeout>=2", "scikit-learn>=1.0", "h2==4.2.0",
-             "paddle2onnx==1.3.1", "onnxruntime==1.19.2", "onnx==1.14.1", "paddlelite==2.13rc0"],
+             "paddle2onnx==1.3.1", "onnxruntime==1.19.2", "onnx==1.14.1", "paddlelite==2.13rc0",
+             FSSPEC, "s3fs==2025.10.0", PYARROW, "moto[server]==5.1.22"],
 }
 
 setup(

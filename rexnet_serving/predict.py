@@ -6,32 +6,38 @@ preprocessing, Paddle Inference, top-k), so a record here equals the service's a
 Files are read and decoded by a small thread pool a few batches ahead of the model
 (``runs.prefetch``), so the math threads do not wait for JPEG decoding.
 
-Inputs, the result file (JSONL or CSV, one record per image, resumable after any kill), the summary
-and the exit codes are ``rexnet_serving.runs``, shared with rexnet-batch. Without ``-o`` the records go
-to stdout: a table on a terminal, JSONL (or ``--format csv``) into a pipe.
+Inputs (local or object-store URLs), shards (``--shard I/N`` or a Kubernetes Indexed Job's index), the
+result file (JSONL, CSV or Parquet, one record per image, resumable after any kill), the summary and the
+exit codes are ``rexnet_serving.runs``, shared with rexnet-batch. Without ``-o`` the records go to
+stdout: a table on a terminal, JSONL (or ``--format csv``) into a pipe.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, TextIO, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 import numpy as np
-from tqdm import tqdm
+from tqdm import tqdm  # the table's lines go above a running bar
 
 from . import defaults
 from .classifier import Classifier, decode_file
 from .imageio import DecodeLimits, ImageError
 from .results import ImageResult
+from .manifest import CONTENT_KEY, MANIFEST_FILE
 from .runs.cli import (SOURCES_HELP, add_model_arguments, add_output_arguments, bounded, decode_limits,
-                       model_options, run_and_report)
-from .runs.inputs import InputItem, PathLike, UsageError, collect_inputs
-from .runs.output import csv_header, format_for, format_line, open_run
+                       model_options, run_and_report, shard_from_args)
+from .runs.inputs import InputItem, PathLike, collect_inputs
+from .runs.output import csv_header, format_for, format_line
 from .runs.prefetch import prefetched_batches
-from .runs.summary import RunInterrupted, RunSummary
+from .runs.progress import DEFAULT_LOG_SECONDS, Progress
+from .runs.run import DEFAULT_COMMIT_SECONDS, open_run
+from .runs.shards import Shard
+from .runs.summary import RunInterrupted, RunSummary, UsageError
 
 TOOL = "rexnet-predict"
 UNREADABLE = "unreadable"  # the file could not be read (rexnet-batch's code for the same)
@@ -43,7 +49,7 @@ Prepared = Union[np.ndarray, ImageResult]  # a decoded image, or the error resul
 def read_and_decode(item: InputItem, limits: DecodeLimits) -> Prepared:
     """One file as the service decodes it; a refused or unreadable file becomes its error result."""
     try:
-        data = item.path.read_bytes()
+        data = item.read_bytes()
     except OSError as e:
         return ImageResult.failure(UNREADABLE, f"cannot read {item.path}: {e.strerror or e}")
     try:
@@ -93,7 +99,9 @@ class _StreamSink:
         self.stream.flush()
 
 
-def _display_name(path: Path) -> str:
+def _display_name(path: Union[Path, str]) -> str:
+    if not isinstance(path, Path):
+        return path  # a URL
     try:
         return os.path.relpath(path)
     except ValueError:  # another drive (Windows)
@@ -102,11 +110,25 @@ def _display_name(path: Path) -> str:
 
 # ----------------------------------------------------------------------------------------- run
 
+def model_identity(classifier: Classifier) -> Dict[str, Any]:
+    """What the result files record about the model: its arch, its version in a repository (the
+    version folder's number, 1 for a bare export) and the manifest's ``content_sha256``."""
+    model_dir = classifier.manifest.model_dir
+    digest = None
+    if model_dir is not None:
+        digest = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8")).get(CONTENT_KEY)
+    version = model_dir.name if model_dir is not None and model_dir.name.isdecimal() else "1"
+    return {"name": classifier.manifest.arch, "version": version, "manifest_sha256": digest}
+
+
 def run_predict(inputs: Sequence[PathLike], classifier: Classifier, output: Optional[PathLike] = None,
                 *, top_k: int = 5, batch_size: int = 8, output_format: Optional[str] = None,
                 overwrite: bool = False, decode_workers: int = 2, progress: bool = True,
-                stream: Optional[TextIO] = None) -> RunSummary:
-    """Classify every image named by ``inputs`` into ``output`` (resumable), or onto ``stream``.
+                stream: Optional[TextIO] = None, shard: Optional[Shard] = None,
+                commit_seconds: float = DEFAULT_COMMIT_SECONDS,
+                progress_seconds: float = DEFAULT_LOG_SECONDS) -> RunSummary:
+    """Classify every image named by ``inputs`` (this ``shard`` of them) into ``output`` (resumable),
+    or onto ``stream``.
 
     Without ``output`` the records go to ``stream`` (default stdout) in ``output_format``: ``table``,
     ``jsonl`` or ``csv``. Raises UsageError for unusable inputs or output, and RunInterrupted on
@@ -116,30 +138,39 @@ def run_predict(inputs: Sequence[PathLike], classifier: Classifier, output: Opti
         raise UsageError(f"--top-k must be between 1 and {classifier.class_num} (the model's classes), "
                          f"got {top_k}")
     started = time.monotonic()
+    run = None
     if output is not None:
-        todo, sink, summary = open_run(inputs, output, format_for(output, output_format),
-                                       overwrite=overwrite, tool=TOOL)
+        run = open_run(inputs, output, format_for(output, output_format), overwrite=overwrite, tool=TOOL,
+                       shard=shard, model=model_identity(classifier), commit_seconds=commit_seconds)
+        todo, sink, summary = run.todo, run, run.summary
     else:
         todo = collect_inputs(inputs)
         sink = _StreamSink(stream or sys.stdout, output_format or "jsonl", top_k)
         summary = RunSummary(output=None, total=len(todo), tool=TOOL)
     limits = classifier.limits
-    bar = tqdm(total=len(todo), unit="img", desc=TOOL, file=sys.stderr,
-               disable=None if progress and len(todo) >= PROGRESS_FROM else True)
+    bar = Progress(summary, len(todo), enabled=progress, every=progress_seconds, min_images=PROGRESS_FROM)
+    interrupted = True  # until the loop ends
     try:
         for batch in prefetched_batches(todo, batch_size, lambda item: read_and_decode(item, limits),
                                         workers=decode_workers):
             for item, result in classify_prepared(classifier, batch, top_k):
                 sink.write(item, result)
-                summary.count(result)
+                if run is None:
+                    summary.count(result)
             bar.update(len(batch))
+            if run is not None:
+                run.checkpoint()
+        interrupted = False
     except KeyboardInterrupt:
         summary.interrupted = True
         summary.wall_seconds = time.monotonic() - started
         raise RunInterrupted(summary) from None
     finally:
         bar.close()
-        sink.close()
+        if run is not None:
+            run.close(interrupted=interrupted)
+        else:
+            sink.close()
     summary.wall_seconds = time.monotonic() - started
     return summary
 
@@ -153,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "model: no server. A table on a terminal, JSONL into a pipe, or a JSONL/CSV file "
                     "with -o that a rerun resumes.",
         epilog="Exit codes: 0 every image classified, 1 some images refused (each has its error code in "
-               "the output), 2 usage or model error, 130 interrupted (143 on SIGTERM) after writing "
-               "what was done.")
+               "the output), 2 usage, model or store error, 3 the output could not be committed to its "
+               "object store (rerun to resume), 130 interrupted (143 on SIGTERM) after writing what was "
+               "done.")
     parser.add_argument("sources", nargs="+", metavar="SRC", help=SOURCES_HELP)
     parser.add_argument("-m", "--model-dir", type=Path, default=None,
                         help="exported model directory (default: $%s, else %s, as rexnet-serve)"
@@ -198,9 +230,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def work() -> RunSummary:
         fmt = format_for(args.output, args.format) if args.output is not None else _stdout_format(args)
-        return run_predict(args.sources, load_classifier(args), args.output, top_k=args.top_k,
+        if fmt == "parquet" and args.output is None:
+            raise UsageError("--format parquet needs -o/--output (a Parquet file is not a stream)")
+        shard = shard_from_args(args)
+        # Listed before the model loads: a missing bucket or credential costs seconds, not a model load.
+        inputs = collect_inputs(args.sources)
+        return run_predict(inputs, load_classifier(args), args.output, top_k=args.top_k,
                            batch_size=args.batch_size, output_format=fmt, overwrite=args.overwrite,
-                           decode_workers=args.decode_workers, progress=not args.no_progress)
+                           decode_workers=args.decode_workers, progress=not args.no_progress,
+                           shard=shard, commit_seconds=args.commit_every,
+                           progress_seconds=args.progress_every)
 
     return run_and_report(TOOL, work)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Offline checks of the Kubernetes manifests (k8s/) and the images (docker/):
-#   1. `kubectl kustomize` renders every overlay, every component (on top of the cpu overlay) and k8s/batch;
+#   1. `kubectl kustomize` renders every overlay, every component (on top of the cpu overlay), k8s/batch and
+#      k8s/batch-indexed (CPU and gpu/);
 #   2. every rendered object validates against the Kubernetes JSON schemas of each version in
 #      K8S_VERSIONS, strictly (an unknown field fails), with kubernetes-validate;
 #   3. checkov (Kubernetes and Dockerfile policies) passes on the rendered manifests and docker/Dockerfile.*;
@@ -39,6 +40,8 @@ render() {  # name dir
 }
 for dir in "$root"/k8s/overlays/*/; do render "overlay-$(basename "$dir")" "$dir"; done
 render batch "$root/k8s/batch"
+render batch-indexed "$root/k8s/batch-indexed"
+render batch-indexed-gpu "$root/k8s/batch-indexed/gpu"
 for dir in "$root"/k8s/components/*/; do
   name=$(basename "$dir"); mkdir -p "$out/with-$name"
   # kustomize refuses absolute paths here, hence relative ones.

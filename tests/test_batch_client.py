@@ -619,3 +619,27 @@ def test_through_the_real_http_client(tmp_path, service, capsys):
     assert [service.hits_of(d) for d in flaky.values()] == [3, 3]
     assert [service.hits_of(d) for d in bad.values()] == [1]
     assert "bad_request=1, truncated=1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+def test_shards_through_the_service_then_merge(tmp_path, service, capsys, monkeypatch):
+    made = make_images(tmp_path / "in", 30, service)
+    out = tmp_path / "res" / "out.csv"
+    for index in range(3):
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", str(index))  # as an Indexed Job's pod
+        assert cli(service, tmp_path / "in", "-o", out, "--shard-count", 3, "--concurrency", 2) == 0
+        assert f"rexnet-batch shard {index}/3:" in capsys.readouterr().err
+    monkeypatch.delenv("JOB_COMPLETION_INDEX")
+    assert all(service.hits_of(data) == 1 for data in made.values())  # each image sent once
+    for index in range(3):
+        with open(tmp_path / "res" / f"out-{index:05d}-of-00003.csv", newline="") as f:
+            assert list(csv.DictReader(f))  # every shard got some images
+    assert main(["merge", str(tmp_path / "in"), "-o", str(out)]) == 0
+    assert "COMPLETE, every input exactly once" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "res" / "out-summary.json").read_text())
+    assert summary["records"] == summary["inputs"] == 30 and summary["model"] is None  # a service: no digest
+    # an image added to the folder after the run: the merge names it and fails
+    make_images(tmp_path / "in", 1, service, first=30)
+    assert main(["merge", str(tmp_path / "in"), "-o", str(out)]) == 1
+    assert "missing 1" in capsys.readouterr().err

@@ -243,7 +243,7 @@ def test_overlays_select_their_device() -> None:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("target", OVERLAYS + ["../batch"])
+@pytest.mark.parametrize("target", OVERLAYS + ["../batch", "../batch-indexed", "../batch-indexed/gpu"])
 def test_pods_are_locked_down(target: str) -> None:
     docs = list(_render(str((K8S / "overlays" / target).resolve())))
     uids = {int(m.group(1)) for f in DOCKER.glob("Dockerfile.*") if not f.name.endswith(".dockerignore")
@@ -333,9 +333,115 @@ def test_batch_job_calls_the_service() -> None:
     assert pod["restartPolicy"] == "Never" and job["spec"]["ttlSecondsAfterFinished"] > 0
 
 
+def indexed(variant: str = "") -> List[Dict[str, Any]]:
+    return list(_render(str(K8S / "batch-indexed" / variant)))
+
+
+def run_config(docs: List[Dict[str, Any]], c: Dict[str, Any]) -> Dict[str, str]:
+    """The environment a container gets from its envFrom ConfigMaps and literal env values."""
+    env: Dict[str, str] = {}
+    for source in c.get("envFrom", []):
+        env.update(find(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+    return env
+
+
+@needs_kubectl
+@pytest.mark.parametrize("variant", ["", "gpu"])
+def test_indexed_job_shards_and_failure_policy(variant: str) -> None:
+    from rexnet_serving.predict import build_parser
+    from rexnet_serving.runs import merge, shards, summary
+    docs = indexed(variant)
+    job = find(docs, "Job", "rexnet-predict-shards")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    c = container(pod, "predict")
+    env = run_config(docs, c)
+    assert spec["completionMode"] == "Indexed" and pod["restartPolicy"] == "Never"
+    assert int(env[shards.COUNT_ENV]) == spec["completions"] >= spec["parallelism"] >= 1
+    assert spec["backoffLimitPerIndex"] >= 1 and spec["ttlSecondsAfterFinished"] > 0
+    rules = {r["action"]: r for r in spec["podFailurePolicy"]["rules"]}
+    assert rules["FailJob"]["onExitCodes"] == {"containerName": "predict", "operator": "In",
+                                               "values": [summary.EXIT_USAGE]}
+    assert rules["FailIndex"]["onExitCodes"]["values"] == [summary.EXIT_FAILED]  # bad input: not retried
+    assert rules["Ignore"]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    assert summary.EXIT_COMMIT not in sum((r.get("onExitCodes", {}).get("values", []) for r in rules.values()),
+                                          []), "a failed upload must be retried (backoffLimitPerIndex)"
+    args = build_parser().parse_args(_expand(c["args"], env))  # every $(VAR) set, every flag known
+    assert c["command"] == ["rexnet-predict"] and "$(" not in " ".join(_expand(c["args"], env))
+    assert args.device == ("gpu" if variant else "cpu") and args.output and args.shard is None
+    # the model as the Deployment gets it: the same fetcher, digest-checked, into a read-only mount
+    fetch, served = container(pod, "fetch-model", init=True), container(
+        deployment(rendered("cpu"))["spec"]["template"]["spec"], "fetch-model", init=True)
+    assert fetch["command"] == served["command"] and flag(fetch["args"], "--sha256") == "$(MODEL_SHA256)"
+    assert flag(fetch["args"], "--dest") == str(args.model_dir)
+    assert mount_for(c, str(args.model_dir)).get("readOnly") is True
+    assert {"MODEL_URL", "MODEL_SHA256"} <= set(run_config(docs, fetch))
+    # credentials: a Secret mounted read-only as a file, never a value in the manifests
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    secret = next(v for v in pod["volumes"] if "secret" in v)
+    assert secret["secret"]["secretName"] == "rexnet-batch-storage"
+    assert mount_for(c, env["AWS_SHARED_CREDENTIALS_FILE"])["name"] == secret["name"]
+    assert not re.search(r"(?i)(secret_access_key|access_key_id|password)\s*[:=]", yaml.safe_dump_all(docs))
+    assert not mount_for(c, env["REXNET_STAGING_DIR"]).get("readOnly")
+    limits = c["resources"]["limits"]
+    assert (limits.get("nvidia.com/gpu") == 1) == bool(variant)
+    # the merge step: the same run settings, waiting for the shards
+    merge_job = find(docs, "Job", "rexnet-predict-merge")
+    m = container(merge_job["spec"]["template"]["spec"], "merge")
+    margs = merge.build_parser().parse_args(_expand(m["args"], run_config(docs, m))[1:])
+    assert m["command"] == ["rexnet-batch"] and m["args"][0] == "merge"
+    assert (margs.sources, margs.output, margs.shards) == ([env["INPUT"]], env["OUTPUT"], spec["completions"])
+    assert margs.wait < merge_job["spec"]["activeDeadlineSeconds"]
+    policy = find(docs, "NetworkPolicy", "rexnet-batch-indexed")["spec"]
+    for p in (pod, merge_job["spec"]["template"]["spec"]):
+        labels = (job if p is pod else merge_job)["spec"]["template"]["metadata"]["labels"]
+        assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert "ingress" not in policy and set(policy["policyTypes"]) == {"Ingress", "Egress"}
+
+
+@needs_kubectl
+def test_indexed_job_command_runs_each_shard_locally(scored_model_dir: Path, tmp_path: Path) -> None:
+    """The Job's own command lines: the initContainer fetches the packed export, each index's pod runs
+    rexnet-predict with JOB_COMPLETION_INDEX set, then the merge Job's command finds every image once."""
+    from images import encode, photo
+    docs = indexed()
+    job = find(docs, "Job", "rexnet-predict-shards")
+    pod = job["spec"]["template"]["spec"]
+    volumes = tmp_path / "volumes"
+    archive = tmp_path / "model.tar.gz"
+    digest = run_fetch("pack", str(scored_model_dir), "-o", str(archive)).stdout.strip()
+    fetch = container(pod, "fetch-model", init=True)
+    proc = run_fetch(*_localize(_expand(fetch["args"], {"MODEL_URL": archive.as_uri(), "MODEL_SHA256": digest}),
+                                _local_paths(fetch, volumes)))
+    assert proc.returncode == 0, proc.stderr
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(10):
+        (images / f"{i:02d}.jpg").write_bytes(encode(photo("china", (48 + i, 40)), "jpeg"))
+    c = container(pod, "predict")
+    mounts = _local_paths(c, volumes)
+    env = {name: _localize([value], mounts)[0] for name, value in run_config(docs, c).items()}  # HOME...
+    env.update(INPUT=str(images), OUTPUT=str(tmp_path / "results" / "preds.jsonl"))
+    for index in range(job["spec"]["completions"]):
+        run = subprocess.run([str(VENV_BIN / c["command"][0])] + _expand(_localize(c["args"], mounts), env),
+                             env=dict(os.environ, **env, JOB_COMPLETION_INDEX=str(index)),
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert f"shard {index}/{job['spec']['completions']}" in run.stderr
+    m = container(find(docs, "Job", "rexnet-predict-merge")["spec"]["template"]["spec"], "merge")
+    margs = _expand(m["args"], env)
+    margs[margs.index("--wait") + 1] = "0"
+    merged = subprocess.run([str(VENV_BIN / m["command"][0])] + margs, capture_output=True, text=True,
+                            timeout=120)
+    assert merged.returncode == 0 and "every input exactly once" in merged.stderr, merged.stderr
+    summary = json.loads((tmp_path / "results" / "preds-summary.json").read_text())
+    assert summary["records"] == summary["inputs"] == 10 and summary["model"]["name"] == "ReXNet_1_0"
+
+
 def test_container_commands_are_installed() -> None:
     setup_py = (REPO_ROOT / "setup.py").read_text()
-    for script in ("rexnet-serve", "rexnet-brpc", "rexnet-batch"):
+    for script in ("rexnet-serve", "rexnet-brpc", "rexnet-batch", "rexnet-predict"):
         assert re.search(rf'"{script}=', setup_py), f"setup.py has no console script {script}"
         assert (VENV_BIN / script).exists(), f"{script} is not installed in {VENV_BIN} (scripts/bootstrap.sh)"
     for dockerfile in ("Dockerfile.cpu", "Dockerfile.gpu"):
@@ -344,7 +450,8 @@ def test_container_commands_are_installed() -> None:
         # the same no-deps pins as scripts/bootstrap.sh (grpcio over Paddle Serving's pin, paddle-serving-app)
         assert "pip install --no-deps -r /opt/rexnet/src/scripts/no-deps-requirements.txt" in text, dockerfile
         extra = "cpu" if dockerfile.endswith("cpu") else "gpu"
-        assert f'/opt/rexnet/src[{extra}]"' in text, dockerfile
+        # s3, parquet: what k8s/batch-indexed's pods read and write (rexnet_serving/runs/storage.py)
+        assert f'/opt/rexnet/src[{extra},s3,parquet]"' in text, dockerfile
 
 
 # ---------------------------------------------------------------- the model fetcher (initContainer)

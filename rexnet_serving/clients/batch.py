@@ -4,8 +4,9 @@ Any protocol registered in ``clients.base.PROTOCOLS`` (HTTP, gRPC, bRPC) carries
 module only reads files, groups them into requests, runs N of them at once, retries the transient
 failures and writes one line per image.
 
-Inputs, the output file (one record per image, JSONL or CSV), resume and the summary are
-``rexnet_serving.runs``, shared with rexnet-predict.
+Inputs (local or object-store URLs), shards (``--shard I/N``), the output file (one record per image,
+JSONL, CSV or Parquet), resume and the summary are ``rexnet_serving.runs``, shared with rexnet-predict.
+``rexnet-batch merge`` (``runs.merge``) checks that the shards together hold every input exactly once.
 
 Error codes the batch client records itself (the service's own per-image codes pass through):
 ``unreadable`` (the local file could not be read), ``unavailable`` (a request still failed with a
@@ -17,7 +18,7 @@ output without their old records so each image still appears once.
 Retries follow "full jitter" exponential backoff (M. Brooker, "Exponential Backoff And Jitter", AWS
 Architecture Blog, 2015): attempt n waits uniform(0, min(max_backoff, backoff * 2**n)) seconds.
 
-Only the main thread writes (``runs.output.ResultWriter``), so a kill loses at most the requests in flight.
+Only the main thread writes (``runs.run.Run``), so a kill loses at most the requests in flight.
 """
 from __future__ import annotations
 
@@ -29,12 +30,13 @@ import threading
 import time
 from typing import Callable, Collection, List, Optional, Sequence, Tuple, Union
 
-from tqdm import tqdm
-
 from ..results import ImageResult
-from ..runs.cli import SOURCES_HELP, add_output_arguments, bounded, run_and_report
+from ..runs.cli import SOURCES_HELP, add_output_arguments, bounded, run_and_report, shard_from_args
 from ..runs.inputs import InputItem, PathLike, UsageError, collect_inputs  # noqa: F401 (re-exported)
-from ..runs.output import CSV_FIELDS, format_for, open_run  # noqa: F401 (re-exported)
+from ..runs.output import CSV_FIELDS, format_for  # noqa: F401 (re-exported)
+from ..runs.progress import DEFAULT_LOG_SECONDS, Progress
+from ..runs.run import DEFAULT_COMMIT_SECONDS, open_run
+from ..runs.shards import Shard
 from ..runs.summary import EXIT_USAGE, RunInterrupted, RunSummary
 from .base import DEFAULT_PORTS, PROTOCOLS, BadRequestError, ClassifierClient, ClientError, TransientError, make_client
 
@@ -103,7 +105,7 @@ class _Workers:
         sent, payloads = [], []
         for i, item in enumerate(batch):
             try:
-                payloads.append(item.path.read_bytes())
+                payloads.append(item.read_bytes())
                 sent.append(i)
             except OSError as e:
                 results[i] = ImageResult.failure(UNREADABLE, f"cannot read {item.path}: {e.strerror or e}")
@@ -147,7 +149,9 @@ def run_batch(inputs: Sequence[PathLike], output: PathLike,
               client_factory: Callable[[], ClassifierClient], concurrency: int = 4, batch_size: int = 1,
               top_k: int = 5, retries: int = 5, *, output_format: Optional[str] = None,
               overwrite: bool = False, redo: Collection[str] = (), backoff: float = 0.5,
-              max_backoff: float = 30.0, progress: bool = True) -> BatchSummary:
+              max_backoff: float = 30.0, progress: bool = True, shard: Optional[Shard] = None,
+              commit_seconds: float = DEFAULT_COMMIT_SECONDS,
+              progress_seconds: float = DEFAULT_LOG_SECONDS) -> BatchSummary:
     """Classify every image named by ``inputs`` (folders, globs, list files) into ``output``.
 
     ``client_factory()`` builds one client per worker thread (``functools.partial(make_client, ...)``).
@@ -164,8 +168,9 @@ def run_batch(inputs: Sequence[PathLike], output: PathLike,
     if retries < 0:
         raise ValueError(f"retries must be zero or more, got {retries}")
     started = time.monotonic()
-    todo, writer, summary = open_run(inputs, output, format_for(output, output_format),
-                                     overwrite=overwrite, redo=redo, tool="rexnet-batch")
+    run = open_run(inputs, output, format_for(output, output_format), overwrite=overwrite, redo=redo,
+                   tool="rexnet-batch", shard=shard, commit_seconds=commit_seconds)
+    todo, summary = run.todo, run.summary
 
     workers = _Workers(client_factory, top_k, retries, backoff, max_backoff)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -173,13 +178,14 @@ def run_batch(inputs: Sequence[PathLike], output: PathLike,
         workers.tasks.put(batch)
     threads = [threading.Thread(target=workers.run, name=f"rexnet-batch-{i}", daemon=True)
                for i in range(min(concurrency, len(batches)))]
-    bar = tqdm(total=len(todo), unit="img", desc="rexnet-batch", disable=None if progress else True)
+    bar = Progress(summary, len(todo), enabled=progress, every=progress_seconds)
+    interrupted = True  # until every batch is in
 
     def record(done: _Done) -> None:
         for item, result in done:
-            writer.write(item, result)
-            summary.count(result)
+            run.write(item, result)
         bar.update(len(done))
+        run.checkpoint()
 
     try:
         for thread in threads:
@@ -196,6 +202,7 @@ def run_batch(inputs: Sequence[PathLike], output: PathLike,
             remaining -= 1
         for thread in threads:
             thread.join()
+        interrupted = False
     except KeyboardInterrupt:
         workers.stop.set()
         while True:  # what already arrived is complete: keep it
@@ -211,7 +218,7 @@ def run_batch(inputs: Sequence[PathLike], output: PathLike,
     finally:
         workers.stop.set()
         bar.close()
-        writer.close()
+        run.close(interrupted=interrupted)
     summary.wall_seconds = time.monotonic() - started
     return summary
 
@@ -235,9 +242,11 @@ def _codes(text: str) -> Tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rexnet-batch",
-        description="Classify images (folders, globs, list files) through the rexnet service into a "
-                    "JSONL or CSV file, N requests at a time; rerunning resumes where a run stopped.",
-        epilog="Exit codes: 0 every image succeeded, 1 some images failed, 2 usage error, "
+        description="Classify images (folders, globs, list files, object-store URLs) through the rexnet "
+                    "service into a JSONL, CSV or Parquet file, N requests at a time; rerunning resumes "
+                    "where a run stopped. `rexnet-batch merge --help`: check the shards of a run.",
+        epilog="Exit codes: 0 every image succeeded, 1 some images failed, 2 usage or store error, "
+               "3 the output could not be committed to its object store (rerun to resume), "
                "130 interrupted (Ctrl-C; 143 on SIGTERM) after writing what had arrived.")
     parser.add_argument("sources", nargs="+", metavar="SRC", help=SOURCES_HELP)
     add_output_arguments(parser, required=True)
@@ -266,10 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:  # a folder named "merge" is ./merge
+        from ..runs.merge import main as merge_main
+        return merge_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         address = args.address or default_address(args.protocol)
         fmt = format_for(args.output, args.format)
+        shard = shard_from_args(args)
     except UsageError as e:
         print(f"rexnet-batch: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -290,7 +304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_and_report("rexnet-batch", lambda: run_batch(
         args.sources, args.output, client_factory, concurrency=args.concurrency,
         batch_size=args.batch_size, top_k=args.top_k, retries=args.retries, output_format=fmt,
-        overwrite=args.overwrite, redo=args.redo, backoff=args.backoff, progress=not args.no_progress))
+        overwrite=args.overwrite, redo=args.redo, backoff=args.backoff, progress=not args.no_progress,
+        shard=shard, commit_seconds=args.commit_every, progress_seconds=args.progress_every))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,12 +7,14 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from ..predictor import PRECISIONS, RUNTIMES
-from .inputs import UsageError
 from .output import FORMATS
-from .summary import EXIT_USAGE, RunInterrupted, RunSummary
+from .progress import DEFAULT_LOG_SECONDS
+from .run import DEFAULT_COMMIT_SECONDS
+from .shards import COUNT_ENV, INDEX_ENV, Shard, resolve_shard
+from .summary import EXIT_COMMIT, EXIT_USAGE, CommitError, RunInterrupted, RunSummary, UsageError
 
 DEFAULT_RUNTIME, DEFAULT_PRECISION = "paddle", "fp32"
 
@@ -33,16 +35,40 @@ def bounded(kind: type, low: float, inclusive: bool = True) -> Callable[[str], A
 
 SOURCES_HELP = ("a folder (searched recursively for .jpg .jpeg .png .bmp .webp), a glob (quote it), an "
                 "image, or a list file (one path per line, relative to the list file; PaddleClas "
-                "'path label' lines carry the label into the output)")
+                "'path label' lines carry the label into the output); each may be a URL: "
+                "s3://bucket/prefix/, gs://, az://, file:// (the s3, gcs, azure extras)")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    """-o/--output, --format, --overwrite: the result file that resume works on."""
+    """-o/--output, --format, --overwrite, the shard and commit flags: the result file resume works on."""
     parser.add_argument("-o", "--output", required=required,
-                        help="OUT.jsonl or OUT.csv; rerunning with the same file resumes")
+                        help="OUT.jsonl, OUT.csv or OUT.parquet, a path or a URL (s3://...); rerunning "
+                             "with the same file resumes")
     parser.add_argument("--format", choices=FORMATS, help="output format (default: from the extension)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start the output over instead of skipping the images already in it")
+    group = parser.add_argument_group("shards (one of N processes, e.g. a Kubernetes Indexed Job's pods)")
+    group.add_argument("--shard", metavar="I/N",
+                       help=f"classify only shard I of N (0-based) into OUT-0000I-of-0000N.EXT; default: "
+                            f"${INDEX_ENV} with N from --shard-count or ${COUNT_ENV}, else everything")
+    group.add_argument("--shard-count", type=bounded(int, 1), metavar="N",
+                       help=f"N when the index comes from ${INDEX_ENV}")
+    group.add_argument("--commit-every", type=bounded(float, 0), default=DEFAULT_COMMIT_SECONDS,
+                       metavar="SECONDS", help="upload a URL output (and write the shard's .run.json) this "
+                                               "often; a killed run redoes at most that much "
+                                               "(default: %(default)s)")
+    group.add_argument("--progress-every", type=bounded(float, 0, inclusive=False),
+                       default=DEFAULT_LOG_SECONDS, metavar="SECONDS",
+                       help="when stderr is not a terminal, a progress line this often "
+                            "(default: %(default)s)")
+
+
+def shard_from_args(args: argparse.Namespace) -> Optional[Shard]:
+    """The shard the flags (or the Indexed Job's environment) select; UsageError if inconsistent."""
+    shard = resolve_shard(args.shard, args.shard_count)
+    if shard is not None and args.output is None:
+        raise UsageError("a shard needs -o/--output: each shard writes its own result file")
+    return shard
 
 
 @contextlib.contextmanager
@@ -66,13 +92,17 @@ def sigterm_as_interrupt() -> Iterator[threading.Event]:
 
 def run_and_report(tool: str, work: Callable[[], RunSummary]) -> int:
     """Run ``work`` with SIGTERM as Ctrl-C; print its summary (or the one error line) on stderr and
-    return the exit code: the summary's, 2 for a UsageError, 130/143 when interrupted."""
+    return the exit code: the summary's, 2 for a UsageError, 3 for a CommitError, 130/143 when
+    interrupted."""
     with sigterm_as_interrupt() as terminated:
         try:
             summary = work()
         except UsageError as e:
             print(f"{tool}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
+        except CommitError as e:
+            print(f"{tool}: error: {e}", file=sys.stderr)
+            return EXIT_COMMIT
         except RunInterrupted as e:
             print(e.summary.format(), file=sys.stderr)
             return 128 + (signal.SIGTERM if terminated.is_set() else signal.SIGINT)

@@ -1,7 +1,8 @@
 """The images a run classifies: files, folders (recursive), globs and list files, each image once.
 
 A list file names one image per line, relative to the list file's folder; PaddleClas ``path label`` lines
-carry their label into the output record.
+carry their label into the output record. Each may also be a URL (``s3://bucket/prefix/``, a glob in
+one, a list file in one: ``runs.storage``); ``file://`` URLs are local paths.
 """
 from __future__ import annotations
 
@@ -10,22 +11,50 @@ import os
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Union
 
+from . import storage
+from .summary import UsageError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class UsageError(ValueError):
-    """The inputs or the output cannot be used as given (no images found, unknown format, ...)."""
-
-
 class InputItem(NamedTuple):
-    path: Path                   # resolved, absolute
+    path: Union[Path, str]       # resolved, absolute; or the object's URL (a str)
     label: Optional[str] = None  # from a PaddleClas list file's second column
 
+    @property
+    def name(self) -> str:
+        """The canonical name: the key of resume, of shards (runs.shards) and of the merge."""
+        return str(self.path)
 
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+    def read_bytes(self) -> bytes:
+        """The file's bytes (OSError when it cannot be read, after retries for an object)."""
+        if isinstance(self.path, Path):
+            return self.path.read_bytes()
+        return storage.read_bytes(self.path)
+
+
+def is_image(path: Union[Path, str]) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _remote_items(source: str) -> List[InputItem]:
+    found, list_url = storage.list_images(source, is_image)
+    if list_url is None:
+        return [InputItem(url) for url in found]
+    base = list_url.rpartition("/")[0]
+    items = []
+    for raw in found:  # a list file on the store: lines relative to its folder, or URLs
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, label = line, None
+        parts = line.rsplit(None, 1)
+        if not is_image(line) and len(parts) == 2:
+            name, label = parts
+        items.append(InputItem(name if storage.is_url(name) else storage.join(base, name), label))
+    return items
 
 
 def _has_glob_magic(source: str) -> bool:
@@ -62,6 +91,11 @@ def read_list_file(path: Path) -> List[InputItem]:
 
 
 def _expand(source: str) -> List[InputItem]:
+    local = storage.file_url_path(source)
+    if local is None and storage.is_url(source):
+        return _remote_items(source)
+    if local is not None:
+        source = str(local)
     path = Path(source).expanduser()
     if path.is_dir():
         return [InputItem(p.resolve()) for p in sorted(path.rglob("*")) if is_image(p) and p.is_file()]
@@ -74,8 +108,9 @@ def _expand(source: str) -> List[InputItem]:
     raise UsageError(f"{source}: no such file or directory")
 
 
-def collect_inputs(sources: Sequence[PathLike]) -> List[InputItem]:
-    """Expand folders (recursive, image extensions, sorted), globs and list files into images.
+def collect_inputs(sources: Sequence[Union[PathLike, InputItem]]) -> List[InputItem]:
+    """Expand folders (recursive, image extensions, sorted), globs and list files into images; an
+    InputItem (already collected) stands for itself.
 
     Each image appears once (the first mention wins); a source that yields nothing is a UsageError,
     because it is almost always a typo.
@@ -85,12 +120,12 @@ def collect_inputs(sources: Sequence[PathLike]) -> List[InputItem]:
     items: List[InputItem] = []
     seen = set()
     for source in sources:
-        found = _expand(os.fspath(source))
+        found = [source] if isinstance(source, InputItem) else _expand(os.fspath(source))
         if not found:
             raise UsageError(f"{source}: no images found "
                              f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
         for item in found:
-            key = str(item.path)
+            key = item.name
             if key not in seen:
                 seen.add(key)
                 items.append(item)

@@ -3,8 +3,9 @@
     {"path": "/abs/img.jpg", "ok": true, "predictions": [{"class_id": 281, "label": "...", "score": 0.9}]}
     {"path": "/abs/bad.jpg", "ok": false, "error": {"code": "truncated", "message": "..."}}
 
-``path`` is the resolved absolute path; it is the key that resume matches on. A list file's label is
-carried into the record as ``label`` (a string).
+``path`` is the resolved absolute path (or the object's URL); it is the key that resume matches on. A
+list file's label is carried into the record as ``label`` (a string). In CSV every field is kept on one
+physical line; the path reversibly (``escape_path``), since resume must match it exactly.
 
 Durability: a whole line per write, flushed at once and fsynced at close, so a kill loses at most the
 images in flight; a torn last line left by a kill (SIGKILL included) is cut off when the file is opened
@@ -18,13 +19,13 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from ..results import ImageResult
-from .inputs import InputItem, PathLike, UsageError, collect_inputs
-from .summary import RunSummary
+from .inputs import InputItem, PathLike
+from .summary import UsageError
 
-FORMATS = ("jsonl", "csv")
+FORMATS = ("jsonl", "csv", "parquet")
 CSV_FIELDS = ("path", "ok", "top1_class_id", "top1_label", "top1_score", "topk",
               "error_code", "error_message", "label")
 
@@ -39,12 +40,12 @@ def format_for(output: PathLike, explicit: Optional[str] = None) -> str:
     if suffix in FORMATS:
         return suffix
     raise UsageError(f"{output}: cannot tell the output format from the extension; "
-                     "name it .jsonl or .csv, or pass --format")
+                     "name it .jsonl, .csv or .parquet, or pass --format")
 
 
 def result_record(item: InputItem, result: ImageResult) -> Dict[str, Any]:
     """The JSONL record of one image."""
-    record: Dict[str, Any] = {"path": str(item.path), "ok": result.ok}
+    record: Dict[str, Any] = {"path": item.name, "ok": result.ok}
     record.update(result.to_dict())
     if item.label is not None:
         record["label"] = item.label
@@ -56,10 +57,22 @@ def _one_line(text: Optional[str]) -> str:
     return "" if text is None else " ".join(str(text).splitlines())
 
 
+def escape_path(path: str) -> str:
+    """The CSV path field, on one line and reversible (``unescape_path``): a path holding a line break,
+    or starting with a double quote, is written as its JSON string literal; any other path as it is."""
+    if "\n" in path or "\r" in path or path.startswith('"'):
+        return json.dumps(path, ensure_ascii=False)
+    return path
+
+
+def unescape_path(field: str) -> str:
+    return json.loads(field) if field.startswith('"') else field
+
+
 def _csv_row(item: InputItem, result: ImageResult) -> List[str]:
     top1 = result.predictions[0] if result.predictions else None
     return [
-        str(item.path),
+        escape_path(item.name),
         "true" if result.ok else "false",
         "" if top1 is None else str(top1.class_id),
         "" if top1 is None else _one_line(top1.label),
@@ -186,7 +199,11 @@ class ResultWriter:
         for row in rows:
             if len(row) != len(CSV_FIELDS):
                 raise self._bad_line(rows.line_num, f"{len(row)} fields, expected {len(CSV_FIELDS)}")
-            entries.append((_csv_line(row), row[0], None if row[1] == "true" else row[6]))
+            try:
+                path = unescape_path(row[0])
+            except ValueError as e:
+                raise self._bad_line(rows.line_num, f"path field: {e}") from None
+            entries.append((_csv_line(row), path, None if row[1] == "true" else row[6]))
         return entries
 
     def _write_line(self, line: str) -> None:
@@ -195,32 +212,16 @@ class ResultWriter:
 
     def write(self, item: InputItem, result: ImageResult) -> None:
         self._write_line(format_line(item, result, self.format))
-        self.done[str(item.path)] = result.error_code
+        self.done[item.name] = result.error_code
+
+    def flush(self) -> None:
+        """Everything written so far on the disk (before a commit uploads the file)."""
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if self._file.closed:
             return
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self.flush()
         self._file.close()
-
-
-def open_run(inputs: Sequence[PathLike], output: PathLike, fmt: str, overwrite: bool = False,
-             redo: Collection[str] = (), tool: str = "rexnet-batch"
-             ) -> Tuple[List[InputItem], "ResultWriter", RunSummary]:
-    """Start or resume a run: (the images still to do, the open writer, the summary so far).
-
-    Images already in ``output`` are skipped unless ``overwrite``, or unless their record is an error
-    whose code is in ``redo``: those are done again and their old records removed.
-    """
-    items = collect_inputs(inputs)
-    wanted = {str(item.path) for item in items}
-    redo_codes = frozenset(redo)
-    writer = ResultWriter(output, fmt, overwrite=overwrite, tool=tool,
-                          redo=lambda path, code: code in redo_codes and path in wanted)
-    summary = RunSummary(output=writer.path, total=len(items), tool=tool,
-                         repaired_torn_line=writer.repaired, redone=writer.redone)
-    todo = [item for item in items if str(item.path) not in writer.done]
-    summary.skipped = len(items) - len(todo)
-    summary.skipped_failed = sum(1 for item in items if writer.done.get(str(item.path)) is not None)
-    return todo, writer, summary

@@ -1,19 +1,29 @@
-"""What a run over many images did, and its exit code: 0 every image succeeded, 1 some failed, 2 usage."""
+"""What a run over many images did, and its exit code: 0 every image succeeded, 1 some failed, 2 usage,
+3 the results could not be committed to their object store (a rerun resumes from the last commit)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 from ..results import ImageResult
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_COMMIT = 0, 1, 2, 3
+
+
+class UsageError(ValueError):
+    """The inputs or the output cannot be used as given (no images found, unknown format, ...)."""
+
+
+class CommitError(RuntimeError):
+    """The final upload of a result file failed: what was classified since the last commit is redone
+    by the next attempt (a Job's retry), so this exit code must be retried, unlike a UsageError."""
 
 
 @dataclass
 class RunSummary:
     """What a run did. ``processed`` counts images written by this run (errors included)."""
-    output: Optional[Path]    # None when the records went to stdout
+    output: Optional[Union[Path, str]]  # None when the records went to stdout; a str for a URL
     total: int
     tool: str = "rexnet-batch"
     skipped: int = 0
