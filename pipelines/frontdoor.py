@@ -73,6 +73,12 @@ class FrontDoor:
         return response
 
     @staticmethod
+    def cancelled_before_admission() -> None:
+        """Count a request whose client went away before it was admitted (nothing to answer)."""
+        metrics.REFUSED.labels(admission.CANCELLED).inc()
+        metrics.REQUESTS.labels(str(protocol.TIMEOUT)).inc()
+
+    @staticmethod
     def _draining() -> Any:
         metrics.REFUSED.labels(admission.DRAINING).inc()
         return pipeline_service_pb2.Response(err_no=protocol.CLOSED_ERROR,
@@ -107,8 +113,14 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         self.front = front
 
     def inference(self, request: Any, context: Any) -> Any:
-        return self.front.call(request, context.time_remaining(),
-                               lambda ticket: context.add_callback(ticket.cancel))
+        return self.front.call(request, context.time_remaining(), lambda ticket: watch_rpc(context, ticket))
+
+
+def watch_rpc(context: Any, ticket: admission.Ticket) -> None:
+    """Cancel ``ticket`` when the RPC ends early; at once when it already has (add_callback then returns
+    False and would never call back: the client left while the call waited for a thread)."""
+    if not context.add_callback(ticket.cancel):
+        ticket.cancel()
 
 
 def grpc_options(limits: Dict[str, Any]) -> list:

@@ -33,7 +33,7 @@ PROBES = Path(__file__).with_name("probes.py")
 IN_FLIGHT = 8
 # Small limits so that overload and idle timeouts show within seconds.
 CONFIG = (f"worker_num: 16\ndag:\n  channel_size: 16\nrexnet:\n  max_in_flight_requests: {IN_FLIGHT}\n"
-          "  idle_timeout_s: 3\n  max_request_bytes: 4000000\n")
+          "  idle_timeout_s: 3\n  max_request_bytes: 4000000\n  max_image_bytes: 2000000\n")
 JPEG = encode(photo("china", (320, 240)), "jpeg")
 B64 = base64.b64encode(JPEG).decode()
 P99_FACTOR, RSS_GROWTH_MB = 5.0, 300.0
@@ -243,9 +243,9 @@ def test_liveness_fails_when_the_http_front_door_dies():
     from rexnet_pipelines.http_front import HttpFrontDoor
     from conftest import free_port
 
-    limits = {"max_in_flight_requests": 2, "max_request_bytes": 4096, "max_header_bytes": 4096,
+    limits = {"max_in_flight_requests": 2, "max_request_bytes": 4096, "max_json_values": 1000, "max_header_bytes": 4096,
               "idle_timeout_s": 5, "body_timeout_s": 5, "http_max_connections": 8}
-    http = HttpFrontDoor(FrontDoor(None, Admission(2, 5), "rexnet"), "127.0.0.1", free_port(), limits)
+    http = HttpFrontDoor(FrontDoor(None, Admission(2, 5, 8192), "rexnet"), "127.0.0.1", free_port(), limits)
     http.start()
     health = HealthServer(ServiceState(), free_port(), "127.0.0.1",
                           lambda: None if http.alive() else "the HTTP front door stopped")

@@ -125,18 +125,20 @@ class ModelService:
             elif name != IMAGE_FEED:
                 raise RequestError(f"unexpected feed {name!r} beside {IMAGE_FEED!r}; an image request "
                                    f"has only {IMAGE_FEED!r} tensors and an optional {TOP_K_FEED!r}")
-            elif tensor.elem_type == ElemType.UINT8:
-                payloads.append(bytes(tensor.tensor_content))
-            elif tensor.elem_type == ElemType.STRING:
-                payloads.extend(tensor.data)  # base64 text, one image per entry
+            elif tensor.elem_type in (ElemType.UINT8, ElemType.STRING):
+                count = 1 if tensor.elem_type == ElemType.UINT8 else len(tensor.data)
+                if len(payloads) + count > self.max_images:  # counted before any string is copied out
+                    raise RequestError(f"{len(payloads) + count} images in one request; the limit is {self.max_images}")
+                if tensor.elem_type == ElemType.UINT8:
+                    payloads.append(bytes(tensor.tensor_content))
+                else:
+                    payloads.extend(tensor.data)  # base64 text, one image per entry
             else:
                 raise RequestError(f"feed {IMAGE_FEED!r}: elem_type {tensor.elem_type}; send the encoded file "
                                    f"as uint8 ({int(ElemType.UINT8)}) in tensor_content or as base64 "
                                    f"strings ({int(ElemType.STRING)}) in data")
         if not payloads:
             raise RequestError(f"the {IMAGE_FEED!r} feed holds no image")
-        if len(payloads) > self.max_images:
-            raise RequestError(f"{len(payloads)} images in one request; the limit is {self.max_images}")
         fetch = list(request.fetch_var_names)
         if fetch and fetch != [PREDICTIONS_FETCH]:
             raise RequestError(f"an image request fetches {PREDICTIONS_FETCH!r}, not {fetch}")
