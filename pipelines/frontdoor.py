@@ -64,13 +64,17 @@ class FrontDoor:
             return None
         if self.draining:
             response = self._draining()
-        else:
-            metrics.REFUSED.labels(admission.OVERLOADED).inc()
-            response = pipeline_service_pb2.Response(
-                err_no=protocol.OVERLOADED, err_msg=f"overloaded: {self.gate.max_in_flight} requests in "
-                                                    "progress, the limit; retry with backoff")
-        metrics.REQUESTS.labels(str(response.err_no)).inc()
-        return response
+            metrics.REQUESTS.labels(str(response.err_no)).inc()
+            return response
+        return self.overloaded(f"overloaded: {self.gate.max_in_flight} requests in progress, the limit; "
+                               "retry with backoff")
+
+    @staticmethod
+    def overloaded(message: str) -> Any:
+        """The answer (err_no 54, counted) to a request refused for load before it was admitted."""
+        metrics.REFUSED.labels(admission.OVERLOADED).inc()
+        metrics.REQUESTS.labels(str(protocol.OVERLOADED)).inc()
+        return pipeline_service_pb2.Response(err_no=protocol.OVERLOADED, err_msg=message)
 
     @staticmethod
     def cancelled_before_admission() -> None:

@@ -114,6 +114,10 @@ def response_json(response: Any) -> Dict[str, Any]:
 
 
 _GONE = object()  # what the pool thread returns for a request whose client went away while it waited
+# A body up to this size refused for load is read and dropped, then answered: answering before it and
+# closing would make the kernel reset the connection, and a client still sending would see a reset
+# instead of the 503. A larger one is answered at once and its connection closed (never read).
+_DRAIN_REFUSED_BELOW = 1 << 20
 
 
 @tornado.web.stream_request_body
@@ -136,15 +140,21 @@ class _PredictionHandler(tornado.web.RequestHandler):
         self._reserved = 0  # bytes of the body budget this request holds
         self._working = False  # a pool thread may be reading the body: its share is given back after
         self._declared: Optional[int] = None
+        self._refusal: Any = None  # the answer for a small body refused for load, sent once it is read
 
     def _error(self, status: int, code: int, message: str) -> None:
         self.set_status(status)
         self.finish({"code": code, "message": message, "details": []})
 
-    def _busy(self, message: str) -> None:
-        """503 + Retry-After: the request was refused before its body, for load, not for what it holds."""
-        self.set_header("Retry-After", "1")
-        self._error(503, _UNAVAILABLE, message)
+    def _refused(self, response: Any) -> None:
+        """The answer to a request refused before its body, for load (err_no 54 or 3001: 503 + Retry-After)."""
+        self._answer(response)
+
+    def _refuse_before_body(self, response: Any) -> None:
+        if self._declared is not None and self._declared <= _DRAIN_REFUSED_BELOW:
+            self._refusal = response  # its bytes are dropped as they come (never held), answered in post()
+        else:
+            self._refused(response)
 
     def _too_large(self, size: int) -> None:
         self._error(413, _INVALID_ARGUMENT, f"the request body is {size} bytes, over the limit of "
@@ -152,8 +162,9 @@ class _PredictionHandler(tornado.web.RequestHandler):
 
     def _reserve(self, size: int) -> bool:
         if not self.bodies.take(size):
-            self._busy(f"the service holds {self.bodies.held} bytes of request bodies; this one's {size} more "
-                       f"would pass rexnet.max_buffered_request_bytes ({self.bodies.max_bytes}): retry later")
+            self._refuse_before_body(self.front.overloaded(
+                f"overloaded: the service holds {self.bodies.held} bytes of request bodies, this one's {size} "
+                f"more would pass rexnet.max_buffered_request_bytes ({self.bodies.max_bytes}); retry with backoff"))
             return False
         self._reserved += size
         return True
@@ -163,11 +174,6 @@ class _PredictionHandler(tornado.web.RequestHandler):
         if reserved:
             self.bodies.give_back(reserved)
         self._body = bytearray()
-
-    def _overloaded(self) -> Optional[str]:
-        """Why this request is refused before its body (admission limit, draining), or None."""
-        refused = self.front.refusal()
-        return None if refused is None else refused.err_msg
 
     def prepare(self) -> None:
         if self.request.method != "POST":
@@ -179,14 +185,14 @@ class _PredictionHandler(tornado.web.RequestHandler):
                 return self._error(400, _INVALID_ARGUMENT, "Content-Length must be a decimal byte count")
             if self._declared > self.max_bytes:
                 return self._too_large(self._declared)
-        refused = self._overloaded()  # before the body: shedding load must cost as little as possible
+        refused = self.front.refusal()  # before the body: shedding load must cost as little as possible
         if refused is not None:
-            return self._busy(refused)
+            return self._refuse_before_body(refused)
         if self._declared:
             self._reserve(self._declared)
 
     def data_received(self, chunk: bytes) -> None:
-        if self._finished:
+        if self._finished or self._refusal is not None:
             return
         self._size += len(chunk)
         if self._size > self.max_bytes:
@@ -220,6 +226,8 @@ class _PredictionHandler(tornado.web.RequestHandler):
         return request
 
     async def post(self, name: str) -> None:
+        if self._refusal is not None:
+            return self._refused(self._refusal)
         refused = self.front.refusal()  # again: the limit may have been reached while the body came in
         if refused is not None:
             return self._answer(refused)

@@ -106,7 +106,13 @@ class _OipHandler(_PredictionHandler):
         self.set_status(status)
         self.finish({"error": message})
 
-    async def _answer(self) -> None:
+    def _refused(self, response: Any) -> None:
+        self.set_header("Retry-After", "1")
+        self._error(503, 0, response.err_msg)
+
+    async def _handle(self) -> None:
+        if self._refusal is not None:
+            return self._refused(self._refusal)
         try:
             timeout_s = parse_grpc_timeout(self.request.headers.get("Grpc-Timeout"))
         except ValueError as exc:
@@ -132,10 +138,10 @@ class _OipHandler(_PredictionHandler):
         self.finish(body)
 
     async def get(self) -> None:
-        await self._answer()
+        await self._handle()
 
     async def post(self) -> None:
-        await self._answer()
+        await self._handle()
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
