@@ -228,8 +228,10 @@ BRPC = {
                           dict(alias_name="top_k", elem_type=0, shape=[1], int64_data=[2**63 - 1])], "top_k"),
     "top_k a float": ([dict(alias_name="image", elem_type=20, shape=[1], data=[B64]),
                        dict(alias_name="top_k", elem_type=1, shape=[1], float_data=[1.0])], "top_k"),
+    "1000 empty image strings": ([dict(alias_name="image", elem_type=20, shape=[1], data=[""] * 1000)],
+                                 "1000 images in one request"),
     "100,000 empty image strings": ([dict(alias_name="image", elem_type=20, shape=[1], data=[""] * 100_000)],
-                                    "100000 images in one request"),
+                                    "refused before parsing"),
     "image of elem_type float": ([dict(alias_name="image", elem_type=1, shape=[1], float_data=[0.5])],
                                  "elem_type"),
 }

@@ -24,8 +24,8 @@ from ..imageio import DecodeLimits, RequestTooLargeError
 from . import protocol
 from .protocol import Errno, Frame
 from .tensors import (DEFAULT_TOP_K, ENGINE_NAME, IMAGE_FEED, PREDICTIONS_FETCH, TOP_K_FEED, ElemType,
-                      GeneralModelConfig, Request, Response, Tensor, from_tensor, load_model_config,
-                      to_tensor)
+                      GeneralModelConfig, Request, Response, Tensor, TooManyFields, check_wire_fields, from_tensor,
+                      load_model_config, to_tensor)
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,10 @@ def handle_payload(service: Any, method: str, frame: Frame,
         return Errno.EREQUEST, f"undecodable payload (compress_type={frame.meta.compress_type}): {exc}", b""
     request = Request()
     try:
+        check_wire_fields(payload)  # what parsing will allocate, from the bytes (rexnet_serving.brpc.tensors)
         request.ParseFromString(payload)
+    except TooManyFields as exc:
+        return Errno.EREQUEST, f"request refused before parsing ({len(payload)} bytes): {exc}", b""
     except DecodeError as exc:
         return Errno.EREQUEST, f"fail to parse request message ({len(payload)} bytes): {exc}", b""
     try:
