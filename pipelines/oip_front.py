@@ -14,7 +14,6 @@ configured default). A client that goes away cancels its request.
 """
 from __future__ import annotations
 
-import asyncio
 import threading
 from concurrent import futures
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
