@@ -69,29 +69,33 @@ def _request(port: int, path: str, body: bytes) -> socket.socket:
     return sock
 
 
+def _until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def _cancelled() -> float:
     return metrics.REFUSED.labels(CANCELLED)._value.get()
 
 
-def _gone_while_waiting(port: int, path: str, body: bytes, blocking: Blocking) -> None:
+def _gone_while_waiting(door: HttpFrontDoor, path: str, body: bytes, blocking: Blocking) -> None:
     """Two requests take both pool threads; a third waits for one and its client leaves; then release."""
+    port = door.port
     busy = [_request(port, path, body) for _ in range(2)]
-    deadline = time.monotonic() + 30
-    while blocking.calls < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert blocking.calls == 2
+    _until(lambda: blocking.calls == 2)
     cancelled = _cancelled()
-    _request(port, path, body).close()  # waits for a thread, then its client is gone
-    time.sleep(0.5)  # the event loop sees the close
+    waiting = _request(port, path, body)
+    _until(lambda: door._pool._work_queue.qsize() == 1)  # it waits for a thread ...
+    waiting.close()
+    _until(lambda: len(door._server._connections) == 2)  # ... and the event loop saw its client leave
     blocking.release.set()
     for sock in busy:
         assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "the admitted requests are answered"
         sock.close()
-    deadline = time.monotonic() + 10
-    while _cancelled() == cancelled and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _until(lambda: _cancelled() == cancelled + 1)
     assert blocking.calls == 2, "the request whose client left still reached the DAG / model"
-    assert _cancelled() == cancelled + 1
 
 
 def _serve(door: Any) -> Callable[[], None]:
@@ -104,7 +108,7 @@ def test_http_client_gone_while_waiting_for_a_thread_is_dropped_before_parsing()
     door = HttpFrontDoor(FrontDoor(dag, Admission(8, 30, 1 << 24), "rexnet"), "127.0.0.1", free_port(), LIMITS)
     stop = _serve(door)
     try:
-        _gone_while_waiting(door.port, "/rexnet/prediction", json.dumps({"key": ["image"], "value": ["x"]}).encode(),
+        _gone_while_waiting(door, "/rexnet/prediction", json.dumps({"key": ["image"], "value": ["x"]}).encode(),
                             dag)
     finally:
         dag.release.set()
@@ -118,7 +122,7 @@ def test_v2_rest_client_gone_while_waiting_for_a_thread_is_dropped_before_parsin
     stop = _serve(door)
     body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["eA=="]}]})
     try:
-        _gone_while_waiting(door.port, "/v2/models/m/infer", body.encode(), model)
+        _gone_while_waiting(door, "/v2/models/m/infer", body.encode(), model)
     finally:
         model.release.set()
         stop()
