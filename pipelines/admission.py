@@ -14,6 +14,10 @@ Every front door (HTTP, gRPC) therefore admits a request here first:
   waits for them only when there is something to wait for (rexnet_pipelines.ops.InferOp).
 
 Refusals are counted by reason in ``rexnet_refused_requests_total``.
+
+Request bodies are admitted too, before they are read (:class:`BodyBudget`): the HTTP front doors of
+every port take a share of one byte budget from a request's Content-Length (a chunked body: as its
+chunks come), so that a few slow uploads cannot hold gigabytes while they trickle in.
 """
 from __future__ import annotations
 
@@ -79,11 +83,12 @@ class Overloaded(Exception):
 class Admission:
     """Counts what is inside the DAG and admits up to ``max_in_flight`` requests at a time."""
 
-    def __init__(self, max_in_flight: int, default_timeout_s: float) -> None:
+    def __init__(self, max_in_flight: int, default_timeout_s: float, max_body_bytes: int) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.max_in_flight = max_in_flight
         self.default_timeout_s = default_timeout_s
+        self.bodies = BodyBudget(max_body_bytes)  # request bodies held by the HTTP front doors, all ports
         self._lock = threading.Lock()
         self._in_flight = 0
         self._preparing = 0
@@ -119,6 +124,34 @@ class Admission:
         with self._lock:
             self._in_flight -= 1
         metrics.IN_FLIGHT.dec()
+
+
+class BodyBudget:
+    """Bytes of request bodies the process holds (received or being received), shared by every HTTP
+    connection of every port; a body that would pass ``max_bytes`` is refused before it is read."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (nothing reserved) when that would pass the budget."""
+        with self._lock:
+            if self._held + size > self.max_bytes:
+                return False
+            self._held += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self._held -= size
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import yaml
 
 from rexnet_serving import defaults
+from rexnet_serving.jsonbody import DEFAULT_MAX_VALUES
 from rexnet_serving.predictor import PRECISIONS, RUNTIMES, OptionError, check_runtime_options
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serving_configs"
@@ -147,6 +148,9 @@ SCHEMA: Dict[str, Any] = {
         "max_in_flight_requests": Field(int, 32, lambda v: 1 <= v <= 4096, "1..4096 requests"),
         "request_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
         "max_request_bytes": Field(int, 64 * 2**20, lambda v: 1024 <= v <= 2**30, "1 KiB..1 GiB"),
+        "max_buffered_request_bytes": Field(int, 192 * 2**20, lambda v: 1024 <= v <= 2**36, "1 KiB..64 GiB"),
+        "max_json_values": Field(int, DEFAULT_MAX_VALUES, lambda v: 1000 <= v <= 100_000_000,
+                                 "1000..100,000,000 values"),
         "max_header_bytes": Field(int, 64 * 1024, lambda v: 1024 <= v <= 2**20, "1 KiB..1 MiB"),
         "idle_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
         "body_timeout_s": Field((int, float), 60, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
@@ -358,6 +362,14 @@ def _check_combination(conf: Dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: worker_num ({conf['worker_num']} gRPC threads) must be at least "
                           f"rexnet.max_in_flight_requests ({rex['max_in_flight_requests']}), or admitted gRPC "
                           "requests would wait for a thread")
+    if rex["max_request_bytes"] < -(-rex["max_image_bytes"] * 4 // 3) + 4096:
+        raise ConfigError(f"{source}: rexnet.max_request_bytes ({rex['max_request_bytes']}) must hold one image of "
+                          f"rexnet.max_image_bytes ({rex['max_image_bytes']}) in base64 (4/3 of it) plus 4 KiB of "
+                          "JSON, or the largest image allowed could never be sent over HTTP")
+    if rex["max_buffered_request_bytes"] < rex["max_request_bytes"]:
+        raise ConfigError(f"{source}: rexnet.max_buffered_request_bytes ({rex['max_buffered_request_bytes']}) must "
+                          f"be at least rexnet.max_request_bytes ({rex['max_request_bytes']}), or a body at the "
+                          "limit could never be received")
     if conf["dag"]["channel_size"] == 0 or conf["dag"]["channel_size"] < rex["max_in_flight_requests"]:
         raise ConfigError(f"{source}: dag.channel_size must bound the DAG's queues at or above "
                           f"rexnet.max_in_flight_requests ({rex['max_in_flight_requests']}), got "

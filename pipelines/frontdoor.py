@@ -64,13 +64,23 @@ class FrontDoor:
             return None
         if self.draining:
             response = self._draining()
-        else:
-            metrics.REFUSED.labels(admission.OVERLOADED).inc()
-            response = pipeline_service_pb2.Response(
-                err_no=protocol.OVERLOADED, err_msg=f"overloaded: {self.gate.max_in_flight} requests in "
-                                                    "progress, the limit; retry with backoff")
-        metrics.REQUESTS.labels(str(response.err_no)).inc()
-        return response
+            metrics.REQUESTS.labels(str(response.err_no)).inc()
+            return response
+        return self.overloaded(f"overloaded: {self.gate.max_in_flight} requests in progress, the limit; "
+                               "retry with backoff")
+
+    @staticmethod
+    def overloaded(message: str) -> Any:
+        """The answer (err_no 54, counted) to a request refused for load before it was admitted."""
+        metrics.REFUSED.labels(admission.OVERLOADED).inc()
+        metrics.REQUESTS.labels(str(protocol.OVERLOADED)).inc()
+        return pipeline_service_pb2.Response(err_no=protocol.OVERLOADED, err_msg=message)
+
+    @staticmethod
+    def cancelled_before_admission() -> None:
+        """Count a request whose client went away before it was admitted (nothing to answer)."""
+        metrics.REFUSED.labels(admission.CANCELLED).inc()
+        metrics.REQUESTS.labels(str(protocol.TIMEOUT)).inc()
 
     @staticmethod
     def _draining() -> Any:
@@ -107,8 +117,14 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         self.front = front
 
     def inference(self, request: Any, context: Any) -> Any:
-        return self.front.call(request, context.time_remaining(),
-                               lambda ticket: context.add_callback(ticket.cancel))
+        return self.front.call(request, context.time_remaining(), lambda ticket: watch_rpc(context, ticket))
+
+
+def watch_rpc(context: Any, ticket: admission.Ticket) -> None:
+    """Cancel ``ticket`` when the RPC ends early; at once when it already has (add_callback then returns
+    False and would never call back: the client left while the call waited for a thread)."""
+    if not context.add_callback(ticket.cancel):
+        ticket.cancel()
 
 
 def grpc_options(limits: Dict[str, Any]) -> list:

@@ -10,14 +10,18 @@ has the same fields and error codes: one hop and two encodings fewer, and a main
 Tornado, because it is maintained, runs on asyncio (an idle or slow connection costs a socket, not a
 thread) and enforces the limits a public HTTP port needs: the header size, a deadline for the request
 head and for idle keep-alive connections (``idle_connection_timeout``: a slow-loris client is dropped),
-and a deadline for the body. On top of that this module refuses a body over the size limit with 413
-before reading it (from Content-Length, or as soon as a chunked body passes it) and caps the number of
-open connections. The DAG call
-blocks, so it runs in a thread pool as large as the admission limit.
+and a deadline for the body. On top of that this module caps the number of open connections, and before
+a body is read: refuses it with 413 over the size limit (from Content-Length, or as soon as a chunked
+body passes it), and with 503 + Retry-After when the admission limit is reached or the body's bytes
+would pass the process's budget for bodies held (rexnet_pipelines.admission.BodyBudget, shared with
+the v2 REST port). Parsing (bounded by rexnet_serving.jsonbody before it starts) and the DAG call
+run in a thread pool as large as the admission limit: nothing heavier than reading bytes runs on the
+event loop, whose heartbeat is the liveness probe.
 
 Deadlines: a ``Grpc-Timeout`` header (the gateway's convention, e.g. ``500m``, ``2S``) sets the
 request's deadline; the configured default applies otherwise. A client that disconnects cancels its
-request (it is dropped before decoding or inference).
+request: one still waiting for a pool thread is dropped before parsing, an admitted one before decoding
+or inference.
 """
 from __future__ import annotations
 
@@ -28,14 +32,17 @@ import threading
 import time
 from concurrent import futures
 from types import SimpleNamespace
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import tornado.httpserver
 import tornado.web
 from google.protobuf import json_format
 from paddle_serving_server.pipeline.proto import pipeline_service_pb2
 
+from rexnet_serving.jsonbody import JsonBodyError, ascii_uint, load_json
+
 from . import protocol
+from .admission import BodyBudget
 from .frontdoor import FrontDoor
 
 _GRPC_TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
@@ -58,16 +65,18 @@ def parse_grpc_timeout(value: Optional[str]) -> Optional[float]:
 _REQUEST_FIELDS = {f.name for f in pipeline_service_pb2.Request.DESCRIPTOR.fields}
 
 
-def parse_request(body: bytes) -> SimpleNamespace:
+def parse_request(body: bytes, max_values: int) -> SimpleNamespace:
     """A Pipeline Request from its JSON body, as the gateway's protobuf JSON mapping reads it: the fields
     of pipeline_service.proto's Request (an unknown one is an error), ``key``/``value`` lists of strings,
     ``logid`` a number (or a numeric string, as proto3 JSON writes int64), ``tensors`` Tensor messages.
+    ValueError naming the field for anything else; at most ``max_values`` JSON values (counted before
+    parsing, rexnet_serving.jsonbody).
 
     Why not json_format.Parse for the whole message: protobuf 3.20's version scans every string value for
     unpaired surrogates with a regular expression, which took 80 % of the HTTP front door's time on
     ~100 KB base64 images (py-spy, framework floor). Tensors, rare over HTTP, still go through it.
     """
-    doc = json.loads(body or b"{}")
+    doc = load_json(body or b"{}", max_values)
     if not isinstance(doc, dict):
         raise ValueError("the request body must be a JSON object")
     unknown = sorted(set(doc) - _REQUEST_FIELDS)
@@ -79,14 +88,22 @@ def parse_request(body: bytes) -> SimpleNamespace:
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
             raise ValueError(f"{field} must be a list of strings")
         lists[field] = items
-    logid = doc.get("logid") or 0
-    if isinstance(logid, bool) or not isinstance(logid, (int, str)) or not str(logid).isdigit():
-        raise ValueError(f"logid must be a non-negative integer, got {logid!r}")
+    raw_logid = doc.get("logid") or 0
+    logid = raw_logid if type(raw_logid) is int and 0 <= raw_logid < 2**64 else ascii_uint(raw_logid)
+    if logid is None:
+        raise ValueError(f"logid must be a non-negative 64-bit integer, got {str(raw_logid)[:40]!r}")
     tensors = doc.get("tensors") or []
     if not isinstance(tensors, list):
         raise ValueError("tensors must be a list")
-    return SimpleNamespace(key=lists["key"], value=lists["value"], logid=int(logid), name="",
-                           tensors=[json_format.ParseDict(t, pipeline_service_pb2.Tensor()) for t in tensors])
+    parsed = []
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, dict):
+            raise ValueError(f"tensors[{index}] must be a Tensor object, got {type(tensor).__name__}")
+        try:
+            parsed.append(json_format.ParseDict(tensor, pipeline_service_pb2.Tensor()))
+        except (json_format.ParseError, TypeError, ValueError, OverflowError, AttributeError) as exc:
+            raise ValueError(f"tensors[{index}]: {exc}") from None
+    return SimpleNamespace(key=lists["key"], value=lists["value"], logid=logid, name="", tensors=parsed)
 
 
 def response_json(response: Any) -> Dict[str, Any]:
@@ -96,62 +113,149 @@ def response_json(response: Any) -> Dict[str, Any]:
             "tensors": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in response.tensors]}
 
 
+_GONE = object()  # what the pool thread returns for a request whose client went away while it waited
+# A body up to this size refused for load is read and dropped, then answered: answering before it and
+# closing would make the kernel reset the connection, and a client still sending would see a reset
+# instead of the 503. A larger one is answered at once and its connection closed (never read).
+_DRAIN_REFUSED_BELOW = 1 << 20
+
+
 @tornado.web.stream_request_body
 class _PredictionHandler(tornado.web.RequestHandler):
-    """The body is streamed in (and counted) so an oversized one is refused with 413 from its
-    Content-Length, before it is read, or as soon as a chunked one passes the limit."""
+    """The body is streamed in and admitted before it is read: 413 over the size limit, 503 when the
+    admission limit is reached or the bytes would pass the shared body budget (from Content-Length,
+    or chunk by chunk for a chunked body). Its share of the budget is given back when the request ends."""
 
-    def initialize(self, front: FrontDoor, pool: futures.ThreadPoolExecutor, max_bytes: int) -> None:
+    def initialize(self, front: FrontDoor, pool: futures.ThreadPoolExecutor, limits: Dict[str, Any],
+                   bodies: BodyBudget) -> None:
         self.front = front
         self.pool = pool
-        self.max_bytes = max_bytes
+        self.max_bytes = limits["max_request_bytes"]
+        self.max_values = limits["max_json_values"]
+        self.bodies = bodies
         self.ticket = None
-        self._chunks: list = []
+        self.gone = False  # the connection closed (read from the pool thread: a plain flag is enough)
+        self._body = bytearray()
         self._size = 0
+        self._reserved = 0  # bytes of the body budget this request holds
+        self._working = False  # a pool thread may be reading the body: its share is given back after
+        self._declared: Optional[int] = None
+        self._refusal: Any = None  # the answer for a small body refused for load, sent once it is read
 
     def _error(self, status: int, code: int, message: str) -> None:
         self.set_status(status)
         self.finish({"code": code, "message": message, "details": []})
 
+    def _refused(self, response: Any) -> None:
+        """The answer to a request refused before its body, for load (err_no 54 or 3001: 503 + Retry-After)."""
+        self._answer(response)
+
+    def _refuse_before_body(self, response: Any) -> None:
+        if self._declared is not None and self._declared <= _DRAIN_REFUSED_BELOW:
+            self._refusal = response  # its bytes are dropped as they come (never held), answered in post()
+        else:
+            self._refused(response)
+
     def _too_large(self, size: int) -> None:
         self._error(413, _INVALID_ARGUMENT, f"the request body is {size} bytes, over the limit of "
                                             f"{self.max_bytes} (rexnet.max_request_bytes)")
 
+    def _reserve(self, size: int) -> bool:
+        if not self.bodies.take(size):
+            self._refuse_before_body(self.front.overloaded(
+                f"overloaded: the service holds {self.bodies.held} bytes of request bodies, this one's {size} "
+                f"more would pass rexnet.max_buffered_request_bytes ({self.bodies.max_bytes}); retry with backoff"))
+            return False
+        self._reserved += size
+        return True
+
+    def _release(self) -> None:
+        reserved, self._reserved = self._reserved, 0
+        if reserved:
+            self.bodies.give_back(reserved)
+        self._body = bytearray()
+
     def prepare(self) -> None:
         if self.request.method != "POST":
             return
-        try:
-            declared = int(self.request.headers.get("Content-Length", "0"))
-        except ValueError:
-            return self._error(400, _INVALID_ARGUMENT, "Content-Length is not a number")
-        if declared > self.max_bytes:
-            self._too_large(declared)
+        header = self.request.headers.get("Content-Length")
+        if header is not None:
+            self._declared = ascii_uint(header)
+            if self._declared is None:
+                return self._error(400, _INVALID_ARGUMENT, "Content-Length must be a decimal byte count")
+            if self._declared > self.max_bytes:
+                return self._too_large(self._declared)
+        refused = self.front.refusal()  # before the body: shedding load must cost as little as possible
+        if refused is not None:
+            return self._refuse_before_body(refused)
+        if self._declared:
+            self._reserve(self._declared)
 
     def data_received(self, chunk: bytes) -> None:
-        if self._finished:
+        if self._finished or self._refusal is not None:
             return
         self._size += len(chunk)
         if self._size > self.max_bytes:
-            self._chunks = []
+            self._release()
             return self._too_large(self._size)
-        self._chunks.append(chunk)
+        if self._declared is None and not self._reserve(len(chunk)):  # chunked: counted as it comes
+            return self._release()
+        self._body += chunk
+
+    def on_finish(self) -> None:
+        self._release()
+
+    async def _in_pool(self, work: Callable[[], Any]) -> Any:
+        """``work()`` in the pool; the body's budget share is kept until it returns, even if the client
+        left meanwhile (the thread may still hold the bytes)."""
+        self._working = True
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, work)
+        finally:
+            self._working = False
+            if self.gone:
+                self._release()
+
+    def _parse(self) -> Any:
+        """The request, or an error message (str); runs in the pool."""
+        try:
+            request = parse_request(self._body, self.max_values)
+        except (JsonBodyError, ValueError) as exc:
+            return str(exc)
+        self._body = bytearray()  # parsed: the bytes are not needed any more (the budget share stays)
+        return request
 
     async def post(self, name: str) -> None:
-        refused = self.front.refusal()  # before parsing: shedding load must cost as little as possible
+        if self._refusal is not None:
+            return self._refused(self._refusal)
+        refused = self.front.refusal()  # again: the limit may have been reached while the body came in
         if refused is not None:
             return self._answer(refused)
         try:
-            request = parse_request(b"".join(self._chunks))
             timeout_s = parse_grpc_timeout(self.request.headers.get("Grpc-Timeout"))
-        except (json_format.ParseError, ValueError, UnicodeDecodeError) as exc:
+        except ValueError as exc:
             return self._error(400, _INVALID_ARGUMENT, str(exc))
-        request.name = name  # the URL names the service, as the gateway did
 
         def watch(ticket: Any) -> None:
             self.ticket = ticket
+            if self.gone:
+                ticket.cancel()
 
-        self._answer(await asyncio.get_running_loop().run_in_executor(
-            self.pool, self.front.call, request, timeout_s, watch))
+        def work() -> Any:
+            if self.gone:  # the client left while this waited for a thread: no parsing, no DAG slot
+                return _GONE
+            request = self._parse()
+            if isinstance(request, str) or self.gone:
+                return _GONE if self.gone else request
+            request.name = name  # the URL names the service, as the gateway did
+            return self.front.call(request, timeout_s, watch)
+
+        response = await self._in_pool(work)
+        if response is _GONE:
+            return self.front.cancelled_before_admission()
+        if isinstance(response, str):
+            return self._error(400, _INVALID_ARGUMENT, response)
+        self._answer(response)
 
     def _answer(self, response: Any) -> None:
         if response.err_no in (protocol.OVERLOADED, protocol.CLOSED_ERROR):
@@ -161,8 +265,11 @@ class _PredictionHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(response_json(response), ensure_ascii=False))
 
     def on_connection_close(self) -> None:
+        self.gone = True
         if self.ticket is not None:
             self.ticket.cancel()
+        if not self._working:
+            self._release()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:  # 405, 413, 500 ... as gateway JSON
         self.finish({"code": _INVALID_ARGUMENT if status_code < 500 else _UNAVAILABLE,
@@ -208,7 +315,7 @@ class HttpFrontDoor:
     def _app(self) -> tornado.web.Application:
         return tornado.web.Application(
             [(r"/([^/]+)/prediction", _PredictionHandler,
-              {"front": self.front, "pool": self._pool, "max_bytes": self._limits["max_request_bytes"]})],
+              {"front": self.front, "pool": self._pool, "limits": self._limits, "bodies": self.front.gate.bodies})],
             default_handler_class=_NotFound)
 
     def _run(self) -> None:

@@ -14,7 +14,6 @@ configured default). A client that goes away cancels its request.
 """
 from __future__ import annotations
 
-import asyncio
 import threading
 from concurrent import futures
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -30,8 +29,9 @@ from rexnet_serving.oip.rest import handle_rest
 from rexnet_serving.oip.tensors import DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, UNAVAILABLE
 
 from . import protocol
+from .admission import BodyBudget
 from .frontdoor import FrontDoor, serve_grpc
-from .http_front import HttpFrontDoor, _PredictionHandler, parse_grpc_timeout
+from .http_front import _GONE, HttpFrontDoor, _PredictionHandler, parse_grpc_timeout
 from .ops import ModelRuntime, ServiceRuntime
 
 _KINDS = {protocol.INVALID_REQUEST: INVALID_ARGUMENT, protocol.REQUEST_TOO_LARGE: INVALID_ARGUMENT,
@@ -61,8 +61,8 @@ class FrontDoorModel:
 
         def watch(ticket: Any) -> None:
             tickets.append(ticket)
-            if hook is not None:
-                hook(ticket.cancel)
+            if hook is not None and hook(ticket.cancel) is False:
+                ticket.cancel()  # gRPC's add_callback: the RPC is already over (the client left)
 
         response = self.front.call(pipeline_service_pb2.Request(), options.get("timeout_s"), watch, payload)
         outcome = tickets[0].outcome if tickets else None
@@ -92,10 +92,12 @@ def oip_service(front: FrontDoor, runtime: ServiceRuntime, ready: Callable[[], b
 
 @tornado.web.stream_request_body
 class _OipHandler(_PredictionHandler):
-    """handle_rest behind the Pipeline HTTP handler's body limits (413 before reading an oversized body)."""
+    """handle_rest behind the Pipeline HTTP handler's body admission (413, 503 before reading a body;
+    the same body budget), run in the pool (parsing included); a client gone before its turn is dropped."""
 
-    def initialize(self, service: OipService, pool: futures.ThreadPoolExecutor, max_bytes: int) -> None:
-        super().initialize(None, pool, max_bytes)
+    def initialize(self, front: FrontDoor, service: OipService, pool: futures.ThreadPoolExecutor,
+                   limits: Dict[str, Any], bodies: BodyBudget) -> None:
+        super().initialize(front, pool, limits, bodies)
         self.service = service
         self._on_close: List[Callable[[], None]] = []
 
@@ -103,15 +105,29 @@ class _OipHandler(_PredictionHandler):
         self.set_status(status)
         self.finish({"error": message})
 
-    async def _answer(self) -> None:
+    def _refused(self, response: Any) -> None:
+        self.set_header("Retry-After", "1")
+        self._error(503, 0, response.err_msg)
+
+    async def _handle(self) -> None:
+        if self._refusal is not None:
+            return self._refused(self._refusal)
         try:
             timeout_s = parse_grpc_timeout(self.request.headers.get("Grpc-Timeout"))
         except ValueError as exc:
             return self._error(400, 0, str(exc))
         options = {"timeout_s": timeout_s, "cancel_hook": self._on_close.append}
-        status, headers, body = await asyncio.get_running_loop().run_in_executor(
-            self.pool, handle_rest, self.service, self.request.method, self.request.path,
-            dict(self.request.headers.items()), b"".join(self._chunks), options)
+        method, path, headers = self.request.method, self.request.path, dict(self.request.headers.items())
+
+        def work() -> Any:
+            if self.gone:  # the client left while this waited for a thread: no parsing, no DAG slot
+                return _GONE
+            return handle_rest(self.service, method, path, headers, self._body, options, self.max_values)
+
+        answer = await self._in_pool(work)
+        if answer is _GONE:
+            return self.front.cancelled_before_admission()
+        status, headers, body = answer
         self.set_status(status)
         for key, value in headers.items():
             if key.lower() != "content-length":
@@ -121,12 +137,13 @@ class _OipHandler(_PredictionHandler):
         self.finish(body)
 
     async def get(self) -> None:
-        await self._answer()
+        await self._handle()
 
     async def post(self) -> None:
-        await self._answer()
+        await self._handle()
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         for cancel in self._on_close:
             cancel()
 
@@ -144,15 +161,16 @@ class _OipNotFound(tornado.web.RequestHandler):
 class OipHttpFrontDoor(HttpFrontDoor):
     """The v2 REST API on its own port, in the Pipeline HTTP front door's server (limits, liveness)."""
 
-    def __init__(self, service: OipService, host: str, port: int, limits: Dict[str, Any]) -> None:
-        super().__init__(None, host, port, limits)
+    def __init__(self, front: FrontDoor, service: OipService, host: str, port: int, limits: Dict[str, Any]) -> None:
+        super().__init__(front, host, port, limits)
         self.service = service
         self._thread.name = "oip-http-front"
 
     def _app(self) -> tornado.web.Application:
         return tornado.web.Application(
             [(r"/v2(?:/.*)?", _OipHandler,
-              {"service": self.service, "pool": self._pool, "max_bytes": self._limits["max_request_bytes"]})],
+              {"front": self.front, "service": self.service, "pool": self._pool, "limits": self._limits,
+               "bodies": self.front.gate.bodies})],
             default_handler_class=_OipNotFound)
 
 
@@ -172,7 +190,7 @@ class OipFront:
         self.http: Optional[OipHttpFrontDoor] = None
         self.grpc: Optional[grpc.Server] = None
         if http_port is not None:
-            self.http = OipHttpFrontDoor(self.service, host, http_port, limits)
+            self.http = OipHttpFrontDoor(front, self.service, host, http_port, limits)
             self.http.start()
         if grpc_port is not None:
             try:

@@ -20,6 +20,7 @@ import json
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from rexnet_serving.jsonbody import ascii_uint
 from rexnet_serving.results import ImageResult
 
 IMAGE_KEY = "image"
@@ -32,8 +33,9 @@ BYTES_ELEM_TYPE = 13   # pipeline_service.proto Tensor.elem_type for raw bytes i
 STRING_ELEM_TYPE = 12  # Tensor.elem_type for text in str_data
 
 # Matched with fullmatch only: `$` (and match()) would accept "image_0\n", a key that is then rewritten
-# to "image_0" and missed in the lookup (an internal error instead of a bad-request answer).
-_INDEXED_IMAGE_KEY = re.compile(r"image_(0|[1-9][0-9]*)")
+# to "image_0" and missed in the lookup (an internal error instead of a bad-request answer). At most 9
+# ASCII digits: int() refuses 4300 and more (a server fault), and no request holds a billion images.
+_INDEXED_IMAGE_KEY = re.compile(r"image_(0|[1-9][0-9]{0,8})")
 
 # err_no values. Paddle Serving reserves 50..99 for "product" (application) errors; the rest are its own
 # (pipeline/error_catch.py CustomExceptionCode).
@@ -111,7 +113,7 @@ def parse_fields(fields: Mapping[str, Any], max_images: int, max_top_k: int,
     """The payloads (in result order) and top_k of a request's fields; RequestError when malformed."""
     unknown = [k for k in fields if k not in _OPTIONAL_KEYS and not is_image_key(k)]
     if unknown:
-        raise RequestError("unknown_key", f"unknown key(s) {', '.join(sorted(unknown))}: send 'image' "
+        raise RequestError("unknown_key", f"unknown key(s) {', '.join(sorted(k[:40] for k in unknown))}: send 'image' "
                                           "(or 'image_0', 'image_1', ...) and optionally 'top_k', 'model', "
                                           "'model_version'")
     keys = order_image_keys([k for k in fields if is_image_key(k)])
@@ -131,10 +133,11 @@ def model_of(fields: Mapping[str, Any]) -> Tuple[Optional[str], Optional[int]]:
         raise RequestError("unknown_model", "model must be a model name sent as text")
     if version is None:
         return name, None
-    text = version if isinstance(version, str) else ""
-    if not text.strip().isdigit():
-        raise RequestError("unknown_model", f"model_version must be a version number, got {version!r}")
-    return name, int(text)
+    number = ascii_uint(version)  # not isdigit(): it accepts "²", which int() refuses
+    if number is None:
+        raise RequestError("unknown_model", f"model_version must be a version number (ASCII digits), got "
+                                            f"{str(version)[:40]!r}")
+    return name, number
 
 
 def encode_results(results: Sequence[ImageResult]) -> str:

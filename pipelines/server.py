@@ -128,7 +128,7 @@ class RexnetServer:
                 loaded = ModelRuntime.create(model.name, version.version, classifier,
                                              self.config.infer["concurrency"])
                 models[loaded.key] = loaded
-        gate = Admission(rex["max_in_flight_requests"], rex["request_timeout_s"])
+        gate = Admission(rex["max_in_flight_requests"], rex["request_timeout_s"], rex["max_buffered_request_bytes"])
         return ServiceRuntime(models, self.repository.default_model, limits, rex["max_images_per_request"],
                               rex["default_top_k"], rex["max_batch_images"], gate)
 

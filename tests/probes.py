@@ -1,8 +1,11 @@
-"""Hostile clients for the front-door tests: HTTP/2 rapid reset, slow loris, and a measured legitimate
-client to run beside them. Loopback only; every loop is bounded in count and time and stops by itself.
+"""Hostile clients for the front-door tests: HTTP/2 rapid reset, slow loris, slow uploads, and a measured
+legitimate client to run beside them. Loopback only; every loop is bounded in count and time and stops by
+itself.
 """
 from __future__ import annotations
 
+import json
+import select
 import socket
 import statistics
 import threading
@@ -100,6 +103,41 @@ def slow_loris(host: str, port: int, connections: int, seconds: float) -> int:
     return len(alive)
 
 
+def slow_uploads(host: str, port: int, paths: List[str], connections: int, size: int, seconds: float) -> dict:
+    """``connections`` POSTs (spread over ``paths``) declaring a ``size``-byte body, each sending all of it
+    but the last byte and then holding it for ``seconds``. A server that admits bodies before reading
+    them answers the ones past its budget at once, before any body byte is sent: they are counted by
+    status and not sent. Returns {"held": n, "answered": {status line: n}}."""
+    body = b"0" * (size - 1)
+    socks = []
+    for i in range(connections):
+        sock = socket.create_connection((host, port), timeout=60)
+        sock.sendall(f"POST {paths[i % len(paths)]} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {size}\r\n\r\n".encode())
+        socks.append(sock)
+    answered: dict = {}
+    held = []
+    waiting = list(socks)
+    while waiting:  # answers before the body: collect them until none came for a second
+        readable = select.select(waiting, [], [], 1.0)[0]
+        if not readable:
+            break
+        for sock in readable:
+            status = sock.recv(65536).split(b"\r\n", 1)[0].decode() or "closed"
+            answered[status] = answered.get(status, 0) + 1
+            waiting.remove(sock)
+    for sock in waiting:
+        try:
+            sock.sendall(body)
+            held.append(sock)
+        except OSError:  # answered and closed meanwhile
+            answered["closed before the body"] = answered.get("closed before the body", 0) + 1
+    time.sleep(seconds)
+    for sock in socks:
+        sock.close()
+    return {"held": len(held), "answered": answered}
+
+
 @dataclass
 class Legit:
     """A legitimate client sending one request after another in a thread; latencies in seconds."""
@@ -151,9 +189,11 @@ def rss_mb(pid: int) -> float:
 
 
 if __name__ == "__main__":  # a probe as its own process: python probes.py rapid-reset|slow-loris HOST PORT N SECONDS
-    import sys
+    import sys                # or: python probes.py slow-uploads HOST PORT N SECONDS SIZE PATH [PATH ...]
     kind, host, port, count, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-    if kind == "rapid-reset":
+    if kind == "slow-uploads":
+        print(json.dumps(slow_uploads(host, port, sys.argv[7:], count, int(sys.argv[6]), seconds)), flush=True)
+    elif kind == "rapid-reset":
         print(rapid_reset(host, port, count, seconds, 2_000_000,
                           "/baidu.paddle_serving.pipeline_serving.PipelineService/inference"))
     else:

@@ -71,6 +71,8 @@ def test_command_line_overrides_ports(tmp_path):
     ("op:\n  infer:\n    timeout: 1000\n", "op.infer.timeout must be -1"),
     ("rexnet:\n  drain_timeout_s: 0\n", "rexnet.drain_timeout_s must be 0 < seconds"),
     ("dag:\n  is_thread_op: false\n", "dag.is_thread_op must be true"),
+    ("rexnet:\n  max_json_values: 10\n", "rexnet.max_json_values must be 1000..100,000,000"),
+    ("rexnet:\n  max_buffered_request_bytes: 1.5\n", "rexnet.max_buffered_request_bytes must be int"),
 ])
 def test_bad_keys_and_values_name_the_file_and_key(tmp_path, text, message):
     path = write(tmp_path / "bad.yml", f"extends: {CONFIG_DIR / 'cpu.yml'}\n{text}")
@@ -95,6 +97,10 @@ def test_error_in_an_extended_file_names_that_file(tmp_path):
     ("dag:\n  channel_size: 0\n", "dag.channel_size must bound the DAG's queues"),
     ("rexnet:\n  max_in_flight_requests: 100\n", "worker_num \\(40 gRPC threads\\)"),
     ("http_port: 9000\nrpc_port: 9000\n", "must differ"),
+    ("rexnet:\n  max_request_bytes: 20000000\n", "rexnet.max_request_bytes \\(20000000\\) must hold one image of "
+                                                  "rexnet.max_image_bytes"),
+    ("rexnet:\n  max_buffered_request_bytes: 1048576\n", "rexnet.max_buffered_request_bytes \\(1048576\\) must be "
+                                                          "at least rexnet.max_request_bytes"),
 ])
 def test_combinations_are_checked(tmp_path, text, message):
     path = write(tmp_path / "bad.yml", f"extends: {CONFIG_DIR / 'cpu.yml'}\n{text}")

@@ -24,8 +24,8 @@ from ..imageio import DecodeLimits, RequestTooLargeError
 from . import protocol
 from .protocol import Errno, Frame
 from .tensors import (DEFAULT_TOP_K, ENGINE_NAME, IMAGE_FEED, PREDICTIONS_FETCH, TOP_K_FEED, ElemType,
-                      GeneralModelConfig, Request, Response, Tensor, from_tensor, load_model_config,
-                      to_tensor)
+                      GeneralModelConfig, Request, Response, Tensor, TooManyFields, check_wire_fields, from_tensor,
+                      load_model_config, to_tensor)
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +125,20 @@ class ModelService:
             elif name != IMAGE_FEED:
                 raise RequestError(f"unexpected feed {name!r} beside {IMAGE_FEED!r}; an image request "
                                    f"has only {IMAGE_FEED!r} tensors and an optional {TOP_K_FEED!r}")
-            elif tensor.elem_type == ElemType.UINT8:
-                payloads.append(bytes(tensor.tensor_content))
-            elif tensor.elem_type == ElemType.STRING:
-                payloads.extend(tensor.data)  # base64 text, one image per entry
+            elif tensor.elem_type in (ElemType.UINT8, ElemType.STRING):
+                count = 1 if tensor.elem_type == ElemType.UINT8 else len(tensor.data)
+                if len(payloads) + count > self.max_images:  # counted before any string is copied out
+                    raise RequestError(f"{len(payloads) + count} images in one request; the limit is {self.max_images}")
+                if tensor.elem_type == ElemType.UINT8:
+                    payloads.append(bytes(tensor.tensor_content))
+                else:
+                    payloads.extend(tensor.data)  # base64 text, one image per entry
             else:
                 raise RequestError(f"feed {IMAGE_FEED!r}: elem_type {tensor.elem_type}; send the encoded file "
                                    f"as uint8 ({int(ElemType.UINT8)}) in tensor_content or as base64 "
                                    f"strings ({int(ElemType.STRING)}) in data")
         if not payloads:
             raise RequestError(f"the {IMAGE_FEED!r} feed holds no image")
-        if len(payloads) > self.max_images:
-            raise RequestError(f"{len(payloads)} images in one request; the limit is {self.max_images}")
         fetch = list(request.fetch_var_names)
         if fetch and fetch != [PREDICTIONS_FETCH]:
             raise RequestError(f"an image request fetches {PREDICTIONS_FETCH!r}, not {fetch}")
@@ -184,7 +186,10 @@ def handle_payload(service: Any, method: str, frame: Frame,
         return Errno.EREQUEST, f"undecodable payload (compress_type={frame.meta.compress_type}): {exc}", b""
     request = Request()
     try:
+        check_wire_fields(payload)  # what parsing will allocate, from the bytes (rexnet_serving.brpc.tensors)
         request.ParseFromString(payload)
+    except TooManyFields as exc:
+        return Errno.EREQUEST, f"request refused before parsing ({len(payload)} bytes): {exc}", b""
     except DecodeError as exc:
         return Errno.EREQUEST, f"fail to parse request message ({len(payload)} bytes): {exc}", b""
     try:

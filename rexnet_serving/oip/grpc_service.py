@@ -48,7 +48,7 @@ def parse_infer_request(request: Any) -> InferRequest:
         if raw:
             array = tensor_from_raw(item.name, datatype, shape, raw[index])
         elif datatype in _CONTENTS:
-            array = tensor_from_list(item.name, datatype, shape, list(getattr(item.contents, _CONTENTS[datatype])))
+            array = tensor_from_list(item.name, datatype, shape, getattr(item.contents, _CONTENTS[datatype]))
         else:
             raise invalid(f"input '{item.name}': {datatype} data must come in raw_input_contents")
         inputs.append(InputTensor(item.name, datatype, shape, array))

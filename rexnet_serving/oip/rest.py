@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from ..jsonbody import DEFAULT_MAX_VALUES, JsonBodyError, ascii_uint, load_json
 from .service import OipService
 from .tensors import (BYTES, InferRequest, InferResponse, InputTensor, OipError, RequestedOutput, check_shape,
                       datatype_check, invalid, raw_of, tensor_from_list, tensor_from_raw)
@@ -62,10 +63,12 @@ def is_oip_path(path: str) -> bool:
 
 
 def handle_rest(service: OipService, method: str, path: str, headers: Mapping[str, str],
-                body: bytes, options: Optional[Dict[str, Any]] = None) -> Response:
+                body: Union[bytes, bytearray], options: Optional[Dict[str, Any]] = None,
+                max_json_values: int = DEFAULT_MAX_VALUES) -> Response:
     """Answer one HTTP request; never raises for bad input (an error response instead).
 
-    ``options``: transport hints handed to the model with an infer request (InferRequest.options)."""
+    ``options``: transport hints handed to the model with an infer request (InferRequest.options);
+    ``max_json_values``: the most JSON values the request header may hold (rexnet_serving.jsonbody)."""
     path = path.split("?", 1)[0]
     lowered = {k.lower(): v for k, v in headers.items()}
     for pattern, allowed, action in _ROUTES:
@@ -78,14 +81,14 @@ def handle_rest(service: OipService, method: str, path: str, headers: Mapping[st
         args = {k: v for k, v in match.groupdict().items()}
         try:
             return _dispatch(service, action, args.get("name") or "", args.get("version") or "", lowered, body,
-                             options or {})
+                             options or {}, max_json_values)
         except OipError as exc:
             return _error(exc.http_status, exc.message)
     return _error(404, f"no such endpoint: {path}")
 
 
 def _dispatch(service: OipService, action: str, name: str, version: str, headers: Headers,
-              body: bytes, options: Dict[str, Any]) -> Response:
+              body: Union[bytes, bytearray], options: Dict[str, Any], max_json_values: int) -> Response:
     if action == "live":
         return _health(service.live())
     if action == "ready":
@@ -97,19 +100,21 @@ def _dispatch(service: OipService, action: str, name: str, version: str, headers
     if action == "model_ready":
         return _health(service.model_ready(name, version))
     service.model(name, version)  # 404 before parsing the body
-    request, binary_default = parse_infer_request(headers, body)
+    request, binary_default = parse_infer_request(headers, body, max_json_values)
     request.options = options
     return encode_infer_response(service.infer(name, version, request), binary_default)
 
 
 # -- request ---------------------------------------------------------------------------------------
-def _header_length(headers: Headers, body: bytes) -> Optional[int]:
+def _header_length(headers: Headers, body: Union[bytes, bytearray]) -> Optional[int]:
     value = headers.get(HEADER_LENGTH)
     if value is None:
         return None
-    if not value.strip().isdigit() or int(value) > len(body):
-        raise invalid(f"Inference-Header-Content-Length {value!r} must be an integer 0..{len(body)} (the body's size)")
-    return int(value)
+    length = ascii_uint(value)
+    if length is None or length > len(body):
+        raise invalid(f"Inference-Header-Content-Length {value[:40]!r} must be an integer 0..{len(body)} "
+                      "(the body's size)")
+    return length
 
 
 def _flatten(values: Any) -> List[Any]:
@@ -135,16 +140,20 @@ def _parameters(where: str, data: Mapping[str, Any]) -> Dict[str, Any]:
     return params
 
 
-def parse_infer_request(headers: Headers, body: bytes) -> Tuple[InferRequest, bool]:
-    """The request, and whether outputs default to binary (``parameters.binary_data_output``)."""
+def parse_infer_request(headers: Headers, body: Union[bytes, bytearray],
+                        max_json_values: int = DEFAULT_MAX_VALUES) -> Tuple[InferRequest, bool]:
+    """The request, and whether outputs default to binary (``parameters.binary_data_output``).
+
+    The JSON header's values are counted before it is parsed (``max_json_values``): what parsing may
+    allocate is known from the bytes (rexnet_serving.jsonbody)."""
     if headers.get("content-encoding", "identity").lower() not in ("identity", ""):
         raise invalid(f"Content-Encoding {headers['content-encoding']!r} is not supported; send the body uncompressed")
     length = _header_length(headers, body)
     header, binary = (body, memoryview(b"")) if length is None else (body[:length], memoryview(body)[length:])
     try:
-        data = json.loads(header)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise invalid(f"the request is not valid JSON: {exc}") from None
+        data = load_json(header, max_json_values, "the request")
+    except JsonBodyError as exc:
+        raise invalid(str(exc)) from None
     if not isinstance(data, dict):
         raise invalid("the request must be a JSON object")
     params = _parameters("request", data)

@@ -7,6 +7,7 @@ length followed by its bytes, as Triton and tritonclient write it.
 """
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -98,16 +99,21 @@ class InferResponse:
     requested: Dict[str, RequestedOutput] = field(default_factory=dict)  # by output name, as asked
 
 
+_MAX_DIM = 2**63 - 1  # the protocol's shapes are int64
+
+
 def check_shape(name: str, shape: Sequence[Any]) -> Tuple[int, ...]:
-    """A request tensor's shape as ints >= 0; INVALID_ARGUMENT naming the input otherwise."""
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool)
-                                                       and d >= 0 for d in shape):
-        raise invalid(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
-    return tuple(int(d) for d in shape)
+    """A request tensor's shape as ints 0..2**63-1; INVALID_ARGUMENT naming the input otherwise."""
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape):
+        text = repr(shape)
+        raise invalid(f"input '{name}': shape must be a list of integers 0..2**63-1, got "
+                      f"{text if len(text) <= 80 else text[:80] + '...'}")
+    return tuple(shape)
 
 
 def element_count(shape: Sequence[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    """Exact (Python ints): a forged shape must not wrap around to a small count."""
+    return math.prod(shape)
 
 
 def serialize_bytes(items: Sequence[bytes]) -> bytes:
@@ -150,7 +156,8 @@ def tensor_from_raw(name: str, datatype: str, shape: Tuple[int, ...], raw: Union
 
 
 def tensor_from_list(name: str, datatype: str, shape: Tuple[int, ...], values: Sequence[Any]) -> np.ndarray:
-    """An input from a flat list of values (REST JSON ``data``, gRPC typed ``contents``)."""
+    """An input from a flat sequence of values (REST JSON ``data``, gRPC typed ``contents``), counted
+    before anything is converted."""
     count = element_count(shape)
     if len(values) != count:
         raise invalid(f"input '{name}': shape {list(shape)} holds {count} elements, the data has {len(values)}")
@@ -161,8 +168,12 @@ def tensor_from_list(name: str, datatype: str, shape: Tuple[int, ...], values: S
         array[:] = list(values)
         return array.reshape(shape)
     try:
-        return np.asarray(values, dtype=DTYPES[datatype]).reshape(shape)
-    except (TypeError, ValueError) as exc:
+        if isinstance(values, list):
+            array = np.asarray(values, dtype=DTYPES[datatype])
+        else:  # a protobuf repeated field: one value at a time, no list of Python numbers beside it
+            array = np.fromiter(values, dtype=DTYPES[datatype], count=count)
+        return array.reshape(shape)
+    except (TypeError, ValueError, OverflowError) as exc:  # wrong types, 2**70 or 1e400 for an integer type
         raise invalid(f"input '{name}': data is not {datatype}: {exc}") from None
 
 
