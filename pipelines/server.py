@@ -284,6 +284,7 @@ class RexnetServer:
                 raise StartupError(f"cannot listen on metrics port {self.config.metrics_port}: {exc}") from None
             self._health.start()
             check_with_paddle(self.config)
+            metrics.set_sizing(self.config.sizing)
             runtime = self._runtime = self._load()
             used = runtime_info(runtime.default.classifier.model)  # runtime really used (issue 10)
             metrics.RUNTIME.info(used)  # rexnet_runtime_info on /metrics (issue 10)
@@ -292,9 +293,9 @@ class RexnetServer:
                 self._warm_up(deadline)
             if not self.stop_event.is_set():
                 self.state.set(READY)
-                log.info("ready: %s (%s, %s %s) from %s: %s\n  %s", self.name, self.config.device,
-                         used["runtime"], used["precision"], self.repository.root, self.served_models(),
-                         "\n  ".join(self.urls()))
+                log.info("ready: %s (%s, %s %s; %s) from %s: %s\n  %s", self.name, self.config.device,
+                         used["runtime"], used["precision"], self.config.sizing.describe(), self.repository.root,
+                         self.served_models(), "\n  ".join(self.urls()))
                 # Wake up now and then: a signal caught by another thread runs its Python handler only
                 # when the main thread executes bytecode, never while it sleeps in a bare wait().
                 while not self.stop_event.wait(0.2):
