@@ -55,25 +55,29 @@ BACKEND_ERROR = CustomExceptionCode.CLIENT_ERROR.value
 
 @dataclass
 class ModelRuntime:
-    """One served model version: its classifier (stage functions, labels) and one predictor per infer
-    thread (predictors are not thread-safe; each thread takes one from the queue)."""
+    """One served model version: its classifier (stage functions, labels), one predictor per infer
+    thread (predictors are not thread-safe; each thread takes one from the queue), the images per forward
+    pass and the inference settings it runs with (the service config's, or its settings.yaml's)."""
 
     name: str
     version: int
     classifier: Any  # rexnet_serving.classifier.Classifier (or the framework floor's stand-in)
     predictors: "queue.Queue[Any]"
+    max_batch_images: int
+    settings: Dict[str, Any]  # runtime, precision, max_batch_images, thread_num (+ settings_file)
 
     @property
     def key(self) -> str:
         return f"{self.name}/{self.version}"
 
     @classmethod
-    def create(cls, name: str, version: int, classifier: Any, predictor_count: int) -> "ModelRuntime":
+    def create(cls, name: str, version: int, classifier: Any, predictor_count: int, max_batch_images: int,
+               settings: Dict[str, Any]) -> "ModelRuntime":
         predictors: "queue.Queue[Any]" = queue.Queue()
         predictors.put(classifier.model)
         for _ in range(predictor_count - 1):
             predictors.put(classifier.model.clone())
-        return cls(name, version, classifier, predictors)
+        return cls(name, version, classifier, predictors, max_batch_images, settings)
 
 
 @dataclass
@@ -295,8 +299,8 @@ class InferOp(Op):
         return {PROBS: rows}, 0, ""
 
     def _forward(self, model: ModelRuntime, images: Sequence[Any], indices: List[int], rows: np.ndarray) -> None:
-        """The images at ``indices`` through ``model``, at most max_batch_images per forward pass."""
-        step, classifier = self.runtime.max_batch_images, model.classifier
+        """The images at ``indices`` through ``model``, at most its max_batch_images per forward pass."""
+        step, classifier = model.max_batch_images, model.classifier
         predictor = model.predictors.get()
         try:
             for start in range(0, len(indices), step):
