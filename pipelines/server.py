@@ -319,7 +319,7 @@ class RexnetServer:
                 self._warm_up(deadline)
             if not self.stop_event.is_set():
                 self.state.set(READY)
-                log.info("ready: %s (%s, %s %s; %s) from %s: %s\n  %s", self.name, self.config.device,
+                log.info("ready: %s (%s, %s %s) with %s; from %s: %s\n  %s", self.name, self.config.device,
                          used["runtime"], used["precision"], self.config.sizing.describe(), self.repository.root,
                          self.served_models(), "\n  ".join(self.urls()))
                 # Wake up now and then: a signal caught by another thread runs its Python handler only

@@ -131,7 +131,7 @@ def test_each_model_runs_with_its_own_settings(service, repository):
 def test_the_ready_line_and_metrics_say_the_cpus_and_threads(service):
     cpus = available_cpus()  # this test process's, which the service inherits
     log = service.log.read_text()
-    assert f"; {cpus}: prepare " in log and "(derived)" in log, log[-2000:]
+    assert f") with {cpus}: prepare " in log and "(derived); from " in log, log[-2000:]
     assert service.metric("rexnet_cpus", source=cpus.source) == cpus.count
     assert service.metric("rexnet_sizing", origin="derived", setting="op.prepare.concurrency") >= 1
     assert service.metric("rexnet_sizing", origin="derived", setting="op.infer.concurrency") >= 1
