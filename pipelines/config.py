@@ -21,7 +21,7 @@ import yaml
 
 from rexnet_serving import defaults
 from rexnet_serving.cpus import CpuBudget, Sizing, available_cpus, size_service
-from rexnet_serving.predictor import PRECISIONS, RUNTIMES, OptionError, check_runtime_options
+from rexnet_serving.predictor import PRECISIONS, RUNTIMES, OptionError, check_runtime_options, default_runtime
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serving_configs"
 DEVICE_CONFIGS = {"cpu": CONFIG_DIR / "cpu.yml", "gpu": CONFIG_DIR / "gpu.yml"}
@@ -109,7 +109,9 @@ _INFER = dict(_OP_COMMON, **{
         "use_mkldnn": Field(bool, True),
         "precision": Field(str, "fp32", lambda v: v in PRECISIONS, " or ".join(PRECISIONS)),
         # Ours, not Paddle Serving's (left out of what it gets): which runtime runs the model.
-        "runtime": Field(str, "paddle", lambda v: v in RUNTIMES, " or ".join(RUNTIMES)),
+        # null: the device's default runtime (rexnet_serving.predictor.default_runtime, as the offline tools).
+        "runtime": Field((str, type(None)), None, lambda v: v is None or v in RUNTIMES,
+                         " or ".join(RUNTIMES) + " (null: the device's default)"),
     },
 })
 
@@ -322,6 +324,9 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[Mapping[str
     for key, value in (("oip_http_port", defaults.OIP_HTTP_PORT), ("oip_grpc_port", defaults.OIP_GRPC_PORT)):
         if merged["rexnet"][key] is None:
             merged["rexnet"][key] = value
+    service = merged["op"]["infer"]["local_service_conf"]
+    if service["runtime"] is None:
+        service["runtime"] = default_runtime("cpu" if service["device_type"] == 0 else "gpu")
     sizing = _size(merged, cpus if cpus is not None else available_cpus())
     _check_combination(merged, source)
     infer = merged["op"]["infer"]

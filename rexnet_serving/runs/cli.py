@@ -9,12 +9,13 @@ import sys
 import threading
 from typing import Any, Callable, Dict, Iterator
 
-from ..predictor import PRECISIONS, RUNTIMES
+from ..predictor import PRECISIONS, RUNTIMES, default_runtime
 from .inputs import UsageError
 from .output import FORMATS
 from .summary import EXIT_USAGE, RunInterrupted, RunSummary
 
-DEFAULT_RUNTIME, DEFAULT_PRECISION = "paddle", "fp32"
+# Runtime None: the device's default, as the service's (rexnet_serving.predictor.default_runtime).
+DEFAULT_RUNTIME, DEFAULT_PRECISION = None, "fp32"
 
 
 def bounded(kind: type, low: float, inclusive: bool = True) -> Callable[[str], Any]:
@@ -92,7 +93,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=bounded(int, 1), default=2,
                        help="CPU math threads (default: %(default)s)")
     group.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
-                       help="inference runtime, as the service's (default: %(default)s)")
+                       help="inference runtime, as the service's (default: openvino with --device cpu, "
+                            "paddle with --device gpu)")
     group.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                        help="inference precision, as the service's (default: %(default)s)")
     limits = DecodeLimits()
@@ -114,4 +116,5 @@ def model_options(args: argparse.Namespace, max_batch: int) -> Dict[str, Any]:
     from ..classifier import inference_model_options
     return inference_model_options(device_type=0 if args.device == "cpu" else 1,
                                    devices=str(args.gpu_id), thread_num=args.threads,
-                                   max_batch=max_batch, runtime=args.runtime, precision=args.precision)
+                                   max_batch=max_batch, runtime=args.runtime or default_runtime(args.device),
+                                   precision=args.precision)
