@@ -89,7 +89,6 @@ class ServiceRuntime:
     limits: DecodeLimits
     max_images: int
     default_top_k: int
-    max_batch_images: int
     admission: admission.Admission
 
     def __post_init__(self) -> None:

@@ -133,7 +133,7 @@ class RexnetServer:
                 models[loaded.key] = loaded
         gate = Admission(rex["max_in_flight_requests"], rex["request_timeout_s"])
         return ServiceRuntime(models, self.repository.default_model, limits, rex["max_images_per_request"],
-                              rex["default_top_k"], rex["max_batch_images"], gate)
+                              rex["default_top_k"], gate)
 
     def _model_options(self, settings: ModelSettings, options: dict) -> Tuple[dict, Dict[str, Any]]:
         """load_model options for one model: the service's, overridden by its settings.yaml; and the
