@@ -81,6 +81,44 @@ def test_a_narrowed_affinity_mask_is_what_the_process_gets():
     assert out.stdout.startswith("cpus 1 (affinity): prepare 1, infer 1 x 1 thread"), out.stdout
 
 
+@pytest.mark.server
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs at least 2 CPUs in this process's affinity mask")
+def test_rexnet_serve_on_one_cpu_of_its_affinity_mask_sizes_for_one(scored_model_dir, tmp_path):
+    """A real rexnet-serve started with its affinity narrowed to one CPU (as taskset -c 0 does) says so on
+    its ready line and on /metrics, and runs one prepare thread and one math thread."""
+    import signal
+    import time
+
+    import requests
+
+    from conftest import free_port
+    from servers import BIN
+    cpu = min(os.sched_getaffinity(0))
+    metrics_port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "rexnet-serve"), "--model-dir", str(scored_model_dir), "--host", "127.0.0.1", "--http-port",
+             str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(metrics_port),
+             "--oip-http-port", "0", "--oip-grpc-port", "0", "--workdir", str(tmp_path / "wd")],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    try:
+        deadline = time.monotonic() + 240
+        while "ready:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "with cpus 1 (affinity): prepare 1, infer 1 x 1 thread (derived); from " in text, text[-3000:]
+        metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert 'rexnet_cpus{source="affinity"} 1.0' in metrics
+        assert 'rexnet_sizing{origin="derived",setting="op.infer.local_service_conf.thread_num"} 1.0' in metrics
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
 @pytest.mark.parametrize("cpus, prepare, streams, threads", [
     (1, 1, 1, 1), (2, 1, 2, 1), (4, 1, 1, 3), (8, 2, 1, 6), (16, 4, 2, 6), (64, 16, 8, 6)])
 def test_cpu_inference_keeps_math_threads_within_the_cores_left(cpus, prepare, streams, threads):
