@@ -20,8 +20,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import yaml
 
 from rexnet_serving import defaults
+from rexnet_serving.cpus import CpuBudget, Sizing, available_cpus, size_service
 from rexnet_serving.jsonbody import DEFAULT_MAX_VALUES
-from rexnet_serving.predictor import PRECISIONS, RUNTIMES, OptionError, check_runtime_options
+from rexnet_serving.predictor import PRECISIONS, RUNTIMES, OptionError, check_runtime_options, default_runtime
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serving_configs"
 DEVICE_CONFIGS = {"cpu": CONFIG_DIR / "cpu.yml", "gpu": CONFIG_DIR / "gpu.yml"}
@@ -74,8 +75,15 @@ def _versions_ok(value: Optional[dict]) -> bool:
 
 _PORT = dict(check=lambda v: v is None or 1 <= v <= 65535, rule="a port 1..65535")
 _OIP_PORT = dict(check=lambda v: v is None or 0 <= v <= 65535, rule="a port 1..65535, or 0 (off)")
+AUTO = "auto"  # a sizing key derived at start from the CPUs the process may use (rexnet_serving.cpus)
+
+
+def _auto_or(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: v == AUTO or (not isinstance(v, str) and low <= v <= high)
+
+
 _OP_COMMON = {
-    "concurrency": Field(int, 1, lambda v: 1 <= v <= 64, "1..64 threads"),
+    "concurrency": Field((int, str), AUTO, _auto_or(1, 64), "1..64 threads, or auto"),
     "timeout": Field(int, -1, _ms, "-1 (none) or milliseconds > 0"),
     "retry": Field(int, 1, lambda v: 1 <= v <= 10, "1..10 attempts"),
 }
@@ -98,11 +106,13 @@ _INFER = dict(_OP_COMMON, **{
         "model_config": Field((str, type(None)), None, None, ""),
         "device_type": Field(int, 0, lambda v: v in (0, 1, 2), "0 (CPU), 1 (GPU) or 2 (GPU TensorRT)"),
         "devices": Field(str, "", None, ""),
-        "thread_num": Field(int, 2, lambda v: 1 <= v <= 256, "1..256 threads"),
+        "thread_num": Field((int, str), AUTO, _auto_or(1, 256), "1..256 threads, or auto"),
         "use_mkldnn": Field(bool, True),
         "precision": Field(str, "fp32", lambda v: v in PRECISIONS, " or ".join(PRECISIONS)),
         # Ours, not Paddle Serving's (left out of what it gets): which runtime runs the model.
-        "runtime": Field(str, "paddle", lambda v: v in RUNTIMES, " or ".join(RUNTIMES)),
+        # null: the device's default runtime (rexnet_serving.predictor.default_runtime, as the offline tools).
+        "runtime": Field((str, type(None)), None, lambda v: v is None or v in RUNTIMES,
+                         " or ".join(RUNTIMES) + " (null: the device's default)"),
     },
 })
 
@@ -231,10 +241,14 @@ def read_config_file(path: PathLike, _seen: Tuple[Path, ...] = ()) -> Dict[str, 
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """The merged, validated config: ``paddle`` is what Paddle Serving's PipelineServer gets."""
+    """The merged, validated config: ``paddle`` is what Paddle Serving's PipelineServer gets.
+
+    ``sizing``: the thread counts in ``data`` (``auto`` already replaced) and the CPUs they came from.
+    """
 
     data: Dict[str, Any]
     source: str
+    sizing: Sizing
 
     @property
     def rexnet(self) -> Dict[str, Any]:
@@ -287,10 +301,10 @@ class ServingConfig:
 
 
 def load_config(path: Optional[PathLike] = None, overrides: Optional[Mapping[str, Any]] = None,
-                device: Optional[str] = None) -> ServingConfig:
+                device: Optional[str] = None, cpus: Optional[CpuBudget] = None) -> ServingConfig:
     """Load ``path`` (default: the file for ``device``, else cpu.yml), apply command-line overrides
-    (a nested mapping, checked like a file), fill defaults (ports from rexnet_serving.defaults) and check
-    the combination."""
+    (a nested mapping, checked like a file), fill defaults (ports from rexnet_serving.defaults), derive the
+    ``auto`` thread counts from ``cpus`` (default: what this process may use) and check the combination."""
     if path is None:
         path = DEVICE_CONFIGS[device or "cpu"]
     data = read_config_file(path)
@@ -314,11 +328,30 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[Mapping[str
     for key, value in (("oip_http_port", defaults.OIP_HTTP_PORT), ("oip_grpc_port", defaults.OIP_GRPC_PORT)):
         if merged["rexnet"][key] is None:
             merged["rexnet"][key] = value
+    service = merged["op"]["infer"]["local_service_conf"]
+    if service["runtime"] is None:
+        service["runtime"] = default_runtime("cpu" if service["device_type"] == 0 else "gpu")
+    sizing = _size(merged, cpus if cpus is not None else available_cpus())
     _check_combination(merged, source)
     infer = merged["op"]["infer"]
     if infer["client_config"] is not None:  # relative to where rexnet-serve starts (it then changes dir)
         infer["client_config"] = str(Path(infer["client_config"]).resolve())
-    return ServingConfig(merged, source)
+    return ServingConfig(merged, source, sizing)
+
+
+def _size(conf: Dict[str, Any], cpus: CpuBudget) -> Sizing:
+    """Replace the ``auto`` thread counts in ``conf`` by the ones derived from ``cpus``; explicit ones stay."""
+    prepare, infer = conf["op"]["prepare"], conf["op"]["infer"]
+    service = infer["local_service_conf"]
+
+    def given(value: Any) -> Optional[int]:
+        return None if value == AUTO else value
+
+    sizing = size_service(cpus, service["device_type"] == 0 and infer["client_type"] != "brpc",
+                          given(prepare["concurrency"]), given(infer["concurrency"]), given(service["thread_num"]))
+    prepare["concurrency"], infer["concurrency"] = sizing.prepare_workers, sizing.infer_streams
+    service["thread_num"] = sizing.infer_threads
+    return sizing
 
 
 def _check_combination(conf: Dict[str, Any], source: str) -> None:

@@ -7,6 +7,8 @@ default registry sees every op; no multiprocess mode is needed.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 STAGES = ("decode", "preprocess", "infer", "postprocess")
@@ -37,7 +39,23 @@ MODEL_REQUEST_SECONDS = Histogram("rexnet_model_request_seconds", "Time from rec
 # rexnet_runtime_info{runtime="openvino",precision="fp32",device="cpu"} 1: what the infer op really runs
 # (rexnet_serving.predictor.runtime_info of the loaded predictor), set once at start-up.
 RUNTIME = Info("rexnet_runtime", "Inference runtime, precision and device the service runs")
+# rexnet_cpus{source="cgroup quota"} 4 and rexnet_sizing{setting="op.infer.concurrency",origin="derived"} 1:
+# the CPUs the process may use (rexnet_serving.cpus) and the thread counts chosen from them, set at start.
+CPUS = Gauge("rexnet_cpus", "CPUs the process may use, by what bounds them: affinity, cgroup quota or host",
+             ["source"])
+SIZING = Gauge("rexnet_sizing", "Thread counts of the service by config key, derived from rexnet_cpus "
+               "(origin derived) or set in the config (origin config)", ["setting", "origin"])
 READY = Gauge("rexnet_ready", "1 when the service takes requests (model loaded, warmed up, not draining)")
+
+
+
+def set_sizing(sizing: Any) -> None:
+    """Export a rexnet_serving.cpus.Sizing (the config's thread counts and the CPUs they came from)."""
+    CPUS.labels(sizing.cpus.source).set(sizing.cpus.count)
+    for key, value in (("op.prepare.concurrency", sizing.prepare_workers), ("op.infer.concurrency", sizing.infer_streams),
+                       ("op.infer.local_service_conf.thread_num", sizing.infer_threads)):
+        SIZING.labels(key, "derived" if key in sizing.derived else "config").set(value)
+
 
 for _stage in STAGES:  # export every stage from the start, so dashboards see zeros rather than gaps
     STAGE_SECONDS.labels(_stage)

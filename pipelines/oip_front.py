@@ -46,7 +46,8 @@ class FrontDoorModel:
         self.front = front
         self.model = model
         self.info = ModelInfo.from_manifest(model.name, str(model.version), model.classifier.manifest,
-                                            max_images=runtime.max_images, max_batch=runtime.max_batch_images)
+                                            max_images=runtime.max_images, max_batch=model.max_batch_images,
+                                            parameters=model.settings)
         self._ready = ready
 
     def ready(self) -> bool:

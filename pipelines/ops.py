@@ -26,7 +26,6 @@ from __future__ import annotations
 import rexnet_serving.imageio  # noqa: F401  (first: binds zlib before Paddle does; see that module)
 
 import queue
-import time
 from dataclasses import dataclass
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -40,6 +39,7 @@ from rexnet_serving.clients.base import ClientError
 from rexnet_serving.imageio import DecodeLimits, RequestTooLargeError
 
 from . import admission, metrics, protocol
+from .batcher import Batcher
 
 # Keys of the dicts the ops pass along (never on the wire; a client key is a str from the request).
 TICKET, TOP_K, COUNT, ERRORS, BATCH, PROBS, MODEL = ("ticket", "top_k", "count", "errors", "batch", "probs",
@@ -55,25 +55,29 @@ BACKEND_ERROR = CustomExceptionCode.CLIENT_ERROR.value
 
 @dataclass
 class ModelRuntime:
-    """One served model version: its classifier (stage functions, labels) and one predictor per infer
-    thread (predictors are not thread-safe; each thread takes one from the queue)."""
+    """One served model version: its classifier (stage functions, labels), one predictor per infer
+    thread (predictors are not thread-safe; each thread takes one from the queue), the images per forward
+    pass and the inference settings it runs with (the service config's, or its settings.yaml's)."""
 
     name: str
     version: int
     classifier: Any  # rexnet_serving.classifier.Classifier (or the framework floor's stand-in)
     predictors: "queue.Queue[Any]"
+    max_batch_images: int
+    settings: Dict[str, Any]  # runtime, precision, max_batch_images, thread_num (+ settings_file)
 
     @property
     def key(self) -> str:
         return f"{self.name}/{self.version}"
 
     @classmethod
-    def create(cls, name: str, version: int, classifier: Any, predictor_count: int) -> "ModelRuntime":
+    def create(cls, name: str, version: int, classifier: Any, predictor_count: int, max_batch_images: int,
+               settings: Dict[str, Any]) -> "ModelRuntime":
         predictors: "queue.Queue[Any]" = queue.Queue()
         predictors.put(classifier.model)
         for _ in range(predictor_count - 1):
             predictors.put(classifier.model.clone())
-        return cls(name, version, classifier, predictors)
+        return cls(name, version, classifier, predictors, max_batch_images, settings)
 
 
 @dataclass
@@ -85,7 +89,6 @@ class ServiceRuntime:
     limits: DecodeLimits
     max_images: int
     default_top_k: int
-    max_batch_images: int
     admission: admission.Admission
 
     def __post_init__(self) -> None:
@@ -224,6 +227,21 @@ class PrepareOp(Op):
             True, None, ""
 
 
+class _ChannelQueue:
+    """Paddle Serving's ThreadChannel as a rexnet_pipelines.batcher.BatchQueue."""
+
+    def __init__(self, channel: Any, op_name: str) -> None:
+        self.channel, self.op_name = channel, op_name
+
+    def take(self, timeout: Optional[float]) -> Any:
+        if timeout is None:
+            return self.channel.front(self.op_name)
+        try:  # front's timeout 0 would mean "wait forever": look with _POLL instead
+            return self.channel.front(self.op_name, max(timeout, _POLL))
+        except ChannelTimeoutError:
+            raise queue.Empty from None
+
+
 class InferOp(Op):
     """One forward pass per auto-batch: the images of every request taken together."""
 
@@ -241,38 +259,14 @@ class InferOp(Op):
 
     def _auto_batching_generator(self, input_channel: Any, op_name: str, batch_size: int,
                                  timeout: Optional[float], op_info_prefix: str) -> Any:
-        """Batches that never wait when there is nothing to wait for.
-
-        Paddle Serving's generator waits up to ``auto_batching_timeout`` for *each* missing request
-        whenever a batch is not full, so a lone request always pays the timeout. Here: block for the
-        first request, take every request already queued (those that arrived while the previous pass
-        ran), and wait for more (up to the timeout in all) only while admitted requests are still being
-        prepared, i.e. only when one is on its way.
-        """
-        gate = self.runtime.admission
+        """Paddle Serving's hook for forming auto-batches (operator.py ``_run``), replaced by
+        rexnet_pipelines.batcher.Batcher: its wait policy never makes a lone request wait."""
+        batcher = Batcher(batch_size, timeout, lambda: self.runtime.admission.preparing)
+        source = _ChannelQueue(input_channel, op_name)
         while True:
-            batch = [input_channel.front(op_name)]
-            waited, give_up_at = 0.0, None
-            while len(batch) < batch_size:
-                try:
-                    batch.append(input_channel.front(op_name, _POLL))
-                    continue
-                except ChannelTimeoutError:
-                    pass
-                if timeout is None or gate.preparing == 0:
-                    break
-                now = time.monotonic()
-                give_up_at = give_up_at or now + timeout
-                if now >= give_up_at:
-                    break
-                try:
-                    batch.append(input_channel.front(op_name, give_up_at - now))
-                except ChannelTimeoutError:
-                    break
-                finally:
-                    waited += time.monotonic() - now
-            metrics.BATCH_WAIT.observe(waited)
-            yield batch
+            batch = batcher.next_batch(source)
+            metrics.BATCH_WAIT.observe(batch.waited)
+            yield batch.items
 
     def preprocess(self, input_dicts: Dict[str, Any], data_id: int = 0, log_id: int = 0) -> Tuple:
         (data,) = input_dicts.values()
@@ -304,8 +298,8 @@ class InferOp(Op):
         return {PROBS: rows}, 0, ""
 
     def _forward(self, model: ModelRuntime, images: Sequence[Any], indices: List[int], rows: np.ndarray) -> None:
-        """The images at ``indices`` through ``model``, at most max_batch_images per forward pass."""
-        step, classifier = self.runtime.max_batch_images, model.classifier
+        """The images at ``indices`` through ``model``, at most its max_batch_images per forward pass."""
+        step, classifier = model.max_batch_images, model.classifier
         predictor = model.predictors.get()
         try:
             for start in range(0, len(indices), step):

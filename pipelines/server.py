@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import cv2
 import grpc
@@ -34,7 +34,8 @@ from rexnet_serving.clients.base import ClientError
 from rexnet_serving.clients.grpc import GrpcClient
 from rexnet_serving.clients.http import HttpClient
 from rexnet_serving.imageio import DecodeLimits
-from rexnet_serving.predictor import runtime_info
+from rexnet_serving.model_settings import ModelSettings
+from rexnet_serving.predictor import OptionError, check_runtime_options, runtime_info
 from rexnet_serving.remote import RemotePredictor
 from rexnet_serving.repository import Repository
 
@@ -123,14 +124,36 @@ class RexnetServer:
                                f"model, but the repository serves {len(versions)} model versions")
         models = {}
         for model in self.repository.models.values():
+            model_options, settings = self._model_options(model.settings, options)
             for version in model.served_versions():
-                classifier = self._classifier(version.path, limits, options)
-                loaded = ModelRuntime.create(model.name, version.version, classifier,
-                                             self.config.infer["concurrency"])
+                classifier = self._classifier(version.path, limits, model_options)
+                used = {k: v for k, v in runtime_info(classifier.model).items() if k in ("runtime", "precision")}
+                loaded = ModelRuntime.create(model.name, version.version, classifier, self.config.infer["concurrency"],
+                                             model_options["max_batch"], dict(settings, **used))
                 models[loaded.key] = loaded
         gate = Admission(rex["max_in_flight_requests"], rex["request_timeout_s"], rex["max_buffered_request_bytes"])
         return ServiceRuntime(models, self.repository.default_model, limits, rex["max_images_per_request"],
-                              rex["default_top_k"], rex["max_batch_images"], gate)
+                              rex["default_top_k"], gate)
+
+    def _model_options(self, settings: ModelSettings, options: dict) -> Tuple[dict, Dict[str, Any]]:
+        """load_model options for one model: the service's, overridden by its settings.yaml; and the
+        settings it runs with (for the ready line and the v2 model metadata)."""
+        renamed = {"runtime": "runtime", "precision": "precision", "max_batch_images": "max_batch",
+                   "thread_num": "cpu_threads"}
+        merged = dict(options, **{renamed[k]: v for k, v in settings.overrides().items()})
+        if settings.source is not None:
+            if self.config.remote:
+                raise StartupError(f"{settings.source}: per-model inference settings do not apply with "
+                                   f"op.infer.client_type brpc in {self.config.source} (the backend runs the model)")
+            try:
+                check_runtime_options(merged["runtime"], merged["precision"], merged["device"])
+            except OptionError as exc:
+                raise StartupError(f"{settings.source}: {exc.option}: {exc} (the service runs on the "
+                                   f"{merged['device']})") from None
+        effective = {key: merged[option] for key, option in renamed.items()}
+        if settings.source is not None:
+            effective["settings_file"] = str(settings.source)
+        return merged, effective
 
     def _classifier(self, model_dir: Path, limits: DecodeLimits, options: dict) -> Any:
         try:
@@ -224,7 +247,7 @@ class RexnetServer:
 
     def _warm_up_models(self, image: bytes) -> None:
         """One request through the DAG for every served model but the default (warmed up above), and
-        one forward pass of ``max_batch_images`` on every predictor.
+        one forward pass of the model's ``max_batch_images`` on every predictor.
 
         The full-size pass makes the inference engine grow its memory pool (about 0.5 GB for 32 images
         of ReXNet_1_0 with Paddle Inference) now, while the service is not ready, instead of on the first
@@ -245,7 +268,7 @@ class RexnetServer:
             if self.floor or self.config.remote:
                 continue  # no local inference engine
             size = model.classifier.manifest.input_size
-            batch = np.zeros((self._runtime.max_batch_images, 3, size, size), np.float32)
+            batch = np.zeros((model.max_batch_images, 3, size, size), np.float32)
             predictors = [model.predictors.get() for _ in range(model.predictors.qsize())]
             try:
                 for predictor in predictors:
@@ -255,8 +278,11 @@ class RexnetServer:
                     model.predictors.put(predictor)
 
     def served_models(self) -> str:
+        """``key (arch[, its settings.yaml's overrides][, default])`` for every served model version."""
         default = self._runtime.default
-        return ", ".join(f"{key} ({m.classifier.manifest.arch}{', default' if m is default else ''})"
+        described = {name: m.settings.describe() for name, m in self.repository.models.items()}
+        return ", ".join(f"{key} ({m.classifier.manifest.arch}"
+                         f"{', ' + described[m.name] if described[m.name] else ''}{', default' if m is default else ''})"
                          for key, m in sorted(self._runtime.models.items()))
 
     def urls(self) -> List[str]:
@@ -284,6 +310,7 @@ class RexnetServer:
                 raise StartupError(f"cannot listen on metrics port {self.config.metrics_port}: {exc}") from None
             self._health.start()
             check_with_paddle(self.config)
+            metrics.set_sizing(self.config.sizing)
             runtime = self._runtime = self._load()
             used = runtime_info(runtime.default.classifier.model)  # runtime really used (issue 10)
             metrics.RUNTIME.info(used)  # rexnet_runtime_info on /metrics (issue 10)
@@ -292,9 +319,9 @@ class RexnetServer:
                 self._warm_up(deadline)
             if not self.stop_event.is_set():
                 self.state.set(READY)
-                log.info("ready: %s (%s, %s %s) from %s: %s\n  %s", self.name, self.config.device,
-                         used["runtime"], used["precision"], self.repository.root, self.served_models(),
-                         "\n  ".join(self.urls()))
+                log.info("ready: %s (%s, %s %s) with %s; from %s: %s\n  %s", self.name, self.config.device,
+                         used["runtime"], used["precision"], self.config.sizing.describe(), self.repository.root,
+                         self.served_models(), "\n  ".join(self.urls()))
                 # Wake up now and then: a signal caught by another thread runs its Python handler only
                 # when the main thread executes bytecode, never while it sleeps in a bare wait().
                 while not self.stop_event.wait(0.2):

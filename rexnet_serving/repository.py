@@ -14,7 +14,8 @@ user_guide/model_repository.md), with a rexnet-export directory where Triton has
 ``--model-repository models/ReXNet_1_0`` mean the same). Hidden entries (``.name``: rexnet-export's
 staging directories, Kubernetes' ``..data`` links) and ``lost+found`` are skipped; anything else that
 is neither an export nor a directory of versions is an error naming it, so a typo never silently
-serves one model less. Scanning reads each manifest (a malformed one is reported here); the files
+serves one model less. A model directory may hold a ``settings.yaml`` (rexnet_serving.model_settings:
+runtime, precision, batch size, threads for that model), read and checked here. Scanning reads each manifest (a malformed one is reported here); the files
 are verified by the loaders (rexnet_serving.manifest.verify_files).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .manifest import MANIFEST_FILE, Manifest, load_manifest
+from .model_settings import ModelSettings, ModelSettingsError, read_model_settings
 
 PathLike = Union[str, Path]
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # usable in a v2 URL path as is
@@ -46,11 +48,13 @@ class ModelVersion:
 
 @dataclass(frozen=True)
 class RepositoryModel:
-    """One model: every version found, and the ones to serve (highest first)."""
+    """One model: every version found, and the ones to serve (highest first); ``settings`` from its
+    optional settings.yaml (rexnet_serving.model_settings)."""
 
     name: str
     versions: Dict[int, ModelVersion]
     served: Tuple[int, ...]
+    settings: ModelSettings = ModelSettings()
 
     @property
     def latest(self) -> ModelVersion:
@@ -141,10 +145,12 @@ def scan_repository(root: PathLike, versions: Optional[Mapping[str, Sequence[int
     root = Path(root)
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} does not exist or is not a directory")
+    directories: Dict[str, Path] = {}
     if _is_export(root):
         name = export_name or Path(os.path.abspath(root)).name  # the directory's own name, not a link target's
         _check_name(name, root)
         found = {name: _versions_of(root)}
+        directories[name] = root
     else:
         found = {}
         for child in sorted(root.iterdir()):
@@ -154,6 +160,7 @@ def scan_repository(root: PathLike, versions: Optional[Mapping[str, Sequence[int
                 continue  # a README or an archive beside the models
             _check_name(child.name, child)
             found[child.name] = _versions_of(child)
+            directories[child.name] = child
     if not found:
         raise RepositoryError(f"model repository {root} holds no models: expected exports "
                               f"({root}/<name>/{MANIFEST_FILE}) or numbered versions "
@@ -163,7 +170,11 @@ def scan_repository(root: PathLike, versions: Optional[Mapping[str, Sequence[int
     if unknown:
         raise RepositoryError(f"versions configured for unknown model(s) {', '.join(unknown)} "
                               f"(the repository {root} has {', '.join(sorted(found))})")
-    models = {name: RepositoryModel(name, vers, _served(name, vers, wanted.get(name)))
+    try:
+        settings = {name: read_model_settings(directory) for name, directory in directories.items()}
+    except ModelSettingsError as exc:
+        raise RepositoryError(str(exc)) from None
+    models = {name: RepositoryModel(name, vers, _served(name, vers, wanted.get(name)), settings[name])
               for name, vers in found.items()}
     default = default_model if default_model is not None else sorted(models)[0]
     if default not in models:

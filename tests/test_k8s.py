@@ -104,8 +104,9 @@ def mount_for(c: Dict[str, Any], path: str) -> Dict[str, Any]:
     return max(mounts, key=lambda m: len(m["mountPath"]))
 
 
-def resolved_config(overlay: str, tmp_path: Path):
-    """The service's own loader on the config the serving container reads, as the pod would see it."""
+def resolved_config(overlay: str, tmp_path: Path, cpus: Any = None):
+    """The service's own loader on the config the serving container reads, as the pod would see it
+    (``cpus``: a rexnet_serving.cpus.CpuBudget standing in for the pod's; default: this machine's)."""
     from rexnet_pipelines.config import load_config
     docs = rendered(overlay)
     pod = deployment(docs)["spec"]["template"]["spec"]
@@ -116,7 +117,7 @@ def resolved_config(overlay: str, tmp_path: Path):
     local.mkdir(parents=True)
     for key, text in config_map(docs, pod, mount["name"]).items():
         (local / key).write_text(text)
-    return load_config(local / Path(config_path).relative_to(mount["mountPath"]))
+    return load_config(local / Path(config_path).relative_to(mount["mountPath"]), cpus=cpus)
 
 
 def probe_window(probe: Dict[str, Any]) -> int:
@@ -240,6 +241,24 @@ def test_overlays_select_their_device() -> None:
             assert pod["nodeSelector"]
         else:
             assert "nvidia.com/gpu" not in resources["limits"] and "tolerations" not in pod
+
+
+@needs_kubectl
+def test_cpu_request_equals_limit_and_the_derived_threads_fit_it(tmp_path: Path) -> None:
+    """The service sizes its threads from the CPU limit (the cgroup quota): the pod must be guaranteed
+    those CPUs, and the math threads derived from them must fit in them."""
+    from rexnet_serving.cpus import CGROUP, CpuBudget
+    for overlay in OVERLAYS:
+        resources = serving(rendered(overlay))["resources"]
+        request, limit = str(resources["requests"]["cpu"]), str(resources["limits"]["cpu"])
+        assert request == limit and limit.isdigit(), f"{overlay}: cpu request {request} != limit {limit} (whole CPUs)"
+        cpus = int(limit)
+        config = resolved_config(overlay, tmp_path / "sized", CpuBudget(cpus, CGROUP, float(cpus)))
+        sizing = config.sizing
+        assert str(sizing.cpus) == f"cpus {cpus} (cgroup quota)"
+        if config.device == "cpu" and not config.remote:
+            assert sizing.infer_streams * sizing.infer_threads <= cpus, (overlay, sizing)
+        assert sizing.prepare_workers <= cpus, (overlay, sizing)
 
 
 @needs_kubectl

@@ -193,7 +193,10 @@ def test_resume_after_sigkill_does_each_image_once(scored_model_dir, photos, tmp
 
 def test_model_options_go_through_the_services_mapping():
     args = build_parser().parse_args(["x.jpg", "--threads", "3"])
-    assert model_options(args, max_batch=16) == inference_model_options(thread_num=3, max_batch=16)
+    # the service's default runtime on the same device (rexnet_serving.predictor.default_runtime)
+    assert model_options(args, max_batch=16) == inference_model_options(thread_num=3, max_batch=16, runtime="openvino")
+    args = build_parser().parse_args(["x.jpg", "--device", "gpu"])
+    assert model_options(args, max_batch=16)["runtime"] == "paddle"
     assert "--runtime" in build_parser().format_help() and "--precision" in build_parser().format_help()
 
 

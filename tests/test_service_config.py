@@ -108,9 +108,12 @@ def test_combinations_are_checked(tmp_path, text, message):
         load_config(path)
 
 
-def test_base_defaults_to_paddle_and_bf16_runs_on_openvino(tmp_path):
+def test_base_defaults_to_the_devices_runtime_and_bf16_runs_on_openvino(tmp_path):
+    # one home for the default runtime: rexnet_serving.predictor.default_runtime, as the offline tools'
     base = load_config(CONFIG_DIR / "base.yml")
-    assert (base.infer_service["runtime"], base.infer_service["precision"]) == ("paddle", "fp32")
+    assert (base.infer_service["runtime"], base.infer_service["precision"]) == ("openvino", "fp32")
+    assert load_config(CONFIG_DIR / "gpu.yml").infer_service["runtime"] == "paddle"
+    assert load_config(CONFIG_DIR / "gpu.yml", device="cpu").infer_service["runtime"] == "openvino"
     bf16 = write(tmp_path / "bf16.yml", f"extends: {CONFIG_DIR / 'cpu.yml'}\n"
                                         "op:\n  infer:\n    local_service_conf:\n      precision: bf16\n")
     assert load_config(bf16).infer_service["precision"] == "bf16"
@@ -118,7 +121,7 @@ def test_base_defaults_to_paddle_and_bf16_runs_on_openvino(tmp_path):
 
 @pytest.mark.parametrize("extends, text, message", [
     ("cpu.yml", "runtime: onnxruntime\n",
-     "op.infer.local_service_conf.runtime must be paddle or openvino, got 'onnxruntime'"),
+     "op.infer.local_service_conf.runtime must be paddle or openvino (null: the device's default), got 'onnxruntime'"),
     ("cpu.yml", "precision: int8\n", "op.infer.local_service_conf.precision must be fp32 or fp16 or bf16"),
     ("cpu.yml", "runtime: paddle\n      precision: bf16\n",
      "op.infer.local_service_conf.precision: precision bf16 needs runtime openvino"),
@@ -126,7 +129,7 @@ def test_base_defaults_to_paddle_and_bf16_runs_on_openvino(tmp_path):
      "op.infer.local_service_conf.runtime: runtime openvino runs on the CPU only, not on device 'gpu'"),
     ("gpu_trt_fp16.yml", "runtime: openvino\n", "op.infer.local_service_conf.runtime: runtime openvino runs "
                                                   "on the CPU only"),
-    ("cpu.yml", "device_type: 2\n      devices: '0'\n      precision: fp16\n      use_mkldnn: false\n",
+    ("cpu.yml", "runtime: openvino\n      device_type: 2\n      devices: '0'\n      precision: fp16\n      use_mkldnn: false\n",
      "op.infer.local_service_conf.runtime: runtime openvino runs on the CPU only"),
 ])
 def test_runtime_errors_name_the_file_and_key(tmp_path, extends, text, message):
@@ -138,7 +141,7 @@ def test_runtime_errors_name_the_file_and_key(tmp_path, extends, text, message):
 
 
 def test_serve_refuses_openvino_on_the_gpu_and_bf16_on_paddle():
-    run = run_serve("--config", str(CONFIG_DIR / "cpu.yml"), "--device", "gpu")
+    run = run_serve("--config", str(CONFIG_DIR / "cpu.yml"), "--device", "gpu", "--runtime", "openvino")
     assert run.returncode == 2
     assert "op.infer.local_service_conf.runtime: runtime openvino runs on the CPU only" in run.stderr
     run = run_serve("--runtime", "paddle", "--precision", "bf16")

@@ -7,7 +7,7 @@ in pipelines/; ``ClassifierModel`` runs the offline Classifier in the calling th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Protocol, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -33,24 +33,30 @@ class ModelInfo:
     max_images: int = 64  # images per request on the ``image`` input
     max_batch: int = 32   # rows per request on the ``x`` input
     platform: str = PLATFORM
+    # REST metadata's "parameters": the inference settings the model runs with (runtime, precision,
+    # max_batch_images, thread_num, settings_file when it has a settings.yaml). gRPC's message has no field.
+    parameters: Tuple[Tuple[str, Any], ...] = ()
 
     @classmethod
     def from_manifest(cls, name: str, version: str, manifest: Manifest, max_images: int = 64,
-                      max_batch: int = 32) -> "ModelInfo":
+                      max_batch: int = 32, parameters: Optional[Mapping[str, Any]] = None) -> "ModelInfo":
         return cls(name=name, version=str(version), input_size=manifest.input_size,
                    class_num=manifest.class_num, labels=tuple(manifest.labels()),
-                   max_images=max_images, max_batch=max_batch)
+                   max_images=max_images, max_batch=max_batch, parameters=tuple((parameters or {}).items()))
 
     def metadata(self, versions: Sequence[str]) -> Dict[str, object]:
         """The v2 model metadata object (REST JSON form; gRPC builds the same fields)."""
         size = self.input_size
-        return {
+        meta: Dict[str, object] = {
             "name": self.name, "versions": list(versions), "platform": self.platform,
             "inputs": [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
                        {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, 3, size, size]}],
             "outputs": [{"name": PROBS_OUTPUT, "datatype": "FP32", "shape": [-1, self.class_num]},
                         {"name": ERRORS_OUTPUT, "datatype": "BYTES", "shape": [-1]}],
         }
+        if self.parameters:
+            meta["parameters"] = dict(self.parameters)
+        return meta
 
 
 @dataclass

@@ -9,14 +9,15 @@ import sys
 import threading
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from ..predictor import PRECISIONS, RUNTIMES
+from ..predictor import PRECISIONS, RUNTIMES, default_runtime
 from .output import FORMATS
 from .progress import DEFAULT_LOG_SECONDS
 from .run import DEFAULT_COMMIT_SECONDS
 from .shards import COUNT_ENV, INDEX_ENV, Shard, resolve_shard
 from .summary import EXIT_COMMIT, EXIT_USAGE, CommitError, RunInterrupted, RunSummary, UsageError
 
-DEFAULT_RUNTIME, DEFAULT_PRECISION = "paddle", "fp32"
+# Runtime None: the device's default, as the service's (rexnet_serving.predictor.default_runtime).
+DEFAULT_RUNTIME, DEFAULT_PRECISION = None, "fp32"
 
 
 def bounded(kind: type, low: float, inclusive: bool = True) -> Callable[[str], Any]:
@@ -122,7 +123,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=bounded(int, 1), default=2,
                        help="CPU math threads (default: %(default)s)")
     group.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
-                       help="inference runtime, as the service's (default: %(default)s)")
+                       help="inference runtime, as the service's (default: openvino with --device cpu, "
+                            "paddle with --device gpu)")
     group.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                        help="inference precision, as the service's (default: %(default)s)")
     limits = DecodeLimits()
@@ -144,4 +146,5 @@ def model_options(args: argparse.Namespace, max_batch: int) -> Dict[str, Any]:
     from ..classifier import inference_model_options
     return inference_model_options(device_type=0 if args.device == "cpu" else 1,
                                    devices=str(args.gpu_id), thread_num=args.threads,
-                                   max_batch=max_batch, runtime=args.runtime, precision=args.precision)
+                                   max_batch=max_batch, runtime=args.runtime or default_runtime(args.device),
+                                   precision=args.precision)
