@@ -151,8 +151,7 @@ def download(url: str, dst: IO[bytes], timeout: float = 60.0, retries: int = 4,
                     # 4xx will not change on retry: wrong URL or missing credentials.
                     raise FetchError(f"{url}: HTTP {resp.status_code}")
                 length = _content_length(url, resp.headers.get("Content-Length"), limits)
-                # read1: at most one network read per call, the raw bytes (no Content-Encoding decoding).
-                return _copy_hashing(lambda n: resp.raw.read1(n, decode_content=False), dst, length,
+                return _copy_hashing(_one_read(resp.raw), dst, length,
                                      Path(parsed.path).name, url, limits)
         except (requests.ConnectionError, requests.Timeout, requests.HTTPError, urllib3.exceptions.HTTPError) as exc:
             last = exc
@@ -161,6 +160,19 @@ def download(url: str, dst: IO[bytes], timeout: float = 60.0, retries: int = 4,
                 print(f"fetch: {url}: {exc}; retry {attempt}/{retries - 1} in {pause:.0f}s", file=sys.stderr)
                 time.sleep(pause)
     raise FetchError(f"{url}: {last}")
+
+
+def _one_read(raw: "urllib3.response.HTTPResponse") -> Callable[[int], bytes]:
+    """A reader that does at most one network read per call and returns the bytes as sent (no
+    Content-Encoding decoding), so the time cap is checked between reads even against a trickling server.
+
+    urllib3 2 has ``read1(n, decode_content=False)``. urllib3 1.26, which botocore still pins on Python
+    < 3.10 (the s3 extra), has no read1: there the standard library's http.client response underneath
+    (``_fp``, urllib3 1.26's only handle on it) gives the same one-read, undecoded semantics.
+    """
+    if hasattr(raw, "read1"):
+        return lambda n: raw.read1(n, decode_content=False)
+    return raw._fp.read1
 
 
 def _check_member(member: tarfile.TarInfo) -> None:
