@@ -35,7 +35,8 @@ from .http_front import _GONE, HttpFrontDoor, _PredictionHandler, parse_grpc_tim
 from .ops import ModelRuntime, ServiceRuntime
 
 _KINDS = {pipeline_wire.INVALID_REQUEST: INVALID_ARGUMENT, pipeline_wire.REQUEST_TOO_LARGE: INVALID_ARGUMENT,
-          pipeline_wire.OVERLOADED: UNAVAILABLE, pipeline_wire.CLOSED_ERROR: UNAVAILABLE, pipeline_wire.TIMEOUT: DEADLINE_EXCEEDED}
+          pipeline_wire.OVERLOADED: UNAVAILABLE, pipeline_wire.CLOSED_ERROR: UNAVAILABLE,
+          pipeline_wire.TIMEOUT: DEADLINE_EXCEEDED}
 
 
 class FrontDoorModel:

@@ -15,8 +15,8 @@ How Paddle Serving runs them (operator.py, thread mode): an op's ``preprocess`` 
 request, ``process`` once per auto-batch (requests merged with ``np.append``), ``postprocess`` once per
 request again. Thread ops hand Python objects to each other by reference (ThreadChannel with one
 consumer), so decoded images and the preprocessed batch stay where they are (on the GPU when serving on
-one). With ``client_type: brpc`` the infer op's predictor is rexnet_serving.runtimes.brpc_remote.RemotePredictor: a
-backend failure fails the auto-batch's requests with BACKEND_ERROR (retryable) while the service stays up.
+one). With ``client_type: brpc`` the infer op's predictor is
+rexnet_serving.runtimes.brpc_remote.RemotePredictor: a backend failure fails the auto-batch's requests with BACKEND_ERROR (retryable) while the service stays up.
 
 Every request carries its admission ticket (rexnet_pipelines.admission) from the front door: a request
 whose client is gone or whose deadline passed is dropped before decoding and before inference.

@@ -149,14 +149,14 @@ def test_decoder_refusal_is_the_images_error_on_the_brpc_image_feed(scored_model
 
 
 def test_rexnet_predict_records_the_decoder_refusal_and_goes_on(scored_model_dir, tmp_path):
-    from rexnet_serving import predict
+    from rexnet_serving import predict_cli
     images = tmp_path / "images"
     images.mkdir()
     (images / "a_good.jpg").write_bytes(GOOD)
     (images / "b_wide.bmp").write_bytes(BMP_2M)
     (images / "c_strip.png").write_bytes(strip_png(20000, 1))
     out = tmp_path / "out.jsonl"
-    assert predict.main([str(images), "-m", str(scored_model_dir), "-o", str(out), "--no-progress"]) == 1
+    assert predict_cli.main([str(images), "-m", str(scored_model_dir), "-o", str(out), "--no-progress"]) == 1
     records = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
     assert records["a_good.jpg"]["ok"] and records["c_strip.png"]["ok"]
     assert records["b_wide.bmp"]["error"]["code"] == "not_an_image"

@@ -275,7 +275,8 @@ class Bench:
                 "--images", str(images_dir), "--batches", ",".join(map(str, self.settings["batches"])),
                 "--seconds", str(self.settings["inprocess_seconds"])]
         self.result["inprocess"] = self._json_from(argv, self.work / "inprocess.log")
-        argv = [sys.executable, "-m", "rexnet_serving.bench.runtime_compare", "--model-dir", str(self.model_dir),
+        argv = [sys.executable, "-m", "rexnet_serving.bench.runtime_compare",
+                "--model-dir", str(self.model_dir),
                 "--images", str(images_dir), "--batches", ",".join(map(str, self.args.runtime_batches)),
                 "--seconds", str(self.settings["inprocess_seconds"])]
         self.result["runtimes"] = self._json_from(argv, self.work / "runtimes.log")

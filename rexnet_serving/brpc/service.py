@@ -6,7 +6,8 @@ general_model.GeneralModelService`` with the messages of Paddle Serving 0.9.0's
 general_model_service.proto. The two feed forms (tensor feeds; encoded images with top-k back as JSON)
 are described in rexnet_serving.brpc.tensors. The predictor is the service's own:
 rexnet_serving.classifier.Classifier (decode -> preprocess -> Paddle Inference -> top-k), with one
-predictor clone per worker thread (rexnet_serving.runtimes.load_model: OpenVINO or Paddle Inference). Error codes are bRPC's (src/brpc/errno.proto).
+predictor clone per worker thread (rexnet_serving.runtimes.load_model: OpenVINO or Paddle Inference).
+Error codes are bRPC's (src/brpc/errno.proto).
 """
 from __future__ import annotations
 
