@@ -36,7 +36,7 @@ COMMON = [
 ]
 FSSPEC, PYARROW = "fsspec==2025.10.0", "pyarrow==21.0.0"
 EXTRAS = {
-    # openvino: the CPU runtime (rexnet_serving/openvino_model.py); 2025.3.0 is its newest release with
+    # openvino: the CPU runtime (rexnet_serving/runtimes/openvino.py); 2025.3.0 is its newest release with
     # Python 3.9 wheels. The GPU images run Paddle Inference only and do without it.
     "cpu": ["paddlepaddle==2.6.2", "paddle-serving-server==0.9.0", "openvino==2025.3.0"],
     # paddlepaddle-gpu 2.6.2 from PyPI is the CUDA 12 build; paddle-serving-server-gpu's CUDA (11.2 for
@@ -55,8 +55,9 @@ EXTRAS = {
     "azure": [FSSPEC, "adlfs==2025.8.0"],
     "parquet": [PYARROW],  # --format parquet (rexnet_serving/runs/output.py)
     # h2: the front-door tests' HTTP/2 rapid-reset probe (tests/probes.py); moto[server]: the S3 server
-    # the sharded-run tests start on loopback (tests/test_shards.py)
-    "test": ["pytest>=7", "pytest-timeout>=2", "scikit-learn>=1.0", "h2==4.2.0",
+    # the sharded-run tests start on loopback (tests/test_shards.py); grimp: the import graph the
+    # no-cycle test reads (tests/test_import_cycles.py; import-linter's engine)
+    "test": ["pytest>=7", "pytest-timeout>=2", "scikit-learn>=1.0", "h2==4.2.0", "grimp>=3.13,<4",
              "paddle2onnx==1.3.1", "onnxruntime==1.19.2", "onnx==1.14.1", "paddlelite==2.13rc0",
              FSSPEC, "s3fs==2025.10.0", PYARROW, "moto[server]==5.1.22"],
 }
@@ -78,7 +79,7 @@ setup(
             "rexnet-export=rexnet_serving.export.cli:main",
             "rexnet-train=rexnet_train.cli:main",
             "rexnet-batch=rexnet_serving.clients.batch:main",
-            "rexnet-predict=rexnet_serving.predict:main",
+            "rexnet-predict=rexnet_serving.predict_cli:main",
             "rexnet-eval=rexnet_train.eval_cli:main",
             "rexnet-brpc=rexnet_serving.brpc.cli:main",
             "rexnet-serve=rexnet_pipelines.cli:main",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from rexnet_serving import defaults
-from rexnet_serving.predictor import PRECISIONS, RUNTIMES
+from rexnet_serving.runtimes.base import PRECISIONS, RUNTIMES
 from rexnet_serving.repository import scan_repository
 
 from .config import ConfigError, ServingConfig, load_config

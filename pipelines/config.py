@@ -22,7 +22,8 @@ import yaml
 from rexnet_serving import defaults
 from rexnet_serving.cpus import CpuBudget, Sizing, available_cpus, size_service
 from rexnet_serving.jsonbody import DEFAULT_MAX_VALUES
-from rexnet_serving.predictor import PRECISIONS, RUNTIMES, OptionError, check_runtime_options, default_runtime
+from rexnet_serving.runtimes import default_runtime
+from rexnet_serving.runtimes.base import PRECISIONS, RUNTIMES, OptionError, check_runtime_options
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serving_configs"
 DEVICE_CONFIGS = {"cpu": CONFIG_DIR / "cpu.yml", "gpu": CONFIG_DIR / "gpu.yml"}
@@ -96,7 +97,7 @@ _INFER = dict(_OP_COMMON, **{
     "batch_size": Field(int, 1, lambda v: 1 <= v <= 256, "1..256 requests per auto-batch"),
     "auto_batching_timeout": Field(int, -1, _ms, "-1 (off) or milliseconds > 0"),
     # Paddle Serving's remote-op keys. brpc: forward each preprocessed batch to a GeneralModelService
-    # (C++ Serving, or rexnet-brpc native) with our pure-Python client, rexnet_serving.remote.
+    # (C++ Serving, or rexnet-brpc native) with our pure-Python client, rexnet_serving.runtimes.brpc_remote.
     "client_type": Field(str, "local_predictor", lambda v: v in CLIENT_TYPES, " or ".join(CLIENT_TYPES)),
     "server_endpoints": Field(list, [], _endpoints_ok, 'a list of "host:port" with ports 1..65535'),
     "client_config": Field((str, type(None)), None, lambda v: v is None or bool(v),
@@ -110,7 +111,7 @@ _INFER = dict(_OP_COMMON, **{
         "use_mkldnn": Field(bool, True),
         "precision": Field(str, "fp32", lambda v: v in PRECISIONS, " or ".join(PRECISIONS)),
         # Ours, not Paddle Serving's (left out of what it gets): which runtime runs the model.
-        # null: the device's default runtime (rexnet_serving.predictor.default_runtime, as the offline tools).
+        # null: the device's default runtime (rexnet_serving.runtimes.default_runtime, as the offline tools).
         "runtime": Field((str, type(None)), None, lambda v: v is None or v in RUNTIMES,
                          " or ".join(RUNTIMES) + " (null: the device's default)"),
     },
@@ -288,7 +289,7 @@ class ServingConfig:
 
         ``model_config`` is left out on purpose: with it, Paddle Serving would load its own
         LocalPredictor beside our predictor (twice the memory on the device); ``runtime`` is ours
-        (rexnet_serving.inference.load_model), unknown to Paddle Serving. So are the remote-op
+        (rexnet_serving.runtimes.load_model), unknown to Paddle Serving. So are the remote-op
         keys: with ``server_endpoints`` Paddle Serving's Op would build paddle_serving_client.Client (a C++
         extension needing libcrypto.so.10); our InferOp forwards with its own client instead.
         """

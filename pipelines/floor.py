@@ -20,7 +20,7 @@ from rexnet_serving.results import ImageResult
 class _NoModel:
     """A predictor that is never asked anything (the stand-in's probabilities ignore it)."""
 
-    runtime, precision, device = "none", "none", "cpu"  # rexnet_serving.predictor.runtime_info
+    runtime, precision, device = "none", "none", "cpu"  # rexnet_serving.runtimes.base.runtime_info
 
     def clone(self) -> "_NoModel":
         return self

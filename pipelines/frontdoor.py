@@ -23,7 +23,9 @@ from typing import Any, Callable, Dict, Optional
 import grpc
 from paddle_serving_server.pipeline.proto import pipeline_service_pb2, pipeline_service_pb2_grpc
 
-from . import admission, metrics, protocol
+from rexnet_serving import pipeline_wire
+
+from . import admission, metrics
 
 Watch = Callable[[admission.Ticket], None]
 
@@ -73,33 +75,33 @@ class FrontDoor:
     def overloaded(message: str) -> Any:
         """The answer (err_no 54, counted) to a request refused for load before it was admitted."""
         metrics.REFUSED.labels(admission.OVERLOADED).inc()
-        metrics.REQUESTS.labels(str(protocol.OVERLOADED)).inc()
-        return pipeline_service_pb2.Response(err_no=protocol.OVERLOADED, err_msg=message)
+        metrics.REQUESTS.labels(str(pipeline_wire.OVERLOADED)).inc()
+        return pipeline_service_pb2.Response(err_no=pipeline_wire.OVERLOADED, err_msg=message)
 
     @staticmethod
     def cancelled_before_admission() -> None:
         """Count a request whose client went away before it was admitted (nothing to answer)."""
         metrics.REFUSED.labels(admission.CANCELLED).inc()
-        metrics.REQUESTS.labels(str(protocol.TIMEOUT)).inc()
+        metrics.REQUESTS.labels(str(pipeline_wire.TIMEOUT)).inc()
 
     @staticmethod
     def _draining() -> Any:
         metrics.REFUSED.labels(admission.DRAINING).inc()
-        return pipeline_service_pb2.Response(err_no=protocol.CLOSED_ERROR,
+        return pipeline_service_pb2.Response(err_no=pipeline_wire.CLOSED_ERROR,
                                              err_msg="the service is shutting down; retry elsewhere")
 
     def _call(self, request: Any, timeout_s: Optional[float], watch: Optional[Watch], payload: Optional[dict],
               model: list) -> Any:
         if request.name and request.name != self.name:
             return pipeline_service_pb2.Response(
-                err_no=protocol.NO_SERVICE, err_msg=f"unknown service {request.name!r}: this server serves "
+                err_no=pipeline_wire.NO_SERVICE, err_msg=f"unknown service {request.name!r}: this server serves "
                                                     f"{self.name!r} (POST /{self.name}/prediction)")
         if self.draining:
             return self._draining()
         try:
             ticket = self.gate.admit(timeout_s, payload)
         except admission.Overloaded as exc:
-            return pipeline_service_pb2.Response(err_no=protocol.OVERLOADED, err_msg=str(exc))
+            return pipeline_service_pb2.Response(err_no=pipeline_wire.OVERLOADED, err_msg=str(exc))
         try:
             if watch is not None:
                 watch(ticket)

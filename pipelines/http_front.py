@@ -39,9 +39,9 @@ import tornado.web
 from google.protobuf import json_format
 from paddle_serving_server.pipeline.proto import pipeline_service_pb2
 
+from rexnet_serving import pipeline_wire
 from rexnet_serving.jsonbody import JsonBodyError, ascii_uint, load_json
 
-from . import protocol
 from .admission import BodyBudget
 from .frontdoor import FrontDoor
 
@@ -258,7 +258,7 @@ class _PredictionHandler(tornado.web.RequestHandler):
         self._answer(response)
 
     def _answer(self, response: Any) -> None:
-        if response.err_no in (protocol.OVERLOADED, protocol.CLOSED_ERROR):
+        if response.err_no in (pipeline_wire.OVERLOADED, pipeline_wire.CLOSED_ERROR):
             self.set_status(503)  # load balancers and clients retry elsewhere / later
             self.set_header("Retry-After", "1")
         self.set_header("Content-Type", "application/json")

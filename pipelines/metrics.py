@@ -37,7 +37,7 @@ MODEL_REQUESTS = Counter("rexnet_model_requests", "Requests answered, by the mod
 MODEL_REQUEST_SECONDS = Histogram("rexnet_model_request_seconds", "Time from receiving a request to answering "
                                   "it, by model and version", ["model", "version"], buckets=_LATENCY_BUCKETS)
 # rexnet_runtime_info{runtime="openvino",precision="fp32",device="cpu"} 1: what the infer op really runs
-# (rexnet_serving.predictor.runtime_info of the loaded predictor), set once at start-up.
+# (rexnet_serving.runtimes.base.runtime_info of the loaded predictor), set once at start-up.
 RUNTIME = Info("rexnet_runtime", "Inference runtime, precision and device the service runs")
 # rexnet_cpus{source="cgroup quota"} 4 and rexnet_sizing{setting="op.infer.concurrency",origin="derived"} 1:
 # the CPUs the process may use (rexnet_serving.cpus) and the thread counts chosen from them, set at start.

@@ -23,19 +23,20 @@ import numpy as np
 import tornado.web
 from paddle_serving_server.pipeline.proto import pipeline_service_pb2
 
+from rexnet_serving import pipeline_wire
 from rexnet_serving.oip import ImagesOutcome, ModelInfo, OipError, OipService
 from rexnet_serving.oip.grpc_service import add_to_server
 from rexnet_serving.oip.rest import handle_rest
 from rexnet_serving.oip.tensors import DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, UNAVAILABLE
 
-from . import protocol
 from .admission import BodyBudget
 from .frontdoor import FrontDoor, serve_grpc
 from .http_front import _GONE, HttpFrontDoor, _PredictionHandler, parse_grpc_timeout
 from .ops import ModelRuntime, ServiceRuntime
 
-_KINDS = {protocol.INVALID_REQUEST: INVALID_ARGUMENT, protocol.REQUEST_TOO_LARGE: INVALID_ARGUMENT,
-          protocol.OVERLOADED: UNAVAILABLE, protocol.CLOSED_ERROR: UNAVAILABLE, protocol.TIMEOUT: DEADLINE_EXCEEDED}
+_KINDS = {pipeline_wire.INVALID_REQUEST: INVALID_ARGUMENT, pipeline_wire.REQUEST_TOO_LARGE: INVALID_ARGUMENT,
+          pipeline_wire.OVERLOADED: UNAVAILABLE, pipeline_wire.CLOSED_ERROR: UNAVAILABLE,
+          pipeline_wire.TIMEOUT: DEADLINE_EXCEEDED}
 
 
 class FrontDoorModel:
@@ -54,7 +55,7 @@ class FrontDoorModel:
         return self._ready()
 
     def _fields(self) -> Dict[str, Any]:
-        return {protocol.MODEL_KEY: self.model.name, protocol.MODEL_VERSION_KEY: str(self.model.version)}
+        return {pipeline_wire.MODEL_KEY: self.model.name, pipeline_wire.MODEL_VERSION_KEY: str(self.model.version)}
 
     def _call(self, payload: dict, options: Mapping[str, Any]) -> tuple:
         tickets: List[Any] = []
@@ -67,7 +68,7 @@ class FrontDoorModel:
 
         response = self.front.call(pipeline_service_pb2.Request(), options.get("timeout_s"), watch, payload)
         outcome = tickets[0].outcome if tickets else None
-        if response.err_no not in (protocol.OK, protocol.INVALID_IMAGE) or outcome is None:
+        if response.err_no not in (pipeline_wire.OK, pipeline_wire.INVALID_IMAGE) or outcome is None:
             raise OipError(_KINDS.get(response.err_no, INTERNAL), f"{response.err_msg} (err_no {response.err_no})")
         return outcome
 

@@ -15,8 +15,8 @@ How Paddle Serving runs them (operator.py, thread mode): an op's ``preprocess`` 
 request, ``process`` once per auto-batch (requests merged with ``np.append``), ``postprocess`` once per
 request again. Thread ops hand Python objects to each other by reference (ThreadChannel with one
 consumer), so decoded images and the preprocessed batch stay where they are (on the GPU when serving on
-one). With ``client_type: brpc`` the infer op's predictor is rexnet_serving.remote.RemotePredictor: a
-backend failure fails the auto-batch's requests with BACKEND_ERROR (retryable) while the service stays up.
+one). With ``client_type: brpc`` the infer op's predictor is
+rexnet_serving.runtimes.brpc_remote.RemotePredictor: a backend failure fails the auto-batch's requests with BACKEND_ERROR (retryable) while the service stays up.
 
 Every request carries its admission ticket (rexnet_pipelines.admission) from the front door: a request
 whose client is gone or whose deadline passed is dropped before decoding and before inference.
@@ -35,10 +35,11 @@ from paddle_serving_server.pipeline import Op, RequestOp, ResponseOp
 from paddle_serving_server.pipeline.channel import ChannelDataType, ChannelTimeoutError
 from paddle_serving_server.pipeline.error_catch import CustomExceptionCode
 
-from rexnet_serving.clients.base import ClientError
+from rexnet_serving import pipeline_wire
 from rexnet_serving.imageio import DecodeLimits, RequestTooLargeError
+from rexnet_serving.runtimes.brpc_remote import RemoteError
 
-from . import admission, metrics, protocol
+from . import admission, metrics
 from .batcher import Batcher
 
 # Keys of the dicts the ops pass along (never on the wire; a client key is a str from the request).
@@ -49,7 +50,7 @@ _MODELS = "models"      # ... and, in step, the key of the model each image goes
 _FAILED = "_failed"     # set by the response op when no image of the request could be classified
 _POLL = 1e-9            # ThreadChannel.front timeout that only looks (0 would mean "wait forever")
 # err_no of requests whose forward pass failed in the bRPC backend (down, timed out, mismatched): Paddle
-# Serving's code for a failed inference client, 9000. Not in protocol.BAD_REQUEST_ERRNOS: retryable.
+# Serving's code for a failed inference client, 9000. Not in pipeline_wire.BAD_REQUEST_ERRNOS: retryable.
 BACKEND_ERROR = CustomExceptionCode.CLIENT_ERROR.value
 
 
@@ -106,14 +107,14 @@ class ServiceRuntime:
         """The model a request asks for (its highest served version unless it names one)."""
         name = self.default_model if name is None else name
         if name not in self.latest:
-            raise protocol.RequestError("unknown_model", f"no model {name!r}; this service serves "
+            raise pipeline_wire.RequestError("unknown_model", f"no model {name!r}; this service serves "
                                                          f"{', '.join(sorted(self.latest))}")
         if version is None:
             return self.latest[name]
         model = self.models.get(f"{name}/{version}")
         if model is None:
             served = sorted(m.version for m in self.models.values() if m.name == name)
-            raise protocol.RequestError("unknown_model", f"model {name!r} has no served version {version} "
+            raise pipeline_wire.RequestError("unknown_model", f"model {name!r} has no served version {version} "
                                                          f"(served: {', '.join(map(str, served))})")
         return model
 
@@ -136,7 +137,7 @@ def _dropped(ticket: Optional[admission.Ticket], stage: str) -> Optional[Tuple]:
     if why is None:
         return None
     metrics.REFUSED.labels(why).inc()
-    return None, True, protocol.TIMEOUT, f"{why}: dropped before {stage} (the client gave up or the " \
+    return None, True, pipeline_wire.TIMEOUT, f"{why}: dropped before {stage} (the client gave up or the " \
                                          "request's deadline passed)"
 
 
@@ -159,20 +160,20 @@ class RexnetRequestOp(RequestOp):
             return None
 
         if len(request.key) != len(request.value):
-            return {}, request.logid, protocol.INVALID_REQUEST, (
+            return {}, request.logid, pipeline_wire.INVALID_REQUEST, (
                 f"invalid_request: {len(request.key)} keys but {len(request.value)} values")
         problems = [put(k, v) for k, v in zip(request.key, request.value)]
         for tensor in request.tensors:
-            if tensor.elem_type == protocol.BYTES_ELEM_TYPE:
+            if tensor.elem_type == pipeline_wire.BYTES_ELEM_TYPE:
                 problems.append(put(tensor.name, tensor.byte_data))
-            elif tensor.elem_type == protocol.STRING_ELEM_TYPE:
+            elif tensor.elem_type == pipeline_wire.STRING_ELEM_TYPE:
                 problems.append(put(tensor.name, "".join(tensor.str_data)))
             else:
                 problems.append(f"tensor {tensor.name!r} has elem_type {tensor.elem_type}; send images "
-                                f"as bytes (elem_type {protocol.BYTES_ELEM_TYPE}) or base64 values")
+                                f"as bytes (elem_type {pipeline_wire.BYTES_ELEM_TYPE}) or base64 values")
         problems = [p for p in problems if p]
         if problems:
-            return {}, request.logid, protocol.INVALID_REQUEST, f"invalid_request: {problems[0]}"
+            return {}, request.logid, pipeline_wire.INVALID_REQUEST, f"invalid_request: {problems[0]}"
         return {"fields": fields, TICKET: admission.current_ticket()}, request.logid, None, ""
 
 
@@ -196,21 +197,21 @@ class PrepareOp(Op):
             fields = payload.get("fields", data["fields"])
             rt = self.runtime
             try:
-                model = rt.resolve(*protocol.model_of(fields))
+                model = rt.resolve(*pipeline_wire.model_of(fields))
                 if ticket is not None:
                     ticket.model = model.key
                 if "tensor" in payload:  # already preprocessed: [N, 3, S, S] float32
                     return self._prepared(model, len(payload["tensor"]), payload["top_k"], {}, payload["tensor"],
                                           ticket)
-                payloads, top_k = protocol.parse_fields(fields, rt.max_images, model.classifier.class_num,
+                payloads, top_k = pipeline_wire.parse_fields(fields, rt.max_images, model.classifier.class_num,
                                                         rt.default_top_k)
-            except protocol.RequestError as exc:
-                return None, True, protocol.INVALID_REQUEST, f"{exc.code}: {exc.message}"
+            except pipeline_wire.RequestError as exc:
+                return None, True, pipeline_wire.INVALID_REQUEST, f"{exc.code}: {exc.message}"
             with metrics.STAGE_SECONDS.labels("decode").time():
                 try:
                     images, errors = model.classifier.decode(payloads)
                 except RequestTooLargeError as exc:  # the images together are over the per-request budget
-                    return None, True, protocol.REQUEST_TOO_LARGE, f"{exc.code}: {exc}"
+                    return None, True, pipeline_wire.REQUEST_TOO_LARGE, f"{exc.code}: {exc}"
             batch = None
             if images:
                 with metrics.STAGE_SECONDS.labels("preprocess").time():
@@ -293,7 +294,7 @@ class InferOp(Op):
             with metrics.STAGE_SECONDS.labels("infer").time():
                 for key, indices in by_model.items():
                     self._forward(self.runtime.models[key], images, indices, rows)
-        except ClientError as exc:  # only a remote predictor raises these: the backend failed
+        except RemoteError as exc:  # only a remote predictor raises these: the backend failed
             return {}, BACKEND_ERROR, str(exc)
         return {PROBS: rows}, 0, ""
 
@@ -344,12 +345,12 @@ class RexnetResponseOp(ResponseOp):
                 ticket.outcome = (data[PROBS], results)
             for result in results:
                 metrics.IMAGES.labels(result.error_code or "ok").inc()
-            channeldata.dictdata = {protocol.RESULTS_KEY: protocol.encode_results(results)}
+            channeldata.dictdata = {pipeline_wire.RESULTS_KEY: pipeline_wire.encode_results(results)}
             if not any(r.ok for r in results):
                 failed = "; ".join(f"image {i}: {r.error_code}: {r.error_message}" for i, r in enumerate(results))
         response = super().pack_response_package(channeldata)
-        if failed is not None and response.err_no == protocol.OK:
-            response.err_no = protocol.INVALID_IMAGE
+        if failed is not None and response.err_no == pipeline_wire.OK:
+            response.err_no = pipeline_wire.INVALID_IMAGE
             response.err_msg = f"no image could be classified: {failed}"
         if response.err_no == BACKEND_ERROR:
             response.err_msg = backend_error_message(response.err_msg)

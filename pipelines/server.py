@@ -35,8 +35,8 @@ from rexnet_serving.clients.grpc import GrpcClient
 from rexnet_serving.clients.http import HttpClient
 from rexnet_serving.imageio import DecodeLimits
 from rexnet_serving.model_settings import ModelSettings
-from rexnet_serving.predictor import OptionError, check_runtime_options, runtime_info
-from rexnet_serving.remote import RemotePredictor
+from rexnet_serving.runtimes.base import OptionError, check_runtime_options, runtime_info
+from rexnet_serving.runtimes.brpc_remote import RemotePredictor
 from rexnet_serving.repository import Repository
 
 from . import metrics

@@ -81,7 +81,7 @@ def results_for(count: int, probs: np.ndarray, errors: Dict[int, ImageError], k:
 def inference_model_options(device_type: int = 0, devices: str = "", thread_num: int = 2,
                             use_mkldnn: bool = True, precision: str = "fp32", max_batch: int = 32,
                             runtime: str = "paddle", concurrency: int = 1) -> Dict[str, Any]:
-    """rexnet_serving.inference.load_model keyword arguments from Paddle Serving's local_service_conf keys
+    """rexnet_serving.runtimes.load_model keyword arguments from Paddle Serving's local_service_conf keys
     (and the op's ``concurrency``: infer threads, each with its own predictor clone).
 
     ``precision`` passes through: fp16 is TensorRT FP16 (device_type 2, runtime paddle), bf16 is
@@ -97,13 +97,13 @@ def inference_model_options(device_type: int = 0, devices: str = "", thread_num:
 class Classifier:
     """An exported model ready to classify: ``classify(images, top_k)`` end to end, or stage by stage.
 
-    ``model`` is a predictor (rexnet_serving.predictor); by default one is built from ``model_dir`` by
-    rexnet_serving.inference.load_model with ``model_options`` (see inference_model_options).
+    ``model`` is a predictor (rexnet_serving.runtimes.base); by default one is built from ``model_dir`` by
+    rexnet_serving.runtimes.load_model with ``model_options`` (see inference_model_options).
     """
 
     def __init__(self, model_dir: Union[str, Path], limits: DecodeLimits = DecodeLimits(),
                  model: Any = None, **model_options: Any) -> None:
-        from .inference import load_model
+        from .runtimes import load_model
         # Also with a remote ``model``: labels and preprocessing come from these files.
         self.manifest: Manifest = verify_files(model_dir)
         self.labels: List[str] = self.manifest.labels()

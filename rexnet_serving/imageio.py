@@ -390,11 +390,6 @@ def base64_bytes(text: Union[str, bytes], limits: DecodeLimits = DecodeLimits())
         raise ImageError("invalid_base64", f"the image is not valid base64: {exc}{hint}") from None
 
 
-def decode_base64_image(text: Union[str, bytes], limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Decode a base64-encoded image (standard alphabet, padded, no line breaks): see decode_image."""
-    return decode_image(base64_bytes(text, limits), limits)
-
-
 def check_request(payloads: Sequence[Union[bytes, str]],
                   limits: DecodeLimits = DecodeLimits()) -> List[Union[bytes, ImageError]]:
     """Each payload's encoded file (base64 text decoded, once) or the ImageError refusing it, after

@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Union
 
 import yaml
 
-from .predictor import PRECISIONS, RUNTIMES
+from .runtimes.base import PRECISIONS, RUNTIMES
 
 SETTINGS_FILE = "settings.yaml"
 PathLike = Union[str, Path]

@@ -8,12 +8,12 @@ from typing import List
 
 import numpy as np
 
-from rexnet_serving.brpc import protocol
-from rexnet_serving.brpc.protocol import FrameDecoder
+from rexnet_serving.brpc import framing
+from rexnet_serving.brpc.framing import FrameDecoder
 from rexnet_serving.brpc.tensors import ElemType, Request, Tensor, to_tensor
 
 
-def responses(sock: socket.socket, count: int) -> List[protocol.Frame]:
+def responses(sock: socket.socket, count: int) -> List[framing.Frame]:
     """The next ``count`` frames on ``sock``; fails if the server closes the connection first."""
     decoder, frames = FrameDecoder(), []
     while len(frames) < count:

@@ -5,7 +5,7 @@ answers with that image's class id, a per-image error, 503 a few times, 400, or 
 it through a test-local client (registered in a monkeypatched copy of PROTOCOLS) that speaks a minimal
 JSON form with requests, mapping 503 and connection failures to TransientError and 400 to
 BadRequestError, as the real clients do. One test goes through the real HttpClient: the server also
-answers the Pipeline service's HTTP form (rexnet_pipelines.protocol) at /rexnet/prediction. The real
+answers the Pipeline service's HTTP form (rexnet_serving.pipeline_wire) at /rexnet/prediction. The real
 service end to end is covered elsewhere.
 """
 from __future__ import annotations
@@ -107,20 +107,20 @@ class FakeService:
 
     def pipeline_protocol(self, body: dict) -> Tuple[int, dict]:
         """POST /rexnet/prediction in the Pipeline service's JSON, read and written with its own helpers."""
-        from rexnet_pipelines import protocol
+        from rexnet_serving import pipeline_wire
         try:
-            payloads, top_k = protocol.parse_fields(dict(zip(body["key"], body["value"])), max_images=64,
-                                                    max_top_k=1000, default_top_k=protocol.DEFAULT_TOP_K)
-        except protocol.RequestError as e:
-            return 200, {"err_no": protocol.INVALID_REQUEST, "err_msg": e.message}
+            payloads, top_k = pipeline_wire.parse_fields(dict(zip(body["key"], body["value"])), max_images=64,
+                                                    max_top_k=1000, default_top_k=pipeline_wire.DEFAULT_TOP_K)
+        except pipeline_wire.RequestError as e:
+            return 200, {"err_no": pipeline_wire.INVALID_REQUEST, "err_msg": e.message}
         status, answer = self.answer([b64decode(p) for p in payloads], top_k)
         if status == 400:
-            return 200, {"err_no": protocol.INVALID_REQUEST, "err_msg": answer}
+            return 200, {"err_no": pipeline_wire.INVALID_REQUEST, "err_msg": answer}
         if status != 200:
-            return status, {"err_no": protocol.CLOSED_ERROR, "err_msg": answer}
-        err_no = protocol.INVALID_IMAGE if all(not r.ok for r in answer) else protocol.OK
-        return 200, {"err_no": err_no, "err_msg": "", "key": [protocol.RESULTS_KEY],
-                     "value": [protocol.encode_results(answer)]}
+            return status, {"err_no": pipeline_wire.CLOSED_ERROR, "err_msg": answer}
+        err_no = pipeline_wire.INVALID_IMAGE if all(not r.ok for r in answer) else pipeline_wire.OK
+        return 200, {"err_no": err_no, "err_msg": "", "key": [pipeline_wire.RESULTS_KEY],
+                     "value": [pipeline_wire.encode_results(answer)]}
 
     def _handler(self):
         service = self

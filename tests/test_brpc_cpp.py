@@ -154,7 +154,7 @@ def test_not_an_random_model_dir_is_reported(tmp_path, capsys):
                            "downloadable here); the native endpoint's tests cover the same client")
 def test_real_cpp_serving_answers_our_client(random_model_dir, tmp_path):
     from rexnet_serving.clients.brpc import BrpcClient
-    from rexnet_serving.inference import InferenceModel
+    from rexnet_serving.runtimes.paddle import InferenceModel
     from rexnet_serving.manifest import load_manifest
 
     port = free_port()

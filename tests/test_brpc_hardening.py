@@ -24,15 +24,15 @@ import pytest
 from brpc_wire import deflate_bomb, image_request, responses
 from conftest import free_port, wait_for_port
 from images import encode, photo
-from rexnet_serving.brpc import protocol
-from rexnet_serving.brpc.protocol import CompressType, Errno, encode_frame, request_meta
+from rexnet_serving.brpc import framing
+from rexnet_serving.brpc.framing import CompressType, Errno, encode_frame, request_meta
 from rexnet_serving.brpc.server import NativeServer, ServerOptions
 from rexnet_serving.brpc.tensors import ENGINE_NAME, PREDICTIONS_FETCH, ElemType, Request, Response, Tensor
 from rexnet_serving.clients.brpc import BrpcClient
 
 pytestmark = pytest.mark.server
 
-SERVICE = protocol.SERVICE_FULL_NAME
+SERVICE = framing.SERVICE_FULL_NAME
 BIN = Path(sys.executable).parent
 
 

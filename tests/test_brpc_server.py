@@ -20,8 +20,8 @@ from brpc_wire import image_request as _image_request
 from brpc_wire import responses as _responses
 from conftest import free_port, wait_for_port
 from images import PHOTO_SET, encode, photo
-from rexnet_serving.brpc import protocol
-from rexnet_serving.brpc.protocol import CompressType, Errno, encode_frame, request_meta
+from rexnet_serving.brpc import framing
+from rexnet_serving.brpc.framing import CompressType, Errno, encode_frame, request_meta
 from rexnet_serving.brpc.server import NativeServer, ServerOptions
 from rexnet_serving.brpc.service import ModelService
 from rexnet_serving.brpc.tensors import ElemType, Request, Response, Tensor, to_tensor
@@ -30,7 +30,7 @@ from rexnet_serving.clients.brpc import BrpcClient
 
 pytestmark = pytest.mark.server
 
-SERVICE = protocol.SERVICE_FULL_NAME
+SERVICE = framing.SERVICE_FULL_NAME
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def good_request(address: str, image: bytes) -> None:
 
 # -- tensor feeds, as paddle_serving_client.Client sends them ------------------------------------------
 def test_tensor_feed_equals_offline_predictor(client, reference, photos):
-    from rexnet_serving.inference import InferenceModel
+    from rexnet_serving.runtimes.paddle import InferenceModel
     images, errors = reference.decode(photos[:4])
     assert not errors
     batch = np.asarray(reference.preprocess(images), dtype=np.float32)
@@ -214,7 +214,7 @@ GARBAGE = {
     "oversize body": b"PRPC" + struct.pack(">II", 64 * 2**20 + 1, 10),
     "meta bigger than body": b"PRPC" + struct.pack(">II", 4, 5) + b"\x00" * 4,
     "undecodable meta": _meta_frame(b"\xff\xff\xff\xff"),
-    "meta without request": encode_frame(protocol.response_meta(1)),
+    "meta without request": encode_frame(framing.response_meta(1)),
 }
 
 

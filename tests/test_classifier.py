@@ -1,5 +1,5 @@
 """The offline predictor's stages (rexnet_serving.classifier, .postprocess) and the request rules
-(rexnet_pipelines.protocol), without a server, on a real exported model."""
+(rexnet_serving.pipeline_wire), without a server, on a real exported model."""
 from __future__ import annotations
 
 import base64
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import SCORED_CLASSES
 from images import bmp_strip, encode, make_photo_set, photo
-from rexnet_pipelines import protocol
+from rexnet_serving import pipeline_wire
 from rexnet_serving import postprocess
 from rexnet_serving.classifier import Classifier, decode_payloads, inference_model_options, preprocess_images
 from rexnet_serving.imageio import DecodeLimits, ImageError
@@ -127,10 +127,10 @@ def test_inference_model_options_from_paddle_serving_keys():
 
 # -- request rules --------------------------------------------------------------------------------
 def test_image_keys_and_their_order():
-    assert protocol.image_keys(1) == ["image"]
-    assert protocol.image_keys(3) == ["image_0", "image_1", "image_2"]
-    assert protocol.order_image_keys(["image_10"] + [f"image_{i}" for i in range(10)])[-1] == "image_10"
-    assert not protocol.is_image_key("image_0\n") and not protocol.is_image_key("image_01")
+    assert pipeline_wire.image_keys(1) == ["image"]
+    assert pipeline_wire.image_keys(3) == ["image_0", "image_1", "image_2"]
+    assert pipeline_wire.order_image_keys(["image_10"] + [f"image_{i}" for i in range(10)])[-1] == "image_10"
+    assert not pipeline_wire.is_image_key("image_0\n") and not pipeline_wire.is_image_key("image_01")
 
 
 @pytest.mark.parametrize("fields, code", [
@@ -149,16 +149,16 @@ def test_image_keys_and_their_order():
     ({"image_0": "x", "image_1\n": "y"}, "unknown_key"),
 ])
 def test_parse_fields_refuses_malformed_requests(fields, code):
-    with pytest.raises(protocol.RequestError) as info:
-        protocol.parse_fields(fields, max_images=4, max_top_k=10, default_top_k=5)
+    with pytest.raises(pipeline_wire.RequestError) as info:
+        pipeline_wire.parse_fields(fields, max_images=4, max_top_k=10, default_top_k=5)
     assert info.value.code == code
 
 
 def test_parse_fields_orders_payloads_and_defaults_top_k():
-    payloads, top_k = protocol.parse_fields({"image_1": "b", "image_0": "a"}, 4, 10, 5)
+    payloads, top_k = pipeline_wire.parse_fields({"image_1": "b", "image_0": "a"}, 4, 10, 5)
     assert (payloads, top_k) == (["a", "b"], 5)
-    assert protocol.parse_fields({"image": "a", "top_k": " 3 "}, 4, 3, 5) == (["a"], 3)
-    assert protocol.parse_fields({"image": "a"}, 4, 3, 5)[1] == 3  # default capped at the class count
+    assert pipeline_wire.parse_fields({"image": "a", "top_k": " 3 "}, 4, 3, 5) == (["a"], 3)
+    assert pipeline_wire.parse_fields({"image": "a"}, 4, 3, 5)[1] == 3  # default capped at the class count
 
 
 def test_decode_payloads_refuses_a_request_over_its_pixel_budget():

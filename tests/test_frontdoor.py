@@ -26,7 +26,7 @@ import requests
 from images import encode, photo
 from probes import Legit, rss_mb
 from servers import ServiceProcess
-from rexnet_pipelines import protocol
+from rexnet_serving import pipeline_wire
 from rexnet_serving.clients.base import TransientError
 from rexnet_serving.clients.http import HttpClient
 
@@ -64,7 +64,7 @@ def grpc_send(client) -> Callable[[], object]:
     def send() -> None:
         reply = client.predict(feed_dict={"image": B64}, fetch=["results"])
         assert reply.err_no == 0, (reply.err_no, reply.err_msg)
-        assert protocol.decode_results(reply.value[0])[0].ok
+        assert pipeline_wire.decode_results(reply.value[0])[0].ok
     return send
 
 
@@ -214,7 +214,7 @@ def test_an_expired_request_is_dropped_before_any_work(service):
     dropped = service.metric("rexnet_refused_requests_total", reason="deadline")
     reply = requests.post(service.url, json={"key": ["image"], "value": [B64]}, headers={"Grpc-Timeout": "1n"},
                           timeout=30).json()
-    assert reply["err_no"] == protocol.TIMEOUT and "deadline" in reply["err_msg"], reply
+    assert reply["err_no"] == pipeline_wire.TIMEOUT and "deadline" in reply["err_msg"], reply
     assert service.metric("rexnet_refused_requests_total", reason="deadline") - dropped == 1
     assert service.metric("rexnet_stage_seconds_count", stage="decode") == decodes
     reply = requests.post(service.url, json={"key": ["image"], "value": [B64]}, headers={"Grpc-Timeout": "soon"},

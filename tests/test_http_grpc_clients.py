@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, free_port
-from rexnet_pipelines import protocol
+from rexnet_serving import pipeline_wire
 from rexnet_serving.clients.base import BadRequestError, ClientError, TransientError, make_client
 from rexnet_serving.clients.grpc import GrpcClient, pipeline_messages
 from rexnet_serving.clients.http import HttpClient, check_response, with_default_port
@@ -46,18 +46,18 @@ def test_default_ports():
 
 
 def test_check_response_maps_err_no_to_results_or_errors():
-    text = protocol.encode_results([OK_RESULT, BAD_RESULT])
+    text = pipeline_wire.encode_results([OK_RESULT, BAD_RESULT])
     assert check_response(0, "", ["results"], [text], 2) == [OK_RESULT, BAD_RESULT]
-    every_bad = protocol.encode_results([BAD_RESULT])
-    assert check_response(protocol.INVALID_IMAGE, "no image", ["results"], [every_bad], 1) == [BAD_RESULT]
+    every_bad = pipeline_wire.encode_results([BAD_RESULT])
+    assert check_response(pipeline_wire.INVALID_IMAGE, "no image", ["results"], [every_bad], 1) == [BAD_RESULT]
     with pytest.raises(BadRequestError, match="err_no 51: invalid_top_k"):
-        check_response(protocol.INVALID_REQUEST, "invalid_top_k: ...", [], [], 1)
+        check_response(pipeline_wire.INVALID_REQUEST, "invalid_top_k: ...", [], [], 1)
     with pytest.raises(BadRequestError, match="3002"):
-        check_response(protocol.NO_SERVICE, "unknown service", [], [], 1)
+        check_response(pipeline_wire.NO_SERVICE, "unknown service", [], [], 1)
     with pytest.raises(TransientError, match="err_no 3001"):
-        check_response(protocol.CLOSED_ERROR, "dag closed.", [], [], 1)
+        check_response(pipeline_wire.CLOSED_ERROR, "dag closed.", [], [], 1)
     with pytest.raises(TransientError, match="err_no 6000"):
-        check_response(protocol.TIMEOUT, "timeout", [], [], 1)
+        check_response(pipeline_wire.TIMEOUT, "timeout", [], [], 1)
     with pytest.raises(ClientError, match="sent 3 images but got 2"):
         check_response(0, "", ["results"], [text], 3)
 
@@ -101,7 +101,7 @@ def grpc_server():
     def inference(request, context):
         entered.set()
         release.wait(30)
-        return pb2.Response(err_no=0, key=["results"], value=[protocol.encode_results([OK_RESULT])])
+        return pb2.Response(err_no=0, key=["results"], value=[pipeline_wire.encode_results([OK_RESULT])])
 
     handler = grpc.method_handlers_generic_handler(
         "baidu.paddle_serving.pipeline_serving.PipelineService",
@@ -179,8 +179,8 @@ def http_server():
     (413, {"message": "request body too large"}, BadRequestError),
     (503, {"message": "overloaded"}, TransientError),
     (429, {"message": "slow down"}, TransientError),
-    (200, {"err_no": protocol.OVERLOADED, "err_msg": "overloaded: queue full"}, TransientError),
-    (200, {"err_no": protocol.REQUEST_TOO_LARGE, "err_msg": "request_too_large: 900 MP"}, BadRequestError),
+    (200, {"err_no": pipeline_wire.OVERLOADED, "err_msg": "overloaded: queue full"}, TransientError),
+    (200, {"err_no": pipeline_wire.REQUEST_TOO_LARGE, "err_msg": "request_too_large: 900 MP"}, BadRequestError),
 ])
 def test_http_status_and_err_no_tell_bad_input_from_overload(http_server, status, body, error):
     address, script = http_server
@@ -192,5 +192,5 @@ def test_http_status_and_err_no_tell_bad_input_from_overload(http_server, status
 
 
 def test_new_err_nos_are_classified():
-    assert protocol.REQUEST_TOO_LARGE == 53 and protocol.REQUEST_TOO_LARGE in protocol.BAD_REQUEST_ERRNOS
-    assert protocol.OVERLOADED == 54 and protocol.OVERLOADED not in protocol.BAD_REQUEST_ERRNOS
+    assert pipeline_wire.REQUEST_TOO_LARGE == 53 and pipeline_wire.REQUEST_TOO_LARGE in pipeline_wire.BAD_REQUEST_ERRNOS
+    assert pipeline_wire.OVERLOADED == 54 and pipeline_wire.OVERLOADED not in pipeline_wire.BAD_REQUEST_ERRNOS

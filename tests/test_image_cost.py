@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from images import bmp_strip, encode, photo
-from rexnet_pipelines import protocol
+from rexnet_serving import pipeline_wire
 from rexnet_serving.imageio import REQUEST_MEMORY_BUDGET_MB
 from servers import ServiceProcess
 
@@ -78,7 +78,7 @@ def peak_growth_mb(svc: ServiceProcess, send) -> float:
 
 
 def pipeline_http(svc: ServiceProcess, images: List[bytes]) -> Dict:
-    body = {"key": protocol.image_keys(len(images)),
+    body = {"key": pipeline_wire.image_keys(len(images)),
             "value": [base64.b64encode(data).decode("ascii") for data in images]}
     reply = requests.post(svc.url, json=body, timeout=300)
     assert reply.status_code == 200, reply.text[:500]
@@ -101,7 +101,7 @@ def v2_errors(reply: requests.Response) -> List[str]:
 
 def pipeline_codes(answer: Dict) -> List[str]:
     assert answer["err_no"] == 0, answer
-    return [r.error_code or "" for r in protocol.decode_results(answer["value"][0])]
+    return [r.error_code or "" for r in pipeline_wire.decode_results(answer["value"][0])]
 
 
 @pytest.mark.parametrize("size", [(20000, 1), (1, 20000)], ids=["20000x1", "1x20000"])
@@ -126,7 +126,7 @@ def test_decoder_refusal_is_the_images_error_over_pipeline_http(service):
     codes = pipeline_codes(pipeline_http(service, [GOOD, BMP_2M, GOOD]))
     assert codes == ["", "not_an_image", ""]
     only_bad = pipeline_http(service, [BMP_2M])
-    assert only_bad["err_no"] == protocol.INVALID_IMAGE and "not_an_image" in only_bad["err_msg"]
+    assert only_bad["err_no"] == pipeline_wire.INVALID_IMAGE and "not_an_image" in only_bad["err_msg"]
 
 
 def test_decoder_refusal_is_the_images_error_over_v2_rest(service):
@@ -149,14 +149,14 @@ def test_decoder_refusal_is_the_images_error_on_the_brpc_image_feed(scored_model
 
 
 def test_rexnet_predict_records_the_decoder_refusal_and_goes_on(scored_model_dir, tmp_path):
-    from rexnet_serving import predict
+    from rexnet_serving import predict_cli
     images = tmp_path / "images"
     images.mkdir()
     (images / "a_good.jpg").write_bytes(GOOD)
     (images / "b_wide.bmp").write_bytes(BMP_2M)
     (images / "c_strip.png").write_bytes(strip_png(20000, 1))
     out = tmp_path / "out.jsonl"
-    assert predict.main([str(images), "-m", str(scored_model_dir), "-o", str(out), "--no-progress"]) == 1
+    assert predict_cli.main([str(images), "-m", str(scored_model_dir), "-o", str(out), "--no-progress"]) == 1
     records = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
     assert records["a_good.jpg"]["ok"] and records["c_strip.png"]["ok"]
     assert records["b_wide.bmp"]["error"]["code"] == "not_an_image"

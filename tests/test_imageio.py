@@ -16,8 +16,8 @@ import pytest
 from images import FORMATS, bmp_strip, encode, make_photo_set, photo
 
 from rexnet_serving import imageio
-from rexnet_serving.imageio import (ERROR_CODES, DecodeLimits, ImageError, check_image, decode_base64_image,
-                                    decode_image, decode_jpeg_on_device, read_header)
+from rexnet_serving.imageio import (ERROR_CODES, DecodeLimits, ImageError, check_image, check_request, decode_image,
+                                    decode_jpeg_on_device, read_header)
 
 from conftest import REPO_ROOT
 
@@ -155,23 +155,21 @@ def test_limits_at_the_boundary_are_accepted():
 
 
 def test_base64():
+    """Base64 text as the front doors hand it over: check_request decodes it once, refusing bad text per
+    image with the image's own error; decode_image then decodes the file."""
     text = base64.b64encode(JPEG).decode("ascii")
-    np.testing.assert_array_equal(decode_base64_image(text), decode_image(JPEG))
-    np.testing.assert_array_equal(decode_base64_image(text.encode("ascii")), decode_image(JPEG))
-    for bad in ("not base64!!", text[:-1], "data:image/jpeg;base64," + text, "é" + text):
-        with pytest.raises(ImageError) as err:
-            decode_base64_image(bad)
-        assert err.value.code == "invalid_base64", bad[:30]
-    assert "data:" in str(pytest.raises(ImageError, decode_base64_image, "data:image/jpeg;base64," + text).value)
-    with pytest.raises(ImageError) as err:
-        decode_base64_image("")
-    assert err.value.code == "empty"
-    with pytest.raises(ImageError) as err:  # refused from the text length, before decoding
-        decode_base64_image(text, DecodeLimits(max_bytes=len(JPEG) // 2))
-    assert err.value.code == "too_large"
-    with pytest.raises(ImageError) as err:  # valid base64 of a truncated image: the image's own code
-        decode_base64_image(base64.b64encode(truncated(JPEG)))
-    assert err.value.code == "truncated"
+    (data,) = check_request([text])
+    np.testing.assert_array_equal(decode_image(data), decode_image(JPEG))
+    assert imageio.base64_bytes(text.encode("ascii")) == JPEG
+    bad = ["not base64!!", text[:-1], "data:image/jpeg;base64," + text, "é" + text]
+    for refused, payload in zip(check_request(bad), bad):
+        assert isinstance(refused, ImageError) and refused.code == "invalid_base64", payload[:30]
+    assert "data:" in str(check_request(["data:image/jpeg;base64," + text])[0])
+    assert check_request([""])[0].code == "empty"
+    # Refused from the text length, before decoding.
+    assert check_request([text], DecodeLimits(max_bytes=len(JPEG) // 2))[0].code == "too_large"
+    # Valid base64 of a truncated image: the image's own code, found before decoding.
+    assert check_request([base64.b64encode(truncated(JPEG)).decode("ascii")])[0].code == "truncated"
 
 
 def test_image_error_is_a_value_error_that_pickles_with_its_code():

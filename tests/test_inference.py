@@ -1,4 +1,4 @@
-"""The predictor contract (rexnet_serving.predictor) on both runtimes that load_model builds, Paddle
+"""The predictor contract (rexnet_serving.runtimes.base) on both runtimes that load_model builds, Paddle
 Inference and OpenVINO: outputs equal to the eager model, NumPy and paddle.Tensor inputs alike, thread
 safety through the lock and clone(), clear errors for bad input; then InferenceModel's own options
 (oneDNN on/off, devices, missing files). OpenVINO's own options: tests/test_openvino.py."""
@@ -12,8 +12,9 @@ import paddle
 import pytest
 
 from rexnet_serving.export import export_model
-from rexnet_serving.inference import InferenceModel, load_model
 from rexnet_serving.models import build_model
+from rexnet_serving.runtimes import load_model
+from rexnet_serving.runtimes.paddle import InferenceModel
 
 ARCH = "ReXNet_1_0"
 SIZE = 64  # small input keeps every run cheap; the program is the same for any size

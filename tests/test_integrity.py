@@ -55,7 +55,7 @@ def test_export_records_every_file(random_model_dir: Path) -> None:
 
 def test_same_size_corruption_is_refused_by_every_loader(model: Path) -> None:
     from rexnet_serving.classifier import Classifier
-    from rexnet_serving.inference import InferenceModel
+    from rexnet_serving.runtimes.paddle import InferenceModel
     flip_bytes(model / PARAMS)
     target = str(model / PARAMS)
     with pytest.raises(IntegrityError, match=f"{target}: sha256 differs .*same size"):
@@ -218,7 +218,7 @@ def test_symlinked_file_out_of_the_export_is_refused(model: Path, tmp_path: Path
 
 def test_symlinked_directory_out_of_the_export_is_refused(model: Path, tmp_path: Path) -> None:
     from rexnet_serving.brpc.cpp_backend import BackendError, model_serving_dir
-    from rexnet_serving.inference import InferenceModel
+    from rexnet_serving.runtimes.paddle import InferenceModel
     outside = outside_copy(model, tmp_path, "serving_server")
     shutil.rmtree(model / "serving_server")
     (model / "serving_server").symlink_to(outside, target_is_directory=True)
@@ -255,7 +255,7 @@ def test_the_verified_manifest_gives_the_checked_paths(model: Path) -> None:
     """Runtimes open what verify_files resolved: the inference files, labels, serving dirs."""
     from rexnet_serving.brpc.cpp_backend import BackendError, model_serving_dir
     from rexnet_serving.classifier import Classifier
-    from rexnet_serving.predictor import model_files
+    from rexnet_serving.runtimes.base import model_files
     linked = model.parent / "linked_export"
     linked.symlink_to(model, target_is_directory=True)
     manifest = verify_files(linked)

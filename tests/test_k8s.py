@@ -368,7 +368,7 @@ def run_config(docs: List[Dict[str, Any]], c: Dict[str, Any]) -> Dict[str, str]:
 @needs_kubectl
 @pytest.mark.parametrize("variant", ["", "gpu"])
 def test_indexed_job_shards_and_failure_policy(variant: str) -> None:
-    from rexnet_serving.predict import build_parser
+    from rexnet_serving.predict_cli import build_parser
     from rexnet_serving.runs import merge, shards, summary
     docs = indexed(variant)
     job = find(docs, "Job", "rexnet-predict-shards")

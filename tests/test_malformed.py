@@ -20,8 +20,7 @@ import requests
 from brpc_wire import responses
 from images import encode, photo
 from servers import ServiceProcess
-from rexnet_pipelines import protocol
-
+from rexnet_serving import pipeline_wire
 pytestmark = pytest.mark.server
 
 MODEL = "scored"
@@ -82,7 +81,7 @@ def test_pipeline_http(service: ServiceProcess, body: str, status: int, words: s
     if status == 400:
         assert answer["code"] == INVALID_ARGUMENT and words in answer["message"], answer
     else:
-        assert answer["err_no"] == protocol.INVALID_REQUEST and words in answer["err_msg"], answer
+        assert answer["err_no"] == pipeline_wire.INVALID_REQUEST and words in answer["err_msg"], answer
 
 
 # -- Pipeline gRPC: Paddle's own PipelineClient, and the raw message where it cannot send a case ---------------
@@ -107,7 +106,7 @@ def pipeline_client(service: ServiceProcess) -> Any:
 @pytest.mark.parametrize("feed, words", PIPELINE_GRPC.values(), ids=PIPELINE_GRPC.keys())
 def test_pipeline_grpc(pipeline_client: Any, feed: dict, words: str) -> None:
     reply = pipeline_client.predict(feed_dict=feed, fetch=["results"])
-    assert reply.err_no == protocol.INVALID_REQUEST and words in reply.err_msg, (reply.err_no, reply.err_msg)
+    assert reply.err_no == pipeline_wire.INVALID_REQUEST and words in reply.err_msg, (reply.err_no, reply.err_msg)
 
 
 @pytest.mark.parametrize("tensor, words", [
@@ -119,7 +118,7 @@ def test_pipeline_grpc_raw_tensors(service: ServiceProcess, tensor: dict, words:
     request = pipeline_service_pb2.Request(name="rexnet", tensors=[pipeline_service_pb2.Tensor(**tensor)])
     with grpc.insecure_channel(f"127.0.0.1:{service.grpc}") as channel:
         reply = pipeline_service_pb2_grpc.PipelineServiceStub(channel).inference(request, timeout=60)
-    assert reply.err_no == protocol.INVALID_REQUEST and words in reply.err_msg, (reply.err_no, reply.err_msg)
+    assert reply.err_no == pipeline_wire.INVALID_REQUEST and words in reply.err_msg, (reply.err_no, reply.err_msg)
 
 
 # -- v2 REST: (body, extra headers, words of the 400's error) -----------------------------------------------
@@ -239,7 +238,7 @@ BRPC = {
 
 @pytest.mark.parametrize("tensors, words", BRPC.values(), ids=BRPC.keys())
 def test_brpc(brpc_port: int, tensors: list, words: str) -> None:
-    from rexnet_serving.brpc.protocol import Errno, encode_frame, request_meta
+    from rexnet_serving.brpc.framing import Errno, encode_frame, request_meta
     from rexnet_serving.brpc.tensors import Request
     request = Request(tensor=[_brpc_tensor(**t) for t in tensors], fetch_var_names=[])
     meta = request_meta("baidu.paddle_serving.predictor.general_model.GeneralModelService", "inference", 1)

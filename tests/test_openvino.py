@@ -1,4 +1,4 @@
-"""The OpenVINO runtime (rexnet_serving.openvino_model) and the runtime factory (inference.load_model).
+"""The OpenVINO runtime (rexnet_serving.runtimes.openvino) and the runtime factory (runtimes.load_model).
 
 Parity: for every width, OpenVINO FP32 and Paddle Inference (oneDNN) on the same logits export
 (``softmax=False``) agree to 1e-5 of the logits' scale, with weights whose logits are of a real scale.
@@ -17,11 +17,12 @@ import pytest
 
 from conftest import shared_file
 from images import PHOTO_SET, photo
-from rexnet_serving.inference import InferenceModel, load_model
 from rexnet_serving.manifest import IntegrityError
 from rexnet_serving.models import MODELS, build_model
-from rexnet_serving.openvino_model import OpenVinoModel, check_bf16, cpu_capabilities
-from rexnet_serving.predictor import OptionError
+from rexnet_serving.runtimes import load_model
+from rexnet_serving.runtimes.base import OptionError
+from rexnet_serving.runtimes.openvino import OpenVinoModel, check_bf16, cpu_capabilities
+from rexnet_serving.runtimes.paddle import InferenceModel
 
 OFFICIAL_CHECKPOINT = "fixtures/official_rexnetv1_1.0_seed0.pth"
 PARITY_BATCH = 3

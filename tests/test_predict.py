@@ -26,7 +26,7 @@ from conftest import SCORED_CLASSES, free_port
 from images import make_photo_set
 from rexnet_serving.classifier import inference_model_options
 from rexnet_serving.clients.http import HttpClient
-from rexnet_serving.predict import build_parser, main
+from rexnet_serving.predict_cli import build_parser, main
 from rexnet_serving.results import ImageResult
 from rexnet_serving.runs.cli import model_options
 
@@ -193,7 +193,7 @@ def test_resume_after_sigkill_does_each_image_once(scored_model_dir, photos, tmp
 
 def test_model_options_go_through_the_services_mapping():
     args = build_parser().parse_args(["x.jpg", "--threads", "3"])
-    # the service's default runtime on the same device (rexnet_serving.predictor.default_runtime)
+    # the service's default runtime on the same device (rexnet_serving.runtimes.default_runtime)
     assert model_options(args, max_batch=16) == inference_model_options(thread_num=3, max_batch=16, runtime="openvino")
     args = build_parser().parse_args(["x.jpg", "--device", "gpu"])
     assert model_options(args, max_batch=16)["runtime"] == "paddle"

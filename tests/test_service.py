@@ -28,7 +28,7 @@ import requests
 
 from conftest import free_port
 from images import encode, make_photo_set, photo
-from rexnet_pipelines import protocol
+from rexnet_serving import pipeline_wire
 from rexnet_serving.classifier import Classifier
 from rexnet_serving.clients.base import BadRequestError
 from rexnet_serving.clients.grpc import GrpcClient
@@ -155,7 +155,7 @@ def good_request_works(service: Service, offline: Classifier) -> None:
     image = encode(photo("china", (160, 120)), "jpeg")
     answer = post(service, {"key": ["image"], "value": [base64.b64encode(image).decode()]})
     assert answer["status"] == 200 and answer.get("err_no", 0) == 0, answer
-    (result,) = protocol.decode_results(answer["value"][0])
+    (result,) = pipeline_wire.decode_results(answer["value"][0])
     assert_same(result, offline.classify([image], top_k=5)[0])
 
 
@@ -256,7 +256,7 @@ def test_bad_http_input_is_answered_clearly_then_service_still_works(service, of
     if image_code is None:
         assert not answer.get("value")
     else:
-        (result,) = protocol.decode_results(answer["value"][0])
+        (result,) = pipeline_wire.decode_results(answer["value"][0])
         assert result.error_code == image_code
     good_request_works(service, offline)
 
@@ -271,7 +271,7 @@ def test_invalid_json_is_refused_by_the_gateway(service, offline):
 def test_wrong_service_name(service, offline):
     reply = requests.post(f"http://127.0.0.1:{service.http}/resnet/prediction",
                           json={"key": ["image"], "value": [b64(JPEG)]}, timeout=30).json()
-    assert reply["err_no"] == protocol.NO_SERVICE
+    assert reply["err_no"] == pipeline_wire.NO_SERVICE
     assert "unknown service 'resnet'" in reply["err_msg"] and "/rexnet/prediction" in reply["err_msg"]
     with pytest.raises(BadRequestError, match="3002"):
         GrpcClient(f"127.0.0.1:{service.grpc}", service_name="resnet").classify([JPEG])
@@ -283,11 +283,11 @@ def test_bad_grpc_tensors(service, clients, offline):
     pb2 = grpc_client._pb2
     request = pb2.Request(name="rexnet", tensors=[pb2.Tensor(name="image", elem_type=1, float_data=[1.0])])
     response = grpc_client.send(request)
-    assert response.err_no == protocol.INVALID_REQUEST and "elem_type 1" in response.err_msg
+    assert response.err_no == pipeline_wire.INVALID_REQUEST and "elem_type 1" in response.err_msg
     request = pb2.Request(name="rexnet", key=["image"], value=[b64(JPEG)],
                           tensors=[pb2.Tensor(name="image", elem_type=13, byte_data=JPEG)])
     response = grpc_client.send(request)
-    assert response.err_no == protocol.INVALID_REQUEST and "more than once" in response.err_msg
+    assert response.err_no == pipeline_wire.INVALID_REQUEST and "more than once" in response.err_msg
     with pytest.raises(BadRequestError, match="invalid_top_k"):
         grpc_client.classify([JPEG], top_k=0)
     (result,) = grpc_client.classify([JPEG], top_k=SCORED_CLASSES)
@@ -391,27 +391,27 @@ def test_pixel_bomb_is_refused_within_the_memory_budget(model_dir, offline, tmp_
     peak RSS grows by less than the README's per-request budget."""
     from rexnet_serving.imageio import REQUEST_MEMORY_BUDGET_MB
     bombs = [encode(np.full((6000, 6000, 3), 40 * i + 20, np.uint8), "png") for i in range(4)] * 4
-    body = {"key": protocol.image_keys(16), "value": [b64(data) for data in bombs]}
+    body = {"key": pipeline_wire.image_keys(16), "value": [b64(data) for data in bombs]}
     with running_service(model_dir, tmp_path, "  drain_timeout_s: 10\n") as svc:
         rss_before = _status_mb(svc.proc.pid, "VmRSS")
         answer = post(svc, body)
         growth = _status_mb(svc.proc.pid, "VmHWM") - rss_before
         print(f"pixel bomb ({sum(map(len, bombs)) / 1e6:.1f} MB of PNG, 576 MP): err_no {answer.get('err_no')}, "
               f"peak RSS +{growth:.0f} MB")
-        assert answer["err_no"] == protocol.REQUEST_TOO_LARGE, answer
+        assert answer["err_no"] == pipeline_wire.REQUEST_TOO_LARGE, answer
         assert answer["err_msg"].startswith("request_too_large: ") and "64000000" in answer["err_msg"]
         assert growth < REQUEST_MEMORY_BUDGET_MB
         good_request_works(svc, offline)
         # The first forward pass of max_batch_images (32) images grows Paddle's memory pool once (about
         # 0.5 GB on the CPU, kept for later batches: the steady state, whatever the pixels); do it first.
         tiny = [encode(np.full((64, 64, 3), 3 * i, np.uint8), "png") for i in range(32)]
-        assert post(svc, {"key": protocol.image_keys(32), "value": [b64(data) for data in tiny]})["status"] == 200
+        assert post(svc, {"key": pipeline_wire.image_keys(32), "value": [b64(data) for data in tiny]})["status"] == 200
         # A request at the defaults' edge: 64 images (the most) of 1 MP (64 MP, the pixel budget; the
         # forward passes of 64 images and per-image buffers on top) -- classified, within the budget.
         edge = [encode(np.full((1000, 1000, 3), 3 * i, np.uint8), "png") for i in range(64)]
         rss_before = _status_mb(svc.proc.pid, "VmRSS")
-        answer = post(svc, {"key": protocol.image_keys(64), "value": [b64(data) for data in edge]})
+        answer = post(svc, {"key": pipeline_wire.image_keys(64), "value": [b64(data) for data in edge]})
         growth = _status_mb(svc.proc.pid, "VmHWM") - rss_before
         print(f"64 x 1 MP: err_no {answer.get('err_no', 0)}, peak RSS +{growth:.0f} MB")
-        assert answer.get("err_no", 0) == 0 and all(r.ok for r in protocol.decode_results(answer["value"][0]))
+        assert answer.get("err_no", 0) == 0 and all(r.ok for r in pipeline_wire.decode_results(answer["value"][0]))
         assert growth < REQUEST_MEMORY_BUDGET_MB

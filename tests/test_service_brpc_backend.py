@@ -129,7 +129,7 @@ def native_backend(model_dir) -> Iterator[str]:
 
 @pytest.mark.server
 def test_remote_predictor_equals_the_local_predictor(model_dir, offline, native_backend):
-    from rexnet_serving.remote import RemotePredictor
+    from rexnet_serving.runtimes.brpc_remote import RemotePredictor
     batch = offline.preprocess([photo("china", (160, 120)), photo("flower", (120, 160))])
     remote = RemotePredictor(model_dir, [native_backend], timeout=60)
     twin = remote.clone()
@@ -144,7 +144,7 @@ def test_remote_predictor_equals_the_local_predictor(model_dir, offline, native_
 
 @pytest.mark.server
 def test_remote_predictor_down_backend_is_unavailable_and_names_it(model_dir, offline):
-    from rexnet_serving.remote import BackendUnavailable, RemotePredictor
+    from rexnet_serving.runtimes.brpc_remote import BackendUnavailable, RemotePredictor
     endpoint = f"127.0.0.1:{free_port()}"  # nothing listens here
     remote = RemotePredictor(model_dir, [endpoint], timeout=5)  # built while the backend is down
     try:
@@ -157,7 +157,7 @@ def test_remote_predictor_down_backend_is_unavailable_and_names_it(model_dir, of
 
 @pytest.mark.server
 def test_remote_predictor_refuses_mismatches_before_sending(model_dir, native_backend, tmp_path):
-    from rexnet_serving.remote import RemotePredictor
+    from rexnet_serving.runtimes.brpc_remote import RemotePredictor
     with pytest.raises(ValueError, match=r"fetch_list \['logits'\] does not match"):
         RemotePredictor(model_dir, [native_backend], fetch=["logits"])
     other = tmp_path / "serving_client_conf.prototxt"

@@ -109,7 +109,7 @@ def test_combinations_are_checked(tmp_path, text, message):
 
 
 def test_base_defaults_to_the_devices_runtime_and_bf16_runs_on_openvino(tmp_path):
-    # one home for the default runtime: rexnet_serving.predictor.default_runtime, as the offline tools'
+    # one home for the default runtime: rexnet_serving.runtimes.default_runtime, as the offline tools'
     base = load_config(CONFIG_DIR / "base.yml")
     assert (base.infer_service["runtime"], base.infer_service["precision"]) == ("openvino", "fp32")
     assert load_config(CONFIG_DIR / "gpu.yml").infer_service["runtime"] == "paddle"

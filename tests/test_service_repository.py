@@ -14,7 +14,7 @@ import requests
 
 from images import encode, photo
 from servers import BIN, ServiceProcess
-from rexnet_pipelines import protocol
+from rexnet_serving import pipeline_wire
 from rexnet_serving.classifier import Classifier
 from rexnet_serving.cpus import available_cpus
 from conftest import free_port
@@ -57,7 +57,7 @@ def test_each_request_goes_to_the_model_it_names(service, scored_model_dir, rand
                              ({"model": "imagenet", "model_version": "3"}, random_model_dir)):
         answer = ask(service, **extra)
         assert answer["err_no"] == 0, answer
-        (served,) = protocol.decode_results(answer["value"][0])
+        (served,) = pipeline_wire.decode_results(answer["value"][0])
         (expected,) = Classifier(model_dir).classify([JPEG], top_k=3)
         assert [p.label for p in served.predictions] == [p.label for p in expected.predictions]
         assert [round(p.score, 4) for p in served.predictions] == [round(p.score, 4) for p in expected.predictions]
@@ -70,7 +70,7 @@ def test_unknown_models_and_versions_are_bad_requests(service):
                            ({"model": "imagenet", "model_version": "1"}, "has no served version 1 (served: 3)"),
                            ({"model_version": "two"}, "model_version must be a version number")):
         answer = ask(service, **extra)
-        assert answer["err_no"] == protocol.INVALID_REQUEST and message in answer["err_msg"], answer
+        assert answer["err_no"] == pipeline_wire.INVALID_REQUEST and message in answer["err_msg"], answer
 
 
 def test_requests_are_counted_by_model(service):
@@ -120,11 +120,11 @@ def test_each_model_runs_with_its_own_settings(service, repository):
         assert answer.status_code == 200, answer.text
         assert answer.json()["outputs"][0]["shape"] == [rows, classes]
     # six images in one Pipeline request: forward passes of at most 4 on this model, answers in order
-    keys = protocol.image_keys(6) + ["top_k", "model"]
+    keys = pipeline_wire.image_keys(6) + ["top_k", "model"]
     answer = requests.post(service.url, json={"key": keys, "value": [base64.b64encode(JPEG).decode()] * 6 + ["2", "imagenet"]},
                            timeout=60).json()
     assert answer["err_no"] == 0, answer
-    results = protocol.decode_results(answer["value"][0])
+    results = pipeline_wire.decode_results(answer["value"][0])
     assert len(results) == 6 and len({tuple(p.label for p in r.predictions) for r in results}) == 1
 
 

@@ -346,7 +346,7 @@ def test_object_reads_are_retried_then_recorded_unreadable(s3_server, monkeypatc
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
     from rexnet_serving.imageio import DecodeLimits
-    from rexnet_serving.predict import UNREADABLE, read_and_decode
+    from rexnet_serving.predict_cli import UNREADABLE, read_and_decode
     from rexnet_serving.runs import storage
     data = encode(photo("flower", (40, 30)), "png")
     real, _ = storage.filesystem("s3://flaky/a.png")
@@ -409,7 +409,7 @@ def test_local_parquet_resumes_from_its_journal_and_refuses_another_model(tmp_pa
 
 
 def test_parquet_and_shards_need_an_output_file(tmp_path: Path, capsys) -> None:
-    from rexnet_serving.predict import main
+    from rexnet_serving.predict_cli import main
     write_images(tmp_path / "images", 1)
     for flags, message in ((["--format", "parquet"], "--format parquet needs -o"),
                            (["--shard", "0/2"], "a shard needs -o")):

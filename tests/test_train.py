@@ -298,7 +298,7 @@ def test_trained_weights_export_and_serve_the_same_predictions(full_run, digits,
     import paddle
     from rexnet_serving.export.cli import main as export_main
     from rexnet_serving.imageio import decode_image
-    from rexnet_serving.inference import InferenceModel
+    from rexnet_serving.runtimes.paddle import InferenceModel
     from rexnet_serving.models import build_model, load_weights
     from rexnet_serving.preprocess import PreprocessConfig, preprocess
     out, _ = full_run

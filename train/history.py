@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -17,11 +17,6 @@ def write_metrics(output_dir: str, history: Sequence[Dict[str, Any]]) -> str:
         f.writelines(json.dumps(record, sort_keys=True) + "\n" for record in history)
     os.replace(tmp, path)
     return path
-
-
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_curves(output_dir: str, history: Sequence[Dict[str, Any]]) -> str:

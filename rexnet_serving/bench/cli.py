@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from tqdm import tqdm
 
 from .. import defaults
-from ..predictor import RUNTIMES
+from ..runtimes.base import RUNTIMES
 from .loadgen import ARRIVALS, RunResult, closed_loop, open_loop
 from .payloads import PayloadError, describe, generate_photos, load_payloads
 from .servers import IMAGES_PER_REQUEST
@@ -275,7 +275,8 @@ class Bench:
                 "--images", str(images_dir), "--batches", ",".join(map(str, self.settings["batches"])),
                 "--seconds", str(self.settings["inprocess_seconds"])]
         self.result["inprocess"] = self._json_from(argv, self.work / "inprocess.log")
-        argv = [sys.executable, "-m", "rexnet_serving.bench.runtimes", "--model-dir", str(self.model_dir),
+        argv = [sys.executable, "-m", "rexnet_serving.bench.runtime_compare",
+                "--model-dir", str(self.model_dir),
                 "--images", str(images_dir), "--batches", ",".join(map(str, self.args.runtime_batches)),
                 "--seconds", str(self.settings["inprocess_seconds"])]
         self.result["runtimes"] = self._json_from(argv, self.work / "runtimes.log")

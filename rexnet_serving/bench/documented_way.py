@@ -34,6 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from .keepalive import KeepAliveJsonPoster
+
 SERVICE_NAME = "imagenet"  # the example's service and op name: POST /imagenet/prediction
 LABEL_FILE = "imagenet.label"  # read from the working directory by the example's op
 
@@ -121,12 +123,11 @@ def build_service(model_dir: Path) -> Any:
 class DocumentedClient:
     """pipeline_http_client.py's request as a loadgen Sender: one image per POST, the answer checked.
 
-    The same lean keep-alive transport as the service's HTTP sender (rexnet_serving.bench.servers), so
+    The same lean keep-alive transport as the service's HTTP sender (rexnet_serving.bench.keepalive), so
     both sides of the comparison pay the same client cost.
     """
 
     def __init__(self, address: str, timeout: float = 30.0, payloads: Sequence[bytes] = ()) -> None:
-        from .servers import KeepAliveJsonPoster
         self._poster = KeepAliveJsonPoster(address, f"/{SERVICE_NAME}/prediction", timeout, request_body, payloads)
 
     def send(self, data: bytes) -> None:

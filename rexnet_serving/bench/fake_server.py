@@ -18,8 +18,7 @@ import threading
 from concurrent import futures
 from typing import List, Optional
 
-from rexnet_pipelines import protocol
-
+from .. import pipeline_wire
 from ..results import ImageResult, Prediction
 
 PROTOCOLS = ("http", "grpc", "brpc")
@@ -48,8 +47,8 @@ async def _http_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
 
 
 def serve_http(port: int, stop: threading.Event) -> None:
-    body = json.dumps({"err_no": 0, "err_msg": "", "key": [protocol.RESULTS_KEY],
-                       "value": [protocol.encode_results(canned_results())]}).encode()
+    body = json.dumps({"err_no": 0, "err_msg": "", "key": [pipeline_wire.RESULTS_KEY],
+                       "value": [pipeline_wire.encode_results(canned_results())]}).encode()
     reply = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
              + str(len(body)).encode() + b"\r\n\r\n" + body)
 
@@ -68,8 +67,8 @@ def serve_grpc(port: int, stop: threading.Event) -> None:
 
     from ..clients.grpc import pipeline_messages
     pb2 = pipeline_messages()
-    response = pb2.Response(err_no=0, key=[protocol.RESULTS_KEY],
-                            value=[protocol.encode_results(canned_results())])
+    response = pb2.Response(err_no=0, key=[pipeline_wire.RESULTS_KEY],
+                            value=[pipeline_wire.encode_results(canned_results())])
     handler = grpc.method_handlers_generic_handler(
         "baidu.paddle_serving.pipeline_serving.PipelineService",
         {"inference": grpc.unary_unary_rpc_method_handler(

@@ -9,7 +9,7 @@ show what that implementation costs. A per-stage breakdown at batch 1 says where
 Run in its own process by rexnet-bench (nothing else running), printing JSON:
     python -m rexnet_serving.bench.inprocess --model-dir DIR --images DIR [--batches 1,2,4,8,16]
         [--runtime openvino|paddle] [--precision fp32|bf16]
-The runtimes side by side: rexnet_serving.bench.runtimes.
+The runtimes side by side: rexnet_serving.bench.runtime_compare.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..predictor import PRECISIONS, RUNTIMES, default_runtime
+from ..runtimes import default_runtime
+from ..runtimes.base import PRECISIONS, RUNTIMES
 from ..preprocess import preprocess, preprocess_opencv
 from .payloads import load_payloads
 
@@ -78,7 +79,7 @@ def run_baseline(model_dir: Path, payloads: Sequence[bytes], batches: Sequence[i
                  progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     from ..classifier import Classifier
     from ..imageio import decode_image
-    from ..predictor import runtime_info
+    from ..runtimes.base import runtime_info
     say = progress or (lambda message: None)
     clf = Classifier(model_dir, runtime=runtime, precision=precision, cpu_threads=cpu_threads, mkldnn=mkldnn,
                      max_batch=max(batches))

@@ -250,8 +250,8 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def runtimes_markdown(result: Dict[str, Any]) -> List[str]:
-    """The runtime comparison (rexnet_serving.bench.runtimes): img/s per runtime and batch size, inference
-    only and with OpenCV decode + preprocessing, and each runtime's agreement with Paddle Inference."""
+    """The runtime comparison (rexnet_serving.bench.runtime_compare): img/s per runtime and batch size,
+    inference only and with OpenCV decode + preprocessing, and each runtime's agreement with Paddle Inference."""
     runtimes = result.get("runtimes")
     if not runtimes:
         return []
@@ -272,8 +272,8 @@ def runtimes_markdown(result: Dict[str, Any]) -> List[str]:
                          f"| {_fmt(infer.get('p50_ms'))} | {_fmt(pipeline.get('images_per_s'))} | {agree} |")
     if result["meta"]["model"]["random_init"]:
         lines += ["", "Random weights: every score is about 1/classes, so the agreement columns compare near-ties "
-                      "and mean little; `python -m rexnet_serving.bench.runtimes --agreement-only` on an export "
-                      "with real weights gives the meaningful numbers."]
+                      "and mean little; `python -m rexnet_serving.bench.runtime_compare --agreement-only` on an "
+                      "export with real weights gives the meaningful numbers."]
     return lines + [""]
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..defaults import BRPC_PORT, default_model_dir
-from ..predictor import (PRECISIONS, RUNTIMES, OptionError, check_runtime_options, default_runtime,
-                         runtime_info)
-from . import protocol
+from ..runtimes import default_runtime
+from ..runtimes.base import PRECISIONS, RUNTIMES, OptionError, check_runtime_options, runtime_info
+from . import framing
 from .server import ServerOptions
 
 SUBCOMMANDS = ("native", "cpp")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     native.add_argument("--gpu-id", type=int, default=0, help="GPU for --device gpu (default %(default)s)")
     native.add_argument("--max-concurrency", type=int, default=256,
                         help="requests queued or running before ELIMIT refusals (default %(default)s)")
-    native.add_argument("--max-body-size", type=int, default=protocol.DEFAULT_MAX_BODY_SIZE,
+    native.add_argument("--max-body-size", type=int, default=framing.DEFAULT_MAX_BODY_SIZE,
                         help="largest frame body in bytes, as bRPC's -max_body_size (default %(default)s)")
     native.add_argument("--max-images", type=int, default=64,
                         help="encoded images per request (default %(default)s)")

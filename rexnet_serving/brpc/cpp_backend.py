@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
 from ..defaults import BRPC_PORT
-from .protocol import DEFAULT_MAX_BODY_SIZE
+from .framing import DEFAULT_MAX_BODY_SIZE
 
 if TYPE_CHECKING:  # importing paddle_serving_server costs a second; only the functions need it
     from paddle_serving_server import Server

@@ -46,14 +46,14 @@ from typing import Any, Optional, Set, Tuple
 
 from ..defaults import BRPC_PORT
 from ..imageio import DecodeLimits
-from . import protocol
-from .protocol import Errno, Frame, FrameError
+from . import framing
+from .framing import Errno, Frame, FrameError
 from .service import handle_payload
 
 log = logging.getLogger(__name__)
 
 METHODS = ("inference", "debug")
-SERVICE_NAMES = (protocol.SERVICE_FULL_NAME, protocol.SERVICE_SHORT_NAME)
+SERVICE_NAMES = (framing.SERVICE_FULL_NAME, framing.SERVICE_SHORT_NAME)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ServerOptions:
     workers: int = 2                 # inference threads, one predictor each
     cpu_threads: int = 1             # Paddle math threads per predictor
     max_concurrency: int = 256       # requests queued or running; more get ELIMIT
-    max_body_size: int = protocol.DEFAULT_MAX_BODY_SIZE
+    max_body_size: int = framing.DEFAULT_MAX_BODY_SIZE
     max_images: int = 64             # encoded images per request
     max_request_pixels: int = DecodeLimits.max_request_pixels  # decoded pixels of one request's images
     max_connections: int = 1024      # open connections; more are closed on accept
@@ -207,7 +207,7 @@ class NativeServer:
             while True:
                 try:
                     frame, held = await self._read_frame(reader)
-                except protocol.IdleTimeout:
+                except framing.IdleTimeout:
                     if requests:
                         continue  # silent while waiting for its answers: not idle
                     log.debug("closing idle bRPC connection from %s", peer)
@@ -255,7 +255,7 @@ class NativeServer:
             return True
 
         try:
-            frame = await protocol.read_frame(reader, self.options.max_body_size,
+            frame = await framing.read_frame(reader, self.options.max_body_size,
                                               body_timeout=self.options.read_timeout,
                                               idle_timeout=self.options.idle_timeout, admit=admit)
         except BaseException:  # cut short, timed out or cancelled: the body is not held any more
@@ -285,7 +285,7 @@ class NativeServer:
     async def _answer(self, frame: Frame, writer: asyncio.StreamWriter, write_lock: asyncio.Lock, code: int,
                       text: str = "", payload: bytes = b"") -> None:
         meta = frame.meta.request
-        data = protocol.encode_frame(protocol.response_meta(frame.meta.correlation_id, code, text), payload)
+        data = framing.encode_frame(framing.response_meta(frame.meta.correlation_id, code, text), payload)
         if code:
             log.info("bRPC %s/%s log_id=%s -> %s: %s", meta.service_name, meta.method_name, meta.log_id,
                      Errno(code).name, text)
@@ -302,7 +302,7 @@ class NativeServer:
             return Errno.ENOSERVICE, f"Fail to find service={meta.service_name}", b""
         if meta.method_name not in METHODS:
             return Errno.ENOMETHOD, f"Fail to find method={meta.service_name}/{meta.method_name}", b""
-        if not protocol.attachment_fits(frame):
+        if not framing.attachment_fits(frame):
             return (Errno.EREQUEST, f"attachment_size={frame.meta.attachment_size} is larger than "
                                     f"request_size={len(frame.payload)}", b"")
         if self._stopping.is_set():

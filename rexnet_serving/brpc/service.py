@@ -6,7 +6,8 @@ general_model.GeneralModelService`` with the messages of Paddle Serving 0.9.0's
 general_model_service.proto. The two feed forms (tensor feeds; encoded images with top-k back as JSON)
 are described in rexnet_serving.brpc.tensors. The predictor is the service's own:
 rexnet_serving.classifier.Classifier (decode -> preprocess -> Paddle Inference -> top-k), with one
-predictor clone per worker thread (rexnet_serving.inference.load_model: OpenVINO or Paddle Inference). Error codes are bRPC's (src/brpc/errno.proto).
+predictor clone per worker thread (rexnet_serving.runtimes.load_model: OpenVINO or Paddle Inference).
+Error codes are bRPC's (src/brpc/errno.proto).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ..imageio import DecodeLimits, RequestTooLargeError
-from . import protocol
-from .protocol import Errno, Frame
+from . import framing
+from .framing import Errno, Frame
 from .tensors import (DEFAULT_TOP_K, ENGINE_NAME, IMAGE_FEED, PREDICTIONS_FETCH, TOP_K_FEED, ElemType,
                       GeneralModelConfig, Request, Response, Tensor, TooManyFields, check_wire_fields, from_tensor,
                       load_model_config, to_tensor)
@@ -39,7 +40,7 @@ class ModelService:
 
     Thread-safe: each calling thread gets its own predictor clone on first use. ``runtime``,
     ``precision`` and ``streams`` (OpenVINO's parallel infer requests: the worker count) go to
-    rexnet_serving.inference.load_model.
+    rexnet_serving.runtimes.load_model.
     """
 
     def __init__(self, model_dir: Union[str, Path], cpu_threads: int = 1, max_images: int = 64,
@@ -47,7 +48,7 @@ class ModelService:
                  max_request_pixels: int = DecodeLimits.max_request_pixels, runtime: str = "paddle",
                  precision: str = "fp32", streams: int = 1) -> None:
         from ..classifier import Classifier
-        from ..inference import load_model
+        from ..runtimes import load_model
 
         model = load_model(model_dir, runtime=runtime, precision=precision, device=device, gpu_id=gpu_id,
                            cpu_threads=cpu_threads, max_batch=max_images, streams=streams)
@@ -173,14 +174,14 @@ class ModelService:
 
 
 def handle_payload(service: Any, method: str, frame: Frame,
-                   max_size: int = protocol.DEFAULT_MAX_BODY_SIZE) -> Tuple[int, str, bytes]:
+                   max_size: int = framing.DEFAULT_MAX_BODY_SIZE) -> Tuple[int, str, bytes]:
     """(error_code, error_text, response payload) for one request frame; runs in a worker thread.
 
     A compressed payload is inflated to at most ``max_size`` bytes (the body limit): past it, EREQUEST.
     """
     try:
-        payload = protocol.decompress(frame.payload, frame.meta.compress_type, max_size)
-    except protocol.PayloadTooLarge as exc:
+        payload = framing.decompress(frame.payload, frame.meta.compress_type, max_size)
+    except framing.PayloadTooLarge as exc:
         return Errno.EREQUEST, str(exc), b""
     except (ValueError, OSError, EOFError, zlib.error) as exc:  # unknown codec or corrupt data
         return Errno.EREQUEST, f"undecodable payload (compress_type={frame.meta.compress_type}): {exc}", b""

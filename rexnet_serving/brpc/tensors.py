@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import math
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Tuple, Union
 
 import numpy as np
 from google.protobuf import text_format
@@ -231,10 +231,3 @@ def load_model_config(path: Union[str, Path]) -> GeneralModelConfig:
     except text_format.ParseError as exc:
         raise ValueError(f"{path}: not a GeneralModelConfig prototxt: {exc}") from None
 
-
-def feed_vars(config: GeneralModelConfig) -> Dict[str, "model_config_pb2.FeedVar"]:
-    return {var.alias_name: var for var in config.feed_var}
-
-
-def fetch_vars(config: GeneralModelConfig) -> Dict[str, "model_config_pb2.FetchVar"]:
-    return {var.alias_name: var for var in config.fetch_var}

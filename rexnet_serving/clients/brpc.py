@@ -1,7 +1,7 @@
 """bRPC client: Paddle Serving's GeneralModelService over baidu_std, in Python.
 
 The official ``paddle_serving_client.Client`` is a C++ extension that needs libcrypto.so.10; this one speaks
-the same wire protocol (rexnet_serving.brpc.protocol) with the same calls -- ``load_client_config``,
+the same wire protocol (rexnet_serving.brpc.framing) with the same calls -- ``load_client_config``,
 ``connect``, ``predict(feed, fetch, batch)`` -- plus ``classify`` from the ClassifierClient protocol
 (rexnet_serving.clients.base), which sends encoded images in the image feed form of
 rexnet_serving.brpc.tensors.
@@ -29,8 +29,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from ..brpc import protocol
-from ..brpc.protocol import Errno, Frame, FrameDecoder, FrameError
+from ..brpc import framing
+from ..brpc.framing import Errno, Frame, FrameDecoder, FrameError
 from ..brpc.tensors import (DEFAULT_TOP_K, IMAGE_FEED, PREDICTIONS_FETCH, TOP_K_FEED, ElemType,
                             GeneralModelConfig, Request, Response, Tensor, from_tensor, load_model_config,
                             to_tensor)
@@ -172,8 +172,8 @@ class BrpcClient:
     """``paddle_serving_client.Client``-like calls over baidu_std, and ``classify`` for encoded images."""
 
     def __init__(self, address: Optional[str] = None, timeout: float = 30.0, *,
-                 max_body_size: int = protocol.DEFAULT_MAX_BODY_SIZE,
-                 service_name: str = protocol.SERVICE_FULL_NAME) -> None:
+                 max_body_size: int = framing.DEFAULT_MAX_BODY_SIZE,
+                 service_name: str = framing.SERVICE_FULL_NAME) -> None:
         self.timeout = float(timeout)
         self.max_body_size = max_body_size
         self.service_name = service_name
@@ -273,10 +273,10 @@ class BrpcClient:
         """One GeneralModelService call; raises TransientError / BadRequestError / ClientError."""
         payload = request.SerializeToString()
         correlation_id = next(self._ids)
-        meta = protocol.request_meta(self.service_name, method, correlation_id, log_id=log_id)
-        data = protocol.encode_frame(meta, payload)
-        if len(data) - protocol.HEADER_SIZE > self.max_body_size:
-            raise BadRequestError(f"request body of {len(data) - protocol.HEADER_SIZE} bytes exceeds "
+        meta = framing.request_meta(self.service_name, method, correlation_id, log_id=log_id)
+        data = framing.encode_frame(meta, payload)
+        if len(data) - framing.HEADER_SIZE > self.max_body_size:
+            raise BadRequestError(f"request body of {len(data) - framing.HEADER_SIZE} bytes exceeds "
                                   f"max_body_size={self.max_body_size}")
         deadline = time.monotonic() + self.timeout
         conn = self._connection(deadline)
@@ -298,12 +298,12 @@ class BrpcClient:
             except ValueError:
                 label = str(status.error_code)
             message = f"{self._address()} answered {label} ({status.error_code}): {status.error_text}"
-            if status.error_code in protocol.TRANSIENT_ERRNOS:
+            if status.error_code in framing.TRANSIENT_ERRNOS:
                 raise TransientError(message)
             raise BadRequestError(message)
         response = Response()
         try:
-            response.ParseFromString(protocol.decompress(frame.payload, frame.meta.compress_type,
+            response.ParseFromString(framing.decompress(frame.payload, frame.meta.compress_type,
                                                          self.max_body_size))
         except (DecodeError, ValueError, OSError, EOFError) as exc:
             raise ClientError(f"undecodable response from {self._address()}: {exc}") from None

@@ -17,8 +17,7 @@ from typing import Any, List, Optional, Sequence
 
 import grpc
 
-from rexnet_pipelines import protocol
-
+from .. import pipeline_wire
 from ..defaults import GRPC_PORT, SERVICE_NAME
 from ..results import ImageResult
 from .base import BadRequestError, TransientError
@@ -77,9 +76,9 @@ class GrpcClient:
 
     def request(self, images: Sequence[bytes], top_k: int) -> Any:
         """The Request message: images as bytes tensors, top_k as a key/value pair."""
-        tensors = [self._pb2.Tensor(name=key, elem_type=protocol.BYTES_ELEM_TYPE, byte_data=bytes(image))
-                   for key, image in zip(protocol.image_keys(len(images)), images)]
-        return self._pb2.Request(name=self.service_name, key=[protocol.TOP_K_KEY], value=[str(top_k)],
+        tensors = [self._pb2.Tensor(name=key, elem_type=pipeline_wire.BYTES_ELEM_TYPE, byte_data=bytes(image))
+                   for key, image in zip(pipeline_wire.image_keys(len(images)), images)]
+        return self._pb2.Request(name=self.service_name, key=[pipeline_wire.TOP_K_KEY], value=[str(top_k)],
                                  tensors=tensors)
 
     def send(self, request: Any) -> Any:
@@ -92,7 +91,7 @@ class GrpcClient:
             error = error_class(code, details)
             raise error(f"{self.address}: gRPC {getattr(code, 'name', code)}: {details}") from None
 
-    def classify(self, images: Sequence[bytes], top_k: int = protocol.DEFAULT_TOP_K) -> List[ImageResult]:
+    def classify(self, images: Sequence[bytes], top_k: int = pipeline_wire.DEFAULT_TOP_K) -> List[ImageResult]:
         if not images:
             raise ValueError("classify needs at least one image")
         response = self.send(self.request(images, top_k))

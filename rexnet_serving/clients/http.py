@@ -1,7 +1,7 @@
 """HTTP client of the Pipeline service: ``POST /{name}/prediction`` (Paddle Serving's HTTP API).
 
 Body (Paddle Serving's Pipeline JSON): ``{"key": ["image", "top_k"], "value": ["<base64>", "5"]}``;
-several images go as ``image_0``, ``image_1``, ... (rexnet_pipelines.protocol). The answer carries
+several images go as ``image_0``, ``image_1``, ... (rexnet_serving.pipeline_wire). The answer carries
 ``err_no``/``err_msg`` and the per-image results as JSON text under key ``results``.
 """
 from __future__ import annotations
@@ -11,15 +11,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import requests
 
-from rexnet_pipelines import protocol
-
+from .. import pipeline_wire
 from ..defaults import HTTP_PORT, SERVICE_NAME
 from ..results import ImageResult
 from .base import BadRequestError, ClientError, TransientError
 
 # Overload (429, 503: load shedding or draining) and gateway failures are worth retrying; every other
 # status, 413 (request body over the size limit) included, is the request's fault. Likewise err_no
-# OVERLOADED (54) is retryable and REQUEST_TOO_LARGE (53) is not (protocol.BAD_REQUEST_ERRNOS).
+# OVERLOADED (54) is retryable and REQUEST_TOO_LARGE (53) is not (pipeline_wire.BAD_REQUEST_ERRNOS).
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
 
@@ -31,14 +30,14 @@ def with_default_port(address: str, port: int) -> str:
 def check_response(err_no: int, err_msg: str, keys: Sequence[str], values: Sequence[str],
                    count: int) -> List[ImageResult]:
     """The per-image results of a Pipeline response, or the client error it stands for."""
-    results, message = protocol.results_from_response(err_no, err_msg, keys, values)
-    if results is not None and err_no in (protocol.OK, protocol.INVALID_IMAGE):
+    results, message = pipeline_wire.results_from_response(err_no, err_msg, keys, values)
+    if results is not None and err_no in (pipeline_wire.OK, pipeline_wire.INVALID_IMAGE):
         if len(results) != count:
             raise ClientError(f"sent {count} images but got {len(results)} results")
         return results  # INVALID_IMAGE: every image failed, each result says why
-    if err_no == protocol.OK:
+    if err_no == pipeline_wire.OK:
         raise ClientError(f"the service answered without results: {message}")
-    error = BadRequestError if err_no in protocol.BAD_REQUEST_ERRNOS else TransientError
+    error = BadRequestError if err_no in pipeline_wire.BAD_REQUEST_ERRNOS else TransientError
     raise error(f"err_no {err_no}: {message}")
 
 
@@ -53,9 +52,9 @@ class HttpClient:
         self._session = session or requests.Session()
 
     def request_body(self, images: Sequence[bytes], top_k: int) -> Dict[str, Any]:
-        keys = protocol.image_keys(len(images))
+        keys = pipeline_wire.image_keys(len(images))
         values = [base64.b64encode(image).decode("ascii") for image in images]
-        return {"key": keys + [protocol.TOP_K_KEY], "value": values + [str(top_k)]}
+        return {"key": keys + [pipeline_wire.TOP_K_KEY], "value": values + [str(top_k)]}
 
     def post(self, body: Any) -> Dict[str, Any]:
         """Send a raw JSON body; the decoded JSON answer (raises TransientError/BadRequestError)."""
@@ -73,7 +72,7 @@ class HttpClient:
         except ValueError:
             raise ClientError(f"{self.url}: the answer is not JSON: {reply.text[:200]!r}") from None
 
-    def classify(self, images: Sequence[bytes], top_k: int = protocol.DEFAULT_TOP_K) -> List[ImageResult]:
+    def classify(self, images: Sequence[bytes], top_k: int = pipeline_wire.DEFAULT_TOP_K) -> List[ImageResult]:
         if not images:
             raise ValueError("classify needs at least one image")
         answer = self.post(self.request_body(images, top_k))

@@ -223,7 +223,7 @@ def export_model(arch: str, out_dir: Union[str, Path], weights: Optional[str] = 
 
 def _verify(staging: Path, model: paddle.nn.Layer, softmax: bool, size: int) -> None:
     """Paddle Inference (and ONNX Runtime, when exported) must reproduce the eager model."""
-    from ..inference import InferenceModel
+    from ..runtimes.paddle import InferenceModel
     batch = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype("float32")
     with paddle.no_grad():
         expected = model(paddle.to_tensor(batch))

@@ -1,6 +1,6 @@
 """The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on an OipService.
 
-The servicer is generated from the protocol's own .proto (rexnet_serving/oip/proto, see the README
+The servicer is built from the protocol's own definitions (rexnet_serving/oip/proto, see the README
 there) and runs on the grpcio/protobuf the service pins. Inputs come as ``raw_input_contents`` (one
 per input, the binary form of rexnet_serving.oip.tensors; what tritonclient sends) or typed
 ``contents`` (``bytes_contents``, ``fp32_contents``, ...); outputs always go back as

@@ -57,11 +57,6 @@ def _health(ok: bool) -> Response:
     return (200 if ok else 503), {"Content-Length": "0"}, b""
 
 
-def is_oip_path(path: str) -> bool:
-    """True for the paths handle_rest answers (for a server that routes several APIs)."""
-    return path.split("?", 1)[0] == "/v2" or path.startswith("/v2/")
-
-
 def handle_rest(service: OipService, method: str, path: str, headers: Mapping[str, str],
                 body: Union[bytes, bytearray], options: Optional[Dict[str, Any]] = None,
                 max_json_values: int = DEFAULT_MAX_VALUES) -> Response:

@@ -9,14 +9,15 @@ import sys
 import threading
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from ..predictor import PRECISIONS, RUNTIMES, default_runtime
+from ..runtimes import default_runtime
+from ..runtimes.base import PRECISIONS, RUNTIMES
 from .output import FORMATS
 from .progress import DEFAULT_LOG_SECONDS
 from .run import DEFAULT_COMMIT_SECONDS
 from .shards import COUNT_ENV, INDEX_ENV, Shard, resolve_shard
 from .summary import EXIT_COMMIT, EXIT_USAGE, CommitError, RunInterrupted, RunSummary, UsageError
 
-# Runtime None: the device's default, as the service's (rexnet_serving.predictor.default_runtime).
+# Runtime None: the device's default, as the service's (rexnet_serving.runtimes.default_runtime).
 DEFAULT_RUNTIME, DEFAULT_PRECISION = None, "fp32"
 
 
@@ -140,7 +141,7 @@ def decode_limits(args: argparse.Namespace) -> Any:
 
 
 def model_options(args: argparse.Namespace, max_batch: int) -> Dict[str, Any]:
-    """Classifier keyword arguments (rexnet_serving.inference.load_model's) from the model flags, through
+    """Classifier keyword arguments (rexnet_serving.runtimes.load_model's) from the model flags, through
     the service's own ``inference_model_options`` (one mapping from settings to predictor options); a
     combination that cannot run is refused when the model loads, naming the flag's option."""
     from ..classifier import inference_model_options

@@ -1,18 +1,18 @@
 """What every predictor runtime shares: the names of the choices and the batch contract.
 
-A predictor (rexnet_serving.inference.InferenceModel for Paddle Inference,
-rexnet_serving.openvino_model.OpenVinoModel for OpenVINO, rexnet_serving.remote.RemotePredictor for a
-bRPC backend) has ``run(batch) -> float32 [N, class_num]``, ``clone()`` for another thread, and the
-attributes ``manifest``, ``max_batch``, ``device``, ``runtime`` and ``precision`` (what it really runs
-in). rexnet_serving.inference.load_model builds the local ones. This module sits below both runtime
-modules so neither imports the other.
+A predictor (runtimes.paddle.InferenceModel for Paddle Inference, runtimes.openvino.OpenVinoModel for
+OpenVINO, runtimes.brpc_remote.RemotePredictor for a bRPC backend) has ``run(batch) -> float32
+[N, class_num]``, ``clone()`` for another thread, and the attributes ``manifest``, ``max_batch``,
+``device``, ``runtime`` and ``precision`` (what it really runs in). rexnet_serving.runtimes.load_model
+builds the local ones. This module sits below every runtime module so none imports another, and it
+imports neither Paddle nor OpenVINO, so config checks and command-line flags stay light.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
-from .manifest import INFERENCE, MODEL_FILE, PARAMS_FILE, Manifest
+from ..manifest import INFERENCE, MODEL_FILE, PARAMS_FILE, Manifest
 
 RUNTIMES = ("paddle", "openvino")
 # fp16: TensorRT on the GPU (runtime paddle); bf16: OpenVINO on a CPU with BF16 instructions.
@@ -27,16 +27,10 @@ class OptionError(ValueError):
         self.option = option
 
 
-def default_runtime(device: str) -> str:
-    """The runtime a command-line tool uses unless told: OpenVINO on the CPU (about twice Paddle
-    Inference's speed there), Paddle Inference on a GPU (OpenVINO here is CPU-only)."""
-    return "openvino" if device == "cpu" else "paddle"
-
-
 def check_runtime_options(runtime: str, precision: str, device: str) -> None:
     """OptionError (a ValueError) naming the option when ``runtime`` cannot run ``precision`` on ``device``.
 
-    The one statement of these rules: rexnet_serving.inference.load_model, the tools' flags and the
+    The one statement of these rules: rexnet_serving.runtimes.load_model, the tools' flags and the
     serving config's checks all call it.
     """
     if runtime not in RUNTIMES:

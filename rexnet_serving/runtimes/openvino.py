@@ -1,4 +1,4 @@
-"""OpenVINO on an exported model directory: the CPU runtime, behind the same interface as InferenceModel.
+"""Runtime ``openvino``: OpenVINO on an exported model directory, the CPU runtime (interface: runtimes.base).
 
 OpenVINO's Paddle frontend reads ``inference/inference.pdmodel`` + ``.pdiparams`` directly
 (``openvino.Core().read_model``; no ONNX step, no second model file), and its CPU plugin runs ReXNet
@@ -25,8 +25,8 @@ from typing import Any, Union
 
 import numpy as np
 
-from .manifest import Manifest, verify_files
-from .predictor import check_batch_shape, check_runtime_options, model_files
+from ..manifest import Manifest, verify_files
+from .base import check_batch_shape, check_runtime_options, model_files
 
 # OpenVINO's element type names (``openvino.Type.get_type_name()``) for our precision names.
 _HINTS = {"fp32": "f32", "bf16": "bf16"}

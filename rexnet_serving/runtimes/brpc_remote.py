@@ -20,18 +20,23 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .clients.base import ClientError, TransientError
-from .clients.brpc import BrpcClient
-from .manifest import Manifest, verify_files
+from ..clients.base import ClientError, TransientError
+from ..clients.brpc import BrpcClient
+from ..manifest import Manifest, verify_files
 
 PathLike = Union[str, Path]
 
 
-class BackendError(ClientError):
+class RemoteError(ClientError):
+    """A batch the bRPC backend did not turn into outputs: what RemotePredictor.run raises, so a caller
+    (the Pipeline infer op) catches the backend's failures without knowing the clients' errors."""
+
+
+class BackendError(RemoteError):
     """The backend answered, but not with what this model's export produces (a config mismatch)."""
 
 
-class BackendUnavailable(TransientError):
+class BackendUnavailable(RemoteError, TransientError):
     """The backend is down, unreachable, overloaded or too slow: worth retrying later."""
 
 
@@ -50,7 +55,7 @@ closed, so an infer thread is never stuck longer than this (nor, then, the servi
     it is back.
     """
 
-    # rexnet_serving.predictor.runtime_info: the runtime and precision are the backend's, not known here.
+    # rexnet_serving.runtimes.base.runtime_info: the runtime and precision are the backend's, not known here.
     runtime = "remote"
     precision = "backend"
     device = "remote"

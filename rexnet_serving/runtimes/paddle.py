@@ -1,10 +1,6 @@
-"""Paddle Inference on an exported model directory, and ``load_model``: the one way to build a predictor.
+"""Runtime ``paddle``: Paddle Inference on an exported model directory (CPU with oneDNN, GPU, TensorRT FP16).
 
-``load_model(model_dir, runtime=...)`` is what every part that runs a model calls (the Pipeline infer op
-through Classifier, the bRPC endpoint, the benchmark, the offline tools): runtime ``paddle`` is the
-InferenceModel below (CPU with oneDNN, GPU, TensorRT FP16), runtime ``openvino`` is
-rexnet_serving.openvino_model.OpenVinoModel (CPU, FP32 or BF16). Both have the interface of
-rexnet_serving.predictor.
+Built by rexnet_serving.runtimes.load_model; the interface is rexnet_serving.runtimes.base's.
 
 Reads ``manifest.json`` for the feed/fetch names and the input size, builds a ``paddle.inference``
 predictor on ``inference/inference.pdmodel`` + ``.pdiparams`` (Paddle Inference 2.6 Python API,
@@ -31,8 +27,8 @@ import numpy as np
 import paddle
 from paddle import inference as paddle_infer
 
-from .manifest import Manifest, verify_files
-from .predictor import check_batch_shape, check_runtime_options, model_files
+from ..manifest import Manifest, verify_files
+from .base import check_batch_shape, model_files
 
 DEVICES = ("cpu", "gpu")
 GPU_MEMORY_POOL_MB = 256  # initial pool; Paddle grows it on demand
@@ -159,23 +155,3 @@ class InferenceModel:
             self._bound = tensor
             self._predictor.run()
             return self._output.copy_to_cpu()
-
-
-def load_model(model_dir: Union[str, Path], runtime: str = "paddle", precision: str = "fp32",
-               device: str = "cpu", gpu_id: int = 0, cpu_threads: int = 2, mkldnn: bool = True,
-               max_batch: int = 32, streams: int = 1) -> Any:
-    """The predictor for ``model_dir`` on ``runtime``: InferenceModel or OpenVinoModel.
-
-    ``precision``: fp32 (both runtimes), fp16 (paddle on the GPU: TensorRT FP16), bf16 (openvino on a
-    CPU with BF16). ``cpu_threads``: math threads per predictor; ``streams`` (openvino): infer requests
-    that run at once, each with ``cpu_threads`` threads (Paddle's clones are separate predictors, so it
-    needs none). ``mkldnn`` (oneDNN) and ``gpu_id`` are Paddle's. A combination that cannot run is a
-    ValueError naming the option.
-    """
-    check_runtime_options(runtime, precision, device)
-    if runtime == "openvino":
-        from .openvino_model import OpenVinoModel
-        return OpenVinoModel(model_dir, precision=precision, cpu_threads=cpu_threads, streams=streams,
-                             max_batch=max_batch)
-    return InferenceModel(model_dir, device=device, gpu_id=gpu_id, cpu_threads=cpu_threads, mkldnn=mkldnn,
-                          trt_fp16=precision == "fp16", max_batch=max_batch)

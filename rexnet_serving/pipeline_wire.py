@@ -1,5 +1,8 @@
 """The wire contract of the Pipeline service, shared by the service and its HTTP and gRPC clients.
 
+It lives here, below both: rexnet_pipelines (which serves it) and rexnet_serving.clients and
+rexnet_serving.bench.fake_server (which speak it) import it, and neither side imports the other for it.
+
 Paddle Serving's Pipeline request (pipeline_service.proto of paddle_serving_server 0.9.0) carries string
 ``key``/``value`` lists and typed ``tensors``; its response carries ``err_no``, ``err_msg`` and
 ``key``/``value`` strings. On top of that this service defines:

@@ -9,8 +9,8 @@ preprocessing, every photo once): max |output difference| against the outputs' s
 difference, and top-1 / top-5 agreement. BF16 is skipped, with the reason, on a CPU without it.
 
 Run in its own process by rexnet-bench after the in-process limit, printing JSON:
-    python -m rexnet_serving.bench.runtimes --model-dir DIR --images DIR [--batches 1,8] [--seconds 4]
-    python -m rexnet_serving.bench.runtimes --model-dir DIR --images DIR --agreement-only
+    python -m rexnet_serving.bench.runtime_compare --model-dir DIR --images DIR [--batches 1,8] [--seconds 4]
+    python -m rexnet_serving.bench.runtime_compare --model-dir DIR --images DIR --agreement-only
 The second form (no timing) is how the README's BF16 agreement numbers are made, on an export with real
 weights and real photos.
 """
@@ -60,7 +60,7 @@ def compare_runtimes(model_dir: Path, payloads: Sequence[bytes], batches: Sequen
     """Every runtime of RUNTIMES: agreement with the first, and (``timing``) img/s at each batch size."""
     from ..classifier import Classifier
     from ..imageio import decode_image
-    from ..inference import load_model
+    from ..runtimes import load_model
     say = progress or (lambda message: None)
     max_batch = max(batches)
     reference_clf = Classifier(model_dir, runtime="paddle", cpu_threads=cpu_threads, max_batch=max_batch)
@@ -94,7 +94,7 @@ def compare_runtimes(model_dir: Path, payloads: Sequence[bytes], batches: Sequen
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rexnet_serving.bench.runtimes",
+    parser = argparse.ArgumentParser(prog="python -m rexnet_serving.bench.runtime_compare",
                                      description="Compare the CPU runtimes on one export; print JSON.")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--images", type=Path, required=True, help="directory of encoded images")

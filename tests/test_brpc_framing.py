@@ -11,8 +11,8 @@ import pytest
 
 from brpc_wire import deflate_bomb
 
-from rexnet_serving.brpc import protocol
-from rexnet_serving.brpc.protocol import (CompressType, Errno, FrameDecoder, FrameError, encode_frame,
+from rexnet_serving.brpc import framing
+from rexnet_serving.brpc.framing import (CompressType, Errno, FrameDecoder, FrameError, encode_frame,
                                           parse_header, request_meta, response_meta, split_body)
 from rexnet_serving.brpc.rpc_meta_pb2 import RpcMeta
 from rexnet_serving.brpc.tensors import ElemType, Tensor, from_tensor, to_tensor
@@ -30,7 +30,7 @@ REQUEST_FRAME = b"PRPC" + struct.pack(">II", len(REQUEST_META) + 3, len(REQUEST_
 
 
 def test_request_frame_is_byte_exact():
-    meta = request_meta(protocol.SERVICE_FULL_NAME, "inference", correlation_id=7, log_id=3)
+    meta = request_meta(framing.SERVICE_FULL_NAME, "inference", correlation_id=7, log_id=3)
     assert encode_frame(meta, b"abc") == REQUEST_FRAME
 
 
@@ -51,7 +51,7 @@ def test_attachment_is_split_from_payload():
     (decoded,) = FrameDecoder().feed(frame)
     assert decoded.meta.attachment_size == 6
     assert decoded.payload == b"payload" and decoded.attachment == b"ATTACH"
-    assert protocol.attachment_fits(decoded)
+    assert framing.attachment_fits(decoded)
 
 
 def test_oversized_attachment_size_is_left_for_the_request_check():
@@ -60,7 +60,7 @@ def test_oversized_attachment_size_is_left_for_the_request_check():
     data = meta.SerializeToString()
     frame = b"PRPC" + struct.pack(">II", len(data) + 4, len(data)) + data + b"tiny"
     (decoded,) = FrameDecoder().feed(frame)
-    assert decoded.payload == b"tiny" and not protocol.attachment_fits(decoded)
+    assert decoded.payload == b"tiny" and not framing.attachment_fits(decoded)
 
 
 @pytest.mark.parametrize("piece", [1, 2, 5, 11, 12, 13, 64])
@@ -113,7 +113,7 @@ def _read(chunks, body_timeout=None):
         for chunk in chunks:
             reader.feed_data(chunk)
         reader.feed_eof()
-        return await protocol.read_frame(reader, body_timeout=body_timeout)
+        return await framing.read_frame(reader, body_timeout=body_timeout)
     return asyncio.new_event_loop().run_until_complete(run())
 
 
@@ -133,22 +133,22 @@ def test_async_reader_times_out_on_a_stalled_frame():
     async def run():
         reader = asyncio.StreamReader()
         reader.feed_data(REQUEST_FRAME[:20])  # never completed, never closed
-        return await protocol.read_frame(reader, body_timeout=0.2)
+        return await framing.read_frame(reader, body_timeout=0.2)
     with pytest.raises(FrameError, match="not complete within"):
         asyncio.new_event_loop().run_until_complete(run())
 
 
 @pytest.mark.parametrize("kind, codec", [(CompressType.GZIP, gzip.compress), (CompressType.ZLIB, zlib.compress)])
 def test_payload_codecs(kind, codec):
-    assert protocol.decompress(codec(b"payload"), kind) == b"payload"
-    assert protocol.decompress(protocol.compress(b"payload", kind), kind) == b"payload"
+    assert framing.decompress(codec(b"payload"), kind) == b"payload"
+    assert framing.decompress(framing.compress(b"payload", kind), kind) == b"payload"
 
 
 def test_unsupported_codec_is_named():
     with pytest.raises(ValueError, match="snappy"):
-        protocol.decompress(b"x", CompressType.SNAPPY)
+        framing.decompress(b"x", CompressType.SNAPPY)
     with pytest.raises(ValueError, match="compress_type 9"):
-        protocol.decompress(b"x", 9)
+        framing.decompress(b"x", 9)
 
 
 def test_rpc_meta_field_numbers_match_brpc():
@@ -208,22 +208,22 @@ def test_decompression_stops_at_the_size_limit(kind, wbits):
     bomb = deflate_bomb(wbits, 256 << 20)  # 256 MiB of zeros in about 250 kB
     tracemalloc.start()
     try:
-        with pytest.raises(protocol.PayloadTooLarge, match="inflates past max_body_size=8388608"):
-            protocol.decompress(bomb, kind, max_size=8 << 20)
+        with pytest.raises(framing.PayloadTooLarge, match="inflates past max_body_size=8388608"):
+            framing.decompress(bomb, kind, max_size=8 << 20)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 24 << 20  # the limit plus one inflate step, never the 256 MiB
     # exactly at the limit is fine; one byte more is not
     exact = deflate_bomb(wbits, 8 << 20)
-    assert protocol.decompress(exact, kind, max_size=8 << 20) == bytes(8 << 20)
-    with pytest.raises(protocol.PayloadTooLarge):
-        protocol.decompress(exact, kind, max_size=(8 << 20) - 1)
+    assert framing.decompress(exact, kind, max_size=8 << 20) == bytes(8 << 20)
+    with pytest.raises(framing.PayloadTooLarge):
+        framing.decompress(exact, kind, max_size=(8 << 20) - 1)
 
 
 def test_gzip_members_and_truncated_streams():
-    assert protocol.decompress(gzip.compress(b"ab") + gzip.compress(b"cd"), CompressType.GZIP) == b"abcd"
+    assert framing.decompress(gzip.compress(b"ab") + gzip.compress(b"cd"), CompressType.GZIP) == b"abcd"
     with pytest.raises(EOFError, match="truncated"):
-        protocol.decompress(zlib.compress(b"payload" * 100)[:-6], CompressType.ZLIB)
+        framing.decompress(zlib.compress(b"payload" * 100)[:-6], CompressType.ZLIB)
     with pytest.raises(zlib.error):
-        protocol.decompress(b"not zlib at all", CompressType.ZLIB)
+        framing.decompress(b"not zlib at all", CompressType.ZLIB)
