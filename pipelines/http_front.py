@@ -4,7 +4,7 @@ Paddle Serving 0.9.0 serves HTTP through a Go grpc-gateway (libproxy_server.so, 
 grpc-gateway v1.16.0 from 2021) started as a separate process that nobody watches: every request was
 parsed as JSON in Go, re-encoded as protobuf, sent over loopback gRPC and answered back the same way.
 Here the same JSON (the gateway's protobuf JSON mapping of pipeline_service.proto's Request, see
-``parse_request``) goes straight to the front door (rexnet_pipelines.frontdoor), and the answer
+``parse_request``) goes straight to the front door (rexnet_pipelines.pipeline_wire), and the answer
 has the same fields and error codes: one hop and two encodings fewer, and a maintained server.
 
 Tornado, because it is maintained, runs on asyncio (an idle or slow connection costs a socket, not a
@@ -41,9 +41,10 @@ from paddle_serving_server.pipeline.proto import pipeline_service_pb2
 
 from rexnet_serving.jsonbody import JsonBodyError, ascii_uint, load_json
 
-from . import protocol
+from . import pipeline_wire, protocol
 from .admission import BodyBudget
 from .frontdoor import FrontDoor
+from .request import ClassifyAnswer
 
 _GRPC_TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -113,7 +114,7 @@ def response_json(response: Any) -> Dict[str, Any]:
             "tensors": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in response.tensors]}
 
 
-_GONE = object()  # what the pool thread returns for a request whose client went away while it waited
+GONE = object()  # what the pool thread returns for a request whose client went away while it waited
 # A body up to this size refused for load is read and dropped, then answered: answering before it and
 # closing would make the kernel reset the connection, and a client still sending would see a reset
 # instead of the 503. A larger one is answered at once and its connection closed (never read).
@@ -121,7 +122,7 @@ _DRAIN_REFUSED_BELOW = 1 << 20
 
 
 @tornado.web.stream_request_body
-class _PredictionHandler(tornado.web.RequestHandler):
+class PredictionHandler(tornado.web.RequestHandler):
     """The body is streamed in and admitted before it is read: 413 over the size limit, 503 when the
     admission limit is reached or the bytes would pass the shared body budget (from Content-Length,
     or chunk by chunk for a chunked body). Its share of the budget is given back when the request ends."""
@@ -146,15 +147,15 @@ class _PredictionHandler(tornado.web.RequestHandler):
         self.set_status(status)
         self.finish({"code": code, "message": message, "details": []})
 
-    def _refused(self, response: Any) -> None:
+    def _refused(self, answer: ClassifyAnswer) -> None:
         """The answer to a request refused before its body, for load (err_no 54 or 3001: 503 + Retry-After)."""
-        self._answer(response)
+        self._answer(pipeline_wire.to_response(answer))
 
-    def _refuse_before_body(self, response: Any) -> None:
+    def _refuse_before_body(self, answer: ClassifyAnswer) -> None:
         if self._declared is not None and self._declared <= _DRAIN_REFUSED_BELOW:
-            self._refusal = response  # its bytes are dropped as they come (never held), answered in post()
+            self._refusal = answer  # its bytes are dropped as they come (never held), answered in post()
         else:
-            self._refused(response)
+            self._refused(answer)
 
     def _too_large(self, size: int) -> None:
         self._error(413, _INVALID_ARGUMENT, f"the request body is {size} bytes, over the limit of "
@@ -230,7 +231,7 @@ class _PredictionHandler(tornado.web.RequestHandler):
             return self._refused(self._refusal)
         refused = self.front.refusal()  # again: the limit may have been reached while the body came in
         if refused is not None:
-            return self._answer(refused)
+            return self._refused(refused)
         try:
             timeout_s = parse_grpc_timeout(self.request.headers.get("Grpc-Timeout"))
         except ValueError as exc:
@@ -243,15 +244,15 @@ class _PredictionHandler(tornado.web.RequestHandler):
 
         def work() -> Any:
             if self.gone:  # the client left while this waited for a thread: no parsing, no DAG slot
-                return _GONE
+                return GONE
             request = self._parse()
             if isinstance(request, str) or self.gone:
-                return _GONE if self.gone else request
+                return GONE if self.gone else request
             request.name = name  # the URL names the service, as the gateway did
-            return self.front.call(request, timeout_s, watch)
+            return pipeline_wire.answer(self.front, request, timeout_s, watch)
 
         response = await self._in_pool(work)
-        if response is _GONE:
+        if response is GONE:
             return self.front.cancelled_before_admission()
         if isinstance(response, str):
             return self._error(400, _INVALID_ARGUMENT, response)
@@ -314,7 +315,7 @@ class HttpFrontDoor:
 
     def _app(self) -> tornado.web.Application:
         return tornado.web.Application(
-            [(r"/([^/]+)/prediction", _PredictionHandler,
+            [(r"/([^/]+)/prediction", PredictionHandler,
               {"front": self.front, "pool": self._pool, "limits": self._limits, "bodies": self.front.gate.bodies})],
             default_handler_class=_NotFound)
 

@@ -3,8 +3,7 @@
 rexnet_serving.oip holds the protocol (handle_rest, the gRPC servicer, OipService); this module plugs it
 into the service: ``FrontDoorModel`` is an OipModel whose two infer calls go through the same
 FrontDoor as the Pipeline's HTTP and gRPC (admission, deadlines, cancellation, the DAG's batching, the
-per-model metrics), handing the request over on the admission ticket (``payload``) and reading the
-answer back from it (``outcome``); ``OipHttpFrontDoor`` is the Pipeline HTTP front door's Tornado
+per-model metrics), as the same typed request and answer (rexnet_pipelines.request); ``OipHttpFrontDoor`` is the Pipeline HTTP front door's Tornado
 server (same body, header, connection and idle limits) routing ``/v2/...`` to handle_rest; and
 ``start_oip_grpc_server`` is the hardened gRPC server of rexnet_pipelines.frontdoor with the
 protocol's servicer. The v2 health endpoints answer from the service's own readiness.
@@ -21,8 +20,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import grpc
 import numpy as np
 import tornado.web
-from paddle_serving_server.pipeline.proto import pipeline_service_pb2
-
 from rexnet_serving.oip import ImagesOutcome, ModelInfo, OipError, OipService
 from rexnet_serving.oip.grpc_service import add_to_server
 from rexnet_serving.oip.rest import handle_rest
@@ -31,8 +28,9 @@ from rexnet_serving.oip.tensors import DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGU
 from . import protocol
 from .admission import BodyBudget
 from .frontdoor import FrontDoor, serve_grpc
-from .http_front import _GONE, HttpFrontDoor, _PredictionHandler, parse_grpc_timeout
+from .http_front import GONE, HttpFrontDoor, PredictionHandler, parse_grpc_timeout
 from .ops import ModelRuntime, ServiceRuntime
+from .request import ClassifyAnswer, ClassifyRequest
 
 _KINDS = {protocol.INVALID_REQUEST: INVALID_ARGUMENT, protocol.REQUEST_TOO_LARGE: INVALID_ARGUMENT,
           protocol.OVERLOADED: UNAVAILABLE, protocol.CLOSED_ERROR: UNAVAILABLE, protocol.TIMEOUT: DEADLINE_EXCEEDED}
@@ -53,37 +51,28 @@ class FrontDoorModel:
     def ready(self) -> bool:
         return self._ready()
 
-    def _fields(self) -> Dict[str, Any]:
-        return {protocol.MODEL_KEY: self.model.name, protocol.MODEL_VERSION_KEY: str(self.model.version)}
-
-    def _call(self, payload: dict, options: Mapping[str, Any]) -> tuple:
-        tickets: List[Any] = []
+    def _call(self, request: ClassifyRequest, options: Mapping[str, Any]) -> ClassifyAnswer:
         hook = options.get("cancel_hook")
 
         def watch(ticket: Any) -> None:
-            tickets.append(ticket)
             if hook is not None and hook(ticket.cancel) is False:
                 ticket.cancel()  # gRPC's add_callback: the RPC is already over (the client left)
 
-        response = self.front.call(pipeline_service_pb2.Request(), options.get("timeout_s"), watch, payload)
-        outcome = tickets[0].outcome if tickets else None
-        if response.err_no not in (protocol.OK, protocol.INVALID_IMAGE) or outcome is None:
-            raise OipError(_KINDS.get(response.err_no, INTERNAL), f"{response.err_msg} (err_no {response.err_no})")
-        return outcome
+        answer = self.front.call(lambda: request, options.get("timeout_s"), watch)
+        if answer.status not in (protocol.OK, protocol.INVALID_IMAGE) or answer.probs is None:
+            raise OipError(_KINDS.get(answer.status, INTERNAL), f"{answer.message} (err_no {answer.status})")
+        return answer
+
+    def _request(self, **what: Any) -> ClassifyRequest:
+        # top-k is the protocol's business (classification, from the probabilities): 1 is the cheapest.
+        return ClassifyRequest(top_k=1, model=self.model.name, version=self.model.version, **what)
 
     def infer_images(self, images: Sequence[Any], options: Mapping[str, Any]) -> ImagesOutcome:
-        fields = {f"image_{i}": image for i, image in enumerate(images)}
-        fields.update(self._fields(), top_k="1")  # top-k is the protocol's business (classification)
-        probs, results = self._call({"fields": fields}, options)
-        full = np.zeros((len(results), self.info.class_num), np.float32)
-        classified = [i for i, r in enumerate(results) if r.ok]
-        if classified:
-            full[classified] = np.asarray(probs, np.float32)
-        return ImagesOutcome(full, {i: (r.error_code, r.error_message) for i, r in enumerate(results) if not r.ok})
+        answer = self._call(self._request(images=list(images)), options)
+        return ImagesOutcome(answer.probs, answer.errors)
 
     def infer_tensor(self, batch: np.ndarray, options: Mapping[str, Any]) -> np.ndarray:
-        probs, _ = self._call({"tensor": batch, "top_k": 1, "fields": self._fields()}, options)
-        return np.asarray(probs, np.float32)
+        return self._call(self._request(tensor=batch), options).probs
 
 
 def oip_service(front: FrontDoor, runtime: ServiceRuntime, ready: Callable[[], bool]) -> OipService:
@@ -92,7 +81,7 @@ def oip_service(front: FrontDoor, runtime: ServiceRuntime, ready: Callable[[], b
 
 
 @tornado.web.stream_request_body
-class _OipHandler(_PredictionHandler):
+class _OipHandler(PredictionHandler):
     """handle_rest behind the Pipeline HTTP handler's body admission (413, 503 before reading a body;
     the same body budget), run in the pool (parsing included); a client gone before its turn is dropped."""
 
@@ -106,9 +95,9 @@ class _OipHandler(_PredictionHandler):
         self.set_status(status)
         self.finish({"error": message})
 
-    def _refused(self, response: Any) -> None:
+    def _refused(self, answer: ClassifyAnswer) -> None:
         self.set_header("Retry-After", "1")
-        self._error(503, 0, response.err_msg)
+        self._error(503, 0, answer.message)
 
     async def _handle(self) -> None:
         if self._refusal is not None:
@@ -122,11 +111,11 @@ class _OipHandler(_PredictionHandler):
 
         def work() -> Any:
             if self.gone:  # the client left while this waited for a thread: no parsing, no DAG slot
-                return _GONE
+                return GONE
             return handle_rest(self.service, method, path, headers, self._body, options, self.max_values)
 
         answer = await self._in_pool(work)
-        if answer is _GONE:
+        if answer is GONE:
             return self.front.cancelled_before_admission()
         status, headers, body = answer
         self.set_status(status)

@@ -3,7 +3,7 @@
 Paddle Serving's ``PipelineServer.run_server`` blocks in ``wait_for_termination`` with no way to stop
 gracefully and serves HTTP through a Go gateway process it never watches. So ``prepare_server`` (config
 checks, op setup) and the DAG are Paddle's, and the serving is done here: the front doors
-(rexnet_pipelines.frontdoor: gRPC PipelineService with admission control and connection limits;
+(rexnet_pipelines.frontdoor: admission control and the gRPC limits; rexnet_pipelines.pipeline_wire: the gRPC PipelineService;
 rexnet_pipelines.http_front: Paddle Serving's HTTP API in-process) in front of Paddle's DAGExecutor, all
 kept at hand so SIGTERM can drain them (Kubernetes pod termination: readiness off, finish what is in
 flight, exit 0), and watched by the liveness probe.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import rexnet_serving.imageio  # noqa: F401  (first: binds zlib before Paddle does; see that module)
 
-import base64
 import logging
 import threading
 import time
@@ -25,9 +24,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import cv2
 import grpc
 import numpy as np
-from paddle_serving_server.pipeline import PipelineServer
-from paddle_serving_server.pipeline.pipeline_server import PipelineServicer
-from paddle_serving_server.web_service import WebService
 
 from rexnet_serving.classifier import Classifier, inference_model_options
 from rexnet_serving.clients.base import ClientError
@@ -42,38 +38,20 @@ from rexnet_serving.repository import Repository
 from . import metrics
 from .admission import Admission
 from .config import ServingConfig, check_with_paddle
-from .frontdoor import FrontDoor, start_grpc_server
+from .frontdoor import FrontDoor
 from .health import DRAINING, READY, HealthServer, ServiceState
 from .http_front import HttpFrontDoor
 from .oip_front import OipFront
-from .ops import ModelRuntime, RexnetRequestOp, RexnetResponseOp, ServiceRuntime, build_dag
+from .ops import ModelRuntime, RexnetResponseOp, ServiceRuntime, build_dag
+from .paddle_adapter import start_dag
+from .pipeline_wire import start_grpc_server
+from .request import ClassifyRequest
 
 log = logging.getLogger("rexnet_serve")
 
 
 class StartupError(RuntimeError):
     """The service could not start; the message says why (printed as one line, exit code 1)."""
-
-
-class RexnetWebService(WebService):
-    """The DAG as a Paddle Serving WebService, with our request/response ops at its two ends."""
-
-    def __init__(self, runtime: ServiceRuntime, name: str) -> None:
-        super().__init__(name=name)
-        self.runtime = runtime
-
-    def get_pipeline_response(self, read_op: Any) -> Any:
-        return build_dag(self.runtime, read_op)
-
-    def prepare_pipeline_config(self, yml_file: Optional[str] = None, yml_dict: Optional[dict] = None) -> None:
-        # WebService's version hard-wires the stock RequestOp/ResponseOp; ours differ (see ops.py).
-        last_op = self.get_pipeline_response(RexnetRequestOp())
-        self._server.set_response_op(RexnetResponseOp(self.runtime, input_ops=[last_op]))
-        self._server.prepare_server(yml_file=yml_file, yml_dict=yml_dict)
-
-    @property
-    def pipeline_server(self) -> PipelineServer:
-        return self._server
 
 
 def warmup_image() -> bytes:
@@ -183,14 +161,11 @@ class RexnetServer:
                                f"{exc}") from None
 
     def _start_pipeline(self, runtime: ServiceRuntime) -> None:
-        service = RexnetWebService(runtime, self.name)
         try:
-            service.prepare_pipeline_config(yml_dict=self.config.paddle())
+            self._dag, conf = start_dag(self.name, lambda request_op: build_dag(runtime, request_op),
+                                        lambda last: RexnetResponseOp(runtime, input_ops=last), self.config.paddle())
         except SystemExit as exc:  # Paddle Serving exits on a busy port or a bad config
             raise StartupError(f"Paddle Serving refused to start: {exc}") from None
-        conf = service.pipeline_server._conf
-        # Paddle's servicer builds and starts the DAG (op threads); its gRPC method is not used.
-        self._dag = PipelineServicer(self.name, service.pipeline_server._response_op, conf)._dag_executor
         self._front = FrontDoor(self._dag, runtime.admission, self.name)
         rex, host = self.config.rexnet, self.config.rexnet["host"]
         try:
@@ -253,18 +228,15 @@ class RexnetServer:
         of ReXNet_1_0 with Paddle Inference) now, while the service is not ready, instead of on the first
         large auto-batch: the per-request memory budget is then measured from a steady state.
         """
-        from paddle_serving_server.pipeline.proto import pipeline_service_pb2
         for model in self._runtime.models.values():
             if self.stop_event.is_set():
                 return
             if model is not self._runtime.default:
-                request = pipeline_service_pb2.Request(
-                    name=self.name, key=["image", "top_k", "model", "model_version"],
-                    value=[base64.b64encode(image).decode(), "1", model.name, str(model.version)])
-                response = self._front.call(request)
-                if response.err_no != 0:
-                    raise StartupError(f"warm-up of model {model.key} failed: err_no {response.err_no}: "
-                                       f"{response.err_msg}")
+                request = ClassifyRequest(images=[image], top_k=1, model=model.name, version=model.version)
+                answer = self._front.call(lambda: request)
+                if not answer.ok:
+                    raise StartupError(f"warm-up of model {model.key} failed: err_no {answer.status}: "
+                                       f"{answer.message}")
             if self.floor or self.config.remote:
                 continue  # no local inference engine
             size = model.classifier.manifest.input_size
