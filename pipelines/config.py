@@ -21,6 +21,7 @@ import yaml
 
 from rexnet_serving import defaults
 from rexnet_serving.cpus import CpuBudget, Sizing, available_cpus, size_service
+from rexnet_serving.imageio import DecodeLimits
 from rexnet_serving.jsonbody import DEFAULT_MAX_VALUES
 from rexnet_serving.predictor import PRECISIONS, RUNTIMES, OptionError, check_runtime_options, default_runtime
 
@@ -141,11 +142,13 @@ SCHEMA: Dict[str, Any] = {
         "workdir": Field((str, type(None)), None),
         "drain_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
         "startup_timeout_s": Field((int, float), 300, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
-        "max_image_bytes": Field(int, 20 * 1024 * 1024, lambda v: v > 0, "> 0 bytes"),
-        "max_image_pixels": Field(int, 40_000_000, lambda v: v > 0, "> 0 pixels"),
-        "max_images_per_request": Field(int, 64, lambda v: 1 <= v <= 1024, "1..1024"),
-        "max_request_pixels": Field(int, 64_000_000, lambda v: v > 0, "> 0 pixels"),
-        "max_batch_images": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 images per forward pass"),
+        # The image limits' defaults are DecodeLimits' (their one home), the batch's defaults.py's.
+        "max_image_bytes": Field(int, DecodeLimits.max_bytes, lambda v: v > 0, "> 0 bytes"),
+        "max_image_pixels": Field(int, DecodeLimits.max_pixels, lambda v: v > 0, "> 0 pixels"),
+        "max_images_per_request": Field(int, DecodeLimits.max_request_images, lambda v: 1 <= v <= 1024, "1..1024"),
+        "max_request_pixels": Field(int, DecodeLimits.max_request_pixels, lambda v: v > 0, "> 0 pixels"),
+        "max_batch_images": Field(int, defaults.MAX_BATCH_IMAGES, lambda v: 1 <= v <= 1024,
+                                  "1..1024 images per forward pass"),
         "default_top_k": Field(int, 5, lambda v: v >= 1, ">= 1"),
         "backend_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
         # Several models (rexnet-serve --model-repository): the one requests get when they name none
@@ -269,7 +272,7 @@ class ServingConfig:
 
     @property
     def device(self) -> str:
-        return "cpu" if self.infer_service["device_type"] == 0 else "gpu"
+        return defaults.device_of(self.infer_service["device_type"])
 
     @property
     def http_port(self) -> int:
@@ -330,7 +333,7 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[Mapping[str
             merged["rexnet"][key] = value
     service = merged["op"]["infer"]["local_service_conf"]
     if service["runtime"] is None:
-        service["runtime"] = default_runtime("cpu" if service["device_type"] == 0 else "gpu")
+        service["runtime"] = default_runtime(defaults.device_of(service["device_type"]))
     sizing = _size(merged, cpus if cpus is not None else available_cpus())
     _check_combination(merged, source)
     infer = merged["op"]["infer"]

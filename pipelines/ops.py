@@ -77,7 +77,6 @@ class ServiceRuntime:
     models: Dict[str, ModelRuntime]  # by key "name/version"
     default_model: str               # the name requests get when they name none
     limits: DecodeLimits
-    max_images: int
     default_top_k: int
     admission: admission.Admission
 
@@ -87,6 +86,11 @@ class ServiceRuntime:
             self.latest[model.name] = model
         if self.default_model not in self.latest:
             raise ValueError(f"default model {self.default_model!r} is not served")
+
+    @property
+    def max_images(self) -> int:
+        """Encoded images per request."""
+        return self.limits.max_request_images
 
     @property
     def default(self) -> ModelRuntime:

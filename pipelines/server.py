@@ -94,8 +94,7 @@ class RexnetServer:
         if options["device"] == "gpu":  # preprocessing and nvJPEG decode follow the current device
             import paddle
             paddle.set_device(f"gpu:{options['gpu_id']}")
-        limits = DecodeLimits(rex["max_image_bytes"], rex["max_image_pixels"], rex["max_request_pixels"],
-                              rex["max_images_per_request"])
+        limits = DecodeLimits.from_settings(rex)
         versions = [v for m in self.repository.models.values() for v in m.served_versions()]
         if self.config.remote and len(versions) > 1:
             raise StartupError(f"op.infer.client_type brpc in {self.config.source} forwards to one backend "
@@ -110,8 +109,7 @@ class RexnetServer:
                                              model_options["max_batch"], dict(settings, **used))
                 models[loaded.key] = loaded
         gate = Admission(rex["max_in_flight_requests"], rex["request_timeout_s"], rex["max_buffered_request_bytes"])
-        return ServiceRuntime(models, self.repository.default_model, limits, rex["max_images_per_request"],
-                              rex["default_top_k"], gate)
+        return ServiceRuntime(models, self.repository.default_model, limits, rex["default_top_k"], gate)
 
     def _model_options(self, settings: ModelSettings, options: dict) -> Tuple[dict, Dict[str, Any]]:
         """load_model options for one model: the service's, overridden by its settings.yaml; and the

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import numpy as np
 
 from . import postprocess
+from .defaults import MAX_BATCH_IMAGES, device_of
 from .imageio import DecodeLimits, ImageError, check_request, decode_image, decode_jpeg_on_device
 from .manifest import Manifest, verify_files
 from .preprocess import PreprocessConfig, preprocess, preprocess_opencv
@@ -79,7 +80,7 @@ def results_for(count: int, probs: np.ndarray, errors: Dict[int, ImageError], k:
 
 
 def inference_model_options(device_type: int = 0, devices: str = "", thread_num: int = 2,
-                            use_mkldnn: bool = True, precision: str = "fp32", max_batch: int = 32,
+                            use_mkldnn: bool = True, precision: str = "fp32", max_batch: int = MAX_BATCH_IMAGES,
                             runtime: str = "paddle", concurrency: int = 1) -> Dict[str, Any]:
     """rexnet_serving.inference.load_model keyword arguments from Paddle Serving's local_service_conf keys
     (and the op's ``concurrency``: infer threads, each with its own predictor clone).
@@ -89,7 +90,7 @@ def inference_model_options(device_type: int = 0, devices: str = "", thread_num:
     every infer thread's request runs at once with ``thread_num`` threads, as Paddle's clones do.
     """
     gpu_id = int((devices or "0").split(",")[0].strip())
-    return {"runtime": runtime, "precision": precision, "device": "cpu" if device_type == 0 else "gpu",
+    return {"runtime": runtime, "precision": precision, "device": device_of(device_type),
             "gpu_id": gpu_id, "cpu_threads": thread_num, "mkldnn": use_mkldnn and device_type == 0,
             "max_batch": max_batch, "streams": concurrency}
 
