@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import time
 from concurrent import futures
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 import grpc
 
 from . import admission, metrics, protocol
 from .paddle_adapter import classify
 from .request import ClassifyAnswer, ClassifyRequest
+from .settings import RexnetSettings
 
 Watch = Callable[[admission.Ticket], None]
 
@@ -130,25 +131,25 @@ def watch_rpc(context: Any, ticket: admission.Ticket) -> None:
         ticket.cancel()
 
 
-def grpc_options(limits: Dict[str, Any]) -> list:
+def grpc_options(limits: RexnetSettings) -> list:
     """Channel arguments of the gRPC server from the config's ``rexnet`` limits."""
     return [
-        ("grpc.max_receive_message_length", limits["max_request_bytes"]),
-        ("grpc.max_send_message_length", limits["max_request_bytes"]),
-        ("grpc.max_concurrent_streams", limits["grpc_max_streams_per_connection"]),
-        ("grpc.max_allowed_incoming_connections", limits["grpc_max_connections"]),
+        ("grpc.max_receive_message_length", limits.max_request_bytes),
+        ("grpc.max_send_message_length", limits.max_request_bytes),
+        ("grpc.max_concurrent_streams", limits.grpc_max_streams_per_connection),
+        ("grpc.max_allowed_incoming_connections", limits.grpc_max_connections),
         ("grpc.http.overload_protection", 1),  # explicit: our stream bound relies on it (see above)
-        ("grpc.max_connection_idle_ms", int(limits["idle_timeout_s"] * 1000)),
+        ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000)),
         ("grpc.so_reuseport", 0),  # a port already taken is an error, not a silently shared socket
     ]
 
 
-def serve_grpc(register: Callable[[grpc.Server], Any], host: str, port: int, workers: int, limits: Dict[str, Any],
+def serve_grpc(register: Callable[[grpc.Server], Any], host: str, port: int, workers: int, limits: RexnetSettings,
                thread_prefix: str = "grpc") -> grpc.Server:
     """A started gRPC server with this module's limits and the servicers ``register`` adds; OSError when
     the port cannot be bound."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_prefix),
-                         options=grpc_options(limits), maximum_concurrent_rpcs=limits["grpc_max_pending_rpcs"])
+                         options=grpc_options(limits), maximum_concurrent_rpcs=limits.grpc_max_pending_rpcs)
     register(server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

@@ -45,6 +45,7 @@ from . import pipeline_wire, protocol
 from .admission import BodyBudget
 from .frontdoor import FrontDoor
 from .request import ClassifyAnswer
+from .settings import RexnetSettings
 
 _GRPC_TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -127,12 +128,12 @@ class PredictionHandler(tornado.web.RequestHandler):
     admission limit is reached or the bytes would pass the shared body budget (from Content-Length,
     or chunk by chunk for a chunked body). Its share of the budget is given back when the request ends."""
 
-    def initialize(self, front: FrontDoor, pool: futures.ThreadPoolExecutor, limits: Dict[str, Any],
+    def initialize(self, front: FrontDoor, pool: futures.ThreadPoolExecutor, limits: RexnetSettings,
                    bodies: BodyBudget) -> None:
         self.front = front
         self.pool = pool
-        self.max_bytes = limits["max_request_bytes"]
-        self.max_values = limits["max_json_values"]
+        self.max_bytes = limits.max_request_bytes
+        self.max_values = limits.max_json_values
         self.bodies = bodies
         self.ticket = None
         self.gone = False  # the connection closed (read from the pool thread: a plain flag is enough)
@@ -300,11 +301,11 @@ class _CappedHTTPServer(tornado.httpserver.HTTPServer):
 class HttpFrontDoor:
     """The HTTP server in a thread of its own (an asyncio loop); ``alive()`` for the liveness probe."""
 
-    def __init__(self, front: FrontDoor, host: str, port: int, limits: Dict[str, Any]) -> None:
+    def __init__(self, front: FrontDoor, host: str, port: int, limits: RexnetSettings) -> None:
         self.front = front
         self.host, self.port = host, port
         self._limits = limits
-        self._pool = futures.ThreadPoolExecutor(max_workers=limits["max_in_flight_requests"] + 1,
+        self._pool = futures.ThreadPoolExecutor(max_workers=limits.max_in_flight_requests + 1,
                                                 thread_name_prefix="http")
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server: Optional[_CappedHTTPServer] = None
@@ -326,9 +327,9 @@ class HttpFrontDoor:
         try:
             # Tornado's own body limit is only a backstop here (it answers 400): the handler says 413 first.
             server = _CappedHTTPServer(
-                self._app(), max_body_size=2 * limits["max_request_bytes"], max_header_size=limits["max_header_bytes"],
-                idle_connection_timeout=limits["idle_timeout_s"], body_timeout=limits["body_timeout_s"])
-            server.max_connections = limits["http_max_connections"]
+                self._app(), max_body_size=2 * limits.max_request_bytes, max_header_size=limits.max_header_bytes,
+                idle_connection_timeout=limits.idle_timeout_s, body_timeout=limits.body_timeout_s)
+            server.max_connections = limits.http_max_connections
             server.listen(self.port, address=self.host)
             self._server = server
         except BaseException as exc:  # noqa: BLE001 (reported to start())

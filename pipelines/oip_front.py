@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import threading
 from concurrent import futures
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import grpc
 import numpy as np
 import tornado.web
+
 from rexnet_serving.oip import ImagesOutcome, ModelInfo, OipError, OipService
 from rexnet_serving.oip.grpc_service import add_to_server
 from rexnet_serving.oip.rest import handle_rest
@@ -31,6 +32,7 @@ from .frontdoor import FrontDoor, serve_grpc
 from .http_front import GONE, HttpFrontDoor, PredictionHandler, parse_grpc_timeout
 from .ops import ModelRuntime, ServiceRuntime
 from .request import ClassifyAnswer, ClassifyRequest
+from .settings import RexnetSettings
 
 _KINDS = {protocol.INVALID_REQUEST: INVALID_ARGUMENT, protocol.REQUEST_TOO_LARGE: INVALID_ARGUMENT,
           protocol.OVERLOADED: UNAVAILABLE, protocol.CLOSED_ERROR: UNAVAILABLE, protocol.TIMEOUT: DEADLINE_EXCEEDED}
@@ -86,7 +88,7 @@ class _OipHandler(PredictionHandler):
     the same body budget), run in the pool (parsing included); a client gone before its turn is dropped."""
 
     def initialize(self, front: FrontDoor, service: OipService, pool: futures.ThreadPoolExecutor,
-                   limits: Dict[str, Any], bodies: BodyBudget) -> None:
+                   limits: RexnetSettings, bodies: BodyBudget) -> None:
         super().initialize(front, pool, limits, bodies)
         self.service = service
         self._on_close: List[Callable[[], None]] = []
@@ -151,7 +153,7 @@ class _OipNotFound(tornado.web.RequestHandler):
 class OipHttpFrontDoor(HttpFrontDoor):
     """The v2 REST API on its own port, in the Pipeline HTTP front door's server (limits, liveness)."""
 
-    def __init__(self, front: FrontDoor, service: OipService, host: str, port: int, limits: Dict[str, Any]) -> None:
+    def __init__(self, front: FrontDoor, service: OipService, host: str, port: int, limits: RexnetSettings) -> None:
         super().__init__(front, host, port, limits)
         self.service = service
         self._thread.name = "oip-http-front"
@@ -165,7 +167,7 @@ class OipHttpFrontDoor(HttpFrontDoor):
 
 
 def start_oip_grpc_server(service: OipService, host: str, port: int, workers: int,
-                          limits: Dict[str, Any]) -> grpc.Server:
+                          limits: RexnetSettings) -> grpc.Server:
     """``inference.GRPCInferenceService`` on ``host:port`` with the Pipeline gRPC server's limits;
     OSError when the port cannot be bound."""
     return serve_grpc(lambda server: add_to_server(service, server), host, port, workers, limits, "oip-grpc")
@@ -175,7 +177,7 @@ class OipFront:
     """Both v2 front doors of one service, started and stopped with it (either may be off: port None)."""
 
     def __init__(self, front: FrontDoor, runtime: ServiceRuntime, ready: Callable[[], bool], host: str,
-                 http_port: Optional[int], grpc_port: Optional[int], workers: int, limits: Dict[str, Any]) -> None:
+                 http_port: Optional[int], grpc_port: Optional[int], workers: int, limits: RexnetSettings) -> None:
         self.service = oip_service(front, runtime, ready)
         self.http: Optional[OipHttpFrontDoor] = None
         self.grpc: Optional[grpc.Server] = None

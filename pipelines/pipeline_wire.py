@@ -20,6 +20,7 @@ from paddle_serving_server.pipeline.proto import pipeline_service_pb2, pipeline_
 from . import protocol
 from .frontdoor import FrontDoor, Watch, serve_grpc, watch_rpc
 from .request import ClassifyAnswer, ClassifyRequest
+from .settings import RexnetSettings
 
 
 def to_request(message: Any) -> ClassifyRequest:
@@ -98,7 +99,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         return answer(self.front, request, context.time_remaining(), lambda ticket: watch_rpc(context, ticket))
 
 
-def start_grpc_server(front: FrontDoor, host: str, port: int, workers: int, limits: Dict[str, Any]) -> grpc.Server:
+def start_grpc_server(front: FrontDoor, host: str, port: int, workers: int, limits: RexnetSettings) -> grpc.Server:
     """The PipelineService on ``host:port``; raises OSError when the port cannot be bound."""
     return serve_grpc(lambda server: pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
         PipelineServicer(front), server), host, port, workers, limits)

@@ -74,7 +74,7 @@ class RexnetServer:
         self.repository = repository
         self.stop_event = stop_event
         self.state = ServiceState()
-        self.name = config.rexnet["service_name"]
+        self.name = config.settings.service_name
         self._health: Optional[HealthServer] = None
         self._grpc: Optional[grpc.Server] = None
         self._http: Optional[HttpFrontDoor] = None
@@ -86,15 +86,15 @@ class RexnetServer:
     # -- start ------------------------------------------------------------------------------------
     def _load(self) -> ServiceRuntime:
         """Every served version of every model of the repository, each with its predictors."""
-        service, rex = self.config.infer_service, self.config.rexnet
+        service, rex = self.config.infer_service, self.config.settings
         options = inference_model_options(service["device_type"], service["devices"], service["thread_num"],
                                           service["use_mkldnn"], service["precision"],
-                                          rex["max_batch_images"], service["runtime"],  # runtime (issue 10)
+                                          rex.max_batch_images, service["runtime"],  # runtime (issue 10)
                                           self.config.infer["concurrency"])  # OpenVINO streams (issue 10)
         if options["device"] == "gpu":  # preprocessing and nvJPEG decode follow the current device
             import paddle
             paddle.set_device(f"gpu:{options['gpu_id']}")
-        limits = DecodeLimits.from_settings(rex)
+        limits = rex.decode_limits
         versions = [v for m in self.repository.models.values() for v in m.served_versions()]
         if self.config.remote and len(versions) > 1:
             raise StartupError(f"op.infer.client_type brpc in {self.config.source} forwards to one backend "
@@ -108,8 +108,8 @@ class RexnetServer:
                 loaded = ModelRuntime.create(model.name, version.version, classifier, self.config.infer["concurrency"],
                                              model_options["max_batch"], dict(settings, **used))
                 models[loaded.key] = loaded
-        gate = Admission(rex["max_in_flight_requests"], rex["request_timeout_s"], rex["max_buffered_request_bytes"])
-        return ServiceRuntime(models, self.repository.default_model, limits, rex["default_top_k"], gate)
+        gate = Admission(rex.max_in_flight_requests, rex.request_timeout_s, rex.max_buffered_request_bytes)
+        return ServiceRuntime(models, self.repository.default_model, limits, rex.default_top_k, gate)
 
     def _model_options(self, settings: ModelSettings, options: dict) -> Tuple[dict, Dict[str, Any]]:
         """load_model options for one model: the service's, overridden by its settings.yaml; and the
@@ -153,7 +153,7 @@ class RexnetServer:
         infer = self.config.infer
         try:
             return RemotePredictor(model_dir, infer["server_endpoints"], infer["client_config"],
-                                   timeout=self.config.rexnet["backend_timeout_s"], fetch=infer["fetch_list"])
+                                   timeout=self.config.settings.backend_timeout_s, fetch=infer["fetch_list"])
         except (OSError, ValueError, KeyError) as exc:
             raise StartupError(f"cannot set up the bRPC backend client (op.infer in {self.config.source}): "
                                f"{exc}") from None
@@ -165,14 +165,15 @@ class RexnetServer:
         except SystemExit as exc:  # Paddle Serving exits on a busy port or a bad config
             raise StartupError(f"Paddle Serving refused to start: {exc}") from None
         self._front = FrontDoor(self._dag, runtime.admission, self.name)
-        rex, host = self.config.rexnet, self.config.rexnet["host"]
+        rex = self.config.settings
+        host = rex.host
         try:
             self._grpc = start_grpc_server(self._front, host, self.config.rpc_port, conf["worker_num"], rex)
             self._http = HttpFrontDoor(self._front, host, self.config.http_port, rex)
             self._http.start()
             # Open Inference Protocol (KServe v2): REST and gRPC on the same front door.
-            self._oip = OipFront(self._front, runtime, lambda: self.state.ready, host, rex["oip_http_port"] or None,
-                                 rex["oip_grpc_port"] or None, conf["worker_num"], rex)
+            self._oip = OipFront(self._front, runtime, lambda: self.state.ready, host, rex.oip_http_port or None,
+                                 rex.oip_grpc_port or None, conf["worker_num"], rex)
         except OSError as exc:
             raise StartupError(str(exc)) from None
 
@@ -262,19 +263,19 @@ class RexnetServer:
                 f"gRPC     {host}:{c.rpc_port} (PipelineService/inference, name {self.name!r})",
                 f"health   http://{host}:{c.metrics_port}/healthz  http://{host}:{c.metrics_port}/readyz",
                 f"metrics  http://{host}:{c.metrics_port}/metrics"]
-        if c.rexnet["oip_http_port"]:
-            urls.append(f"v2 REST  http://{host}:{c.rexnet['oip_http_port']}/v2/models/<model>/infer")
-        if c.rexnet["oip_grpc_port"]:
-            urls.append(f"v2 gRPC  {host}:{c.rexnet['oip_grpc_port']} (inference.GRPCInferenceService)")
+        if c.settings.oip_http_port:
+            urls.append(f"v2 REST  http://{host}:{c.settings.oip_http_port}/v2/models/<model>/infer")
+        if c.settings.oip_grpc_port:
+            urls.append(f"v2 gRPC  {host}:{c.settings.oip_grpc_port} (inference.GRPCInferenceService)")
         if c.remote:
             urls.append(f"backend  bRPC {','.join(c.infer['server_endpoints'])} (inference forwarded)")
         return urls
 
     def run(self) -> int:
-        deadline = time.monotonic() + self.config.rexnet["startup_timeout_s"]
+        deadline = time.monotonic() + self.config.settings.startup_timeout_s
         try:
             try:
-                self._health = HealthServer(self.state, self.config.metrics_port, self.config.rexnet["host"],
+                self._health = HealthServer(self.state, self.config.metrics_port, self.config.settings.host,
                                             self.live_check)
             except OSError as exc:
                 raise StartupError(f"cannot listen on metrics port {self.config.metrics_port}: {exc}") from None
@@ -307,7 +308,7 @@ class RexnetServer:
         """Readiness off, refuse new requests, let in-flight ones finish (up to drain_timeout_s), stop
         every part."""
         self.state.set(DRAINING)
-        timeout = self.config.rexnet["drain_timeout_s"]
+        timeout = self.config.settings.drain_timeout_s
         give_up_at = time.monotonic() + timeout
         if not quiet:
             log.info("draining: finishing in-flight requests (up to %ss)", timeout)

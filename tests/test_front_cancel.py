@@ -23,11 +23,12 @@ from rexnet_pipelines.frontdoor import FrontDoor, watch_rpc
 from rexnet_pipelines.http_front import HttpFrontDoor
 from rexnet_pipelines.oip_front import OipHttpFrontDoor
 from rexnet_pipelines.request import ClassifyAnswer
+from rexnet_pipelines.settings import RexnetSettings
 from rexnet_serving.oip import ImagesOutcome, ModelInfo, OipService
 
 # max_in_flight_requests sizes the HTTP pool (2 threads); admission itself lets up to 8 in.
-LIMITS = {"max_in_flight_requests": 1, "max_request_bytes": 1 << 20, "max_json_values": 1000,
-          "max_header_bytes": 8192, "idle_timeout_s": 30, "body_timeout_s": 30, "http_max_connections": 64}
+LIMITS = RexnetSettings(max_in_flight_requests=1, max_request_bytes=1 << 20, max_json_values=1000,
+                        max_header_bytes=8192, idle_timeout_s=30, body_timeout_s=30, http_max_connections=64)
 
 
 class Blocking:
