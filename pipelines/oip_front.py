@@ -3,8 +3,9 @@
 rexnet_serving.oip holds the protocol (handle_rest, the gRPC servicer, OipService); this module plugs it
 into the service: ``FrontDoorModel`` is an OipModel whose two infer calls go through the same
 FrontDoor as the Pipeline's HTTP and gRPC (admission, deadlines, cancellation, the DAG's batching, the
-per-model metrics), as the same typed request and answer (rexnet_pipelines.request); ``OipHttpFrontDoor`` is the Pipeline HTTP front door's Tornado
-server (same body, header, connection and idle limits) routing ``/v2/...`` to handle_rest; and
+per-model metrics), as the same typed request and answer (rexnet_pipelines.request);
+``OipHttpFrontDoor`` is the Pipeline HTTP front door's Tornado server (same body, header, connection
+and idle limits) routing ``/v2/...`` to handle_rest; and
 ``start_oip_grpc_server`` is the hardened gRPC server of rexnet_pipelines.frontdoor with the
 protocol's servicer. The v2 health endpoints answer from the service's own readiness.
 
