@@ -14,10 +14,14 @@ from conftest import free_port
 
 @pytest.fixture(scope="module")
 def paddle(tmp_path_factory: Any) -> Iterator[Any]:
-    """Paddle Serving's pipeline package, imported in a scratch directory (it writes logs into the cwd)."""
+    """Paddle Serving's pipeline package, with its files in a scratch directory: it writes logs into the
+    cwd of its first import and ProcessInfo.json into its CONF_HOME (also fixed at import) on start."""
+    scratch = tmp_path_factory.mktemp("paddle_home")
     mp = pytest.MonkeyPatch()
-    mp.chdir(tmp_path_factory.mktemp("paddle_logs"))
+    mp.chdir(scratch)
     import paddle_serving_server.pipeline as pipeline
+    import paddle_serving_server.util as util
+    mp.setattr(util, "CONF_HOME", str(scratch))
     yield pipeline
     mp.undo()
 
