@@ -2,11 +2,12 @@
 
 Paddle Serving's ``PipelineServer.run_server`` blocks in ``wait_for_termination`` with no way to stop
 gracefully and serves HTTP through a Go gateway process it never watches. So ``prepare_server`` (config
-checks, op setup) and the DAG are Paddle's, and the serving is done here: the front doors
-(rexnet_pipelines.frontdoor: admission control and the gRPC limits; rexnet_pipelines.pipeline_wire: the gRPC PipelineService;
-rexnet_pipelines.http_front: Paddle Serving's HTTP API in-process) in front of Paddle's DAGExecutor, all
-kept at hand so SIGTERM can drain them (Kubernetes pod termination: readiness off, finish what is in
-flight, exit 0), and watched by the liveness probe.
+checks, op setup) and the DAG are Paddle's (started by rexnet_pipelines.paddle_adapter.start_dag), and
+the serving is done here: the front doors (rexnet_pipelines.frontdoor: admission control and the gRPC
+limits; rexnet_pipelines.pipeline_wire: the gRPC PipelineService; rexnet_pipelines.http_front: Paddle
+Serving's HTTP API in-process; rexnet_pipelines.oip_front: the v2 protocol) in front of Paddle's
+DAGExecutor, all kept at hand so SIGTERM can drain them (Kubernetes pod termination: readiness off,
+finish what is in flight, exit 0), and watched by the liveness probe.
 
 Import this module only after the working directory is set (rexnet_pipelines.cli does): importing
 Paddle Serving's pipeline package writes PipelineServingLogs/ into the current directory.
