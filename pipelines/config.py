@@ -120,13 +120,6 @@ SCHEMA: Dict[str, Any] = {
 }
 
 
-def _type_ok(value: Any, kind: Union[type, Tuple[type, ...]]) -> bool:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        return False  # YAML `true` is not a number
-    return isinstance(value, kinds)
-
-
 def _check(data: Any, schema: Mapping[str, Any], source: str, prefix: str = "") -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping, "
@@ -140,15 +133,9 @@ def _check(data: Any, schema: Mapping[str, Any], source: str, prefix: str = "") 
         if isinstance(spec, dict):
             _check(value, spec, source, name + ".")
             continue
-        if not _type_ok(value, spec.kind):
-            raise ConfigError(f"{source}: {name} must be {_kind_name(spec.kind)}, got {value!r}")
-        if spec.check is not None and not spec.check(value):
-            raise ConfigError(f"{source}: {name} must be {spec.rule}, got {value!r}")
-
-
-def _kind_name(kind: Union[type, Tuple[type, ...]]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        wrong = spec.problem(value)
+        if wrong is not None:
+            raise ConfigError(f"{source}: {name} {wrong}")
 
 
 def _merge(base: Dict[str, Any], override: Mapping[str, Any]) -> Dict[str, Any]:

@@ -16,6 +16,8 @@ from rexnet_serving import defaults
 from rexnet_serving.imageio import DecodeLimits
 from rexnet_serving.jsonbody import DEFAULT_MAX_VALUES
 
+from . import protocol
+
 
 @dataclass(frozen=True)
 class Field:
@@ -25,6 +27,16 @@ class Field:
     default: Any
     check: Optional[Callable[[Any], bool]] = None
     rule: str = ""
+
+    def problem(self, value: Any) -> Optional[str]:
+        """What is wrong with ``value`` for this key ("must be ..., got ..."), or None."""
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):  # `true` is no number
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            return f"must be {names}, got {value!r}"
+        if self.check is not None and not self.check(value):
+            return f"must be {self.rule}, got {value!r}"
+        return None
 
 
 def setting(kind: Union[type, Tuple[type, ...]], default: Any, check: Optional[Callable[[Any], bool]] = None,
@@ -69,14 +81,15 @@ class RexnetSettings:
     max_request_pixels: int = setting(int, DecodeLimits.max_request_pixels, lambda v: v > 0, "> 0 pixels")
     max_batch_images: int = setting(int, defaults.MAX_BATCH_IMAGES,
                                     lambda v: 1 <= v <= 1024, "1..1024 images per forward pass")
-    default_top_k: int = setting(int, 5, lambda v: v >= 1, ">= 1")
+    default_top_k: int = setting(int, protocol.DEFAULT_TOP_K, lambda v: v >= 1, ">= 1")
     backend_timeout_s: float = setting((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600")
     # Several models (rexnet-serve --model-repository): the one requests get when they name none
     # (null: the only one, else the first by name) and the versions to serve per model (default: highest).
     default_model: Optional[str] = setting((str, type(None)), None,
                                            lambda v: v is None or bool(v), "null or a model name")
-    model_versions: Optional[Dict[str, List[int]]] = setting((dict, type(None)), None, _versions_ok,
-                                                             "null or a mapping of model name to a non-empty list of version numbers")
+    model_versions: Optional[Dict[str, List[int]]] = setting(
+        (dict, type(None)), None, _versions_ok,
+        "null or a mapping of model name to a non-empty list of version numbers")
     # The front doors (rexnet_pipelines.frontdoor, http_front, admission): what one client can hold.
     host: str = setting(str, "0.0.0.0", lambda v: bool(v), "an address to listen on (0.0.0.0: every IPv4 one)")
     max_in_flight_requests: int = setting(int, 32, lambda v: 1 <= v <= 4096, "1..4096 requests")
@@ -93,6 +106,13 @@ class RexnetSettings:
     grpc_max_streams_per_connection: int = setting(int, 32, lambda v: 1 <= v <= 1024, "1..1024 streams")
     grpc_max_pending_rpcs: int = setting(int, 256, lambda v: 1 <= v <= 65536, "1..65536 RPCs")
 
+    def __post_init__(self) -> None:
+        """Settings built in code (tests, tools) follow the same rules as a config file's."""
+        for name, spec in schema_of(RexnetSettings).items():
+            wrong = spec.problem(getattr(self, name))
+            if wrong is not None:
+                raise ValueError(f"rexnet.{name} {wrong}")
+
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> "RexnetSettings":
         """The settings of a checked ``rexnet`` section (keys left out keep their defaults)."""
@@ -100,4 +120,4 @@ class RexnetSettings:
 
     @property
     def decode_limits(self) -> DecodeLimits:
-        return DecodeLimits.from_settings(self.__dict__)
+        return DecodeLimits.from_settings({key: getattr(self, key) for key in DecodeLimits.SETTINGS_KEYS})

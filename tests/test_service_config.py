@@ -218,3 +218,12 @@ def test_the_image_limits_and_the_batch_default_have_one_home(tmp_path):
                                             "rexnet:\n  max_images_per_request: 3\n  max_image_pixels: 1000\n")
     limits = DecodeLimits.from_settings(load_config(custom).rexnet)
     assert (limits.max_request_images, limits.max_pixels, limits.max_bytes) == (3, 1000, DecodeLimits.max_bytes)
+
+
+def test_settings_built_in_code_follow_the_files_rules():
+    from rexnet_pipelines.settings import RexnetSettings
+    assert RexnetSettings().max_in_flight_requests == load_config(CONFIG_DIR / "base.yml").settings.max_in_flight_requests
+    with pytest.raises(ValueError, match=r"rexnet.max_in_flight_requests must be 1..4096 requests, got 0"):
+        RexnetSettings(max_in_flight_requests=0)
+    with pytest.raises(ValueError, match=r"rexnet.idle_timeout_s must be int or float, got True"):
+        RexnetSettings(idle_timeout_s=True)
