@@ -105,12 +105,22 @@ class Classifier:
     def __init__(self, model_dir: Union[str, Path], limits: DecodeLimits = DecodeLimits(),
                  model: Any = None, **model_options: Any) -> None:
         from .inference import load_model
+        self.model = model if model is not None else load_model(model_dir, **model_options)
         # Also with a remote ``model``: labels and preprocessing come from these files.
-        self.manifest: Manifest = verify_files(model_dir)
+        self.manifest: Manifest = self._verified(model_dir)
         self.labels: List[str] = self.manifest.labels()
         self.limits = limits
-        self.model = model if model is not None else load_model(model_dir, **model_options)
         self.on_device = str(model_options.get("device", "cpu")).startswith("gpu")
+
+    def _verified(self, model_dir: Union[str, Path]) -> Manifest:
+        """The export's verified manifest: the predictor's own when it verified this directory (every
+        loader calls verify_files before it loads anything), so the files are checked once per load;
+        else (a predictor from elsewhere) verify_files now."""
+        manifest = getattr(self.model, "manifest", None)
+        if (isinstance(manifest, Manifest) and manifest.verified and manifest.model_dir is not None
+                and Path(manifest.model_dir).resolve() == Path(model_dir).resolve()):
+            return manifest
+        return verify_files(model_dir)
 
     @property
     def class_num(self) -> int:
