@@ -254,7 +254,7 @@ class RexnetResponseOp(TypedResponseOp):
         classifier, count = item.model.classifier, item.request.count
         with metrics.STAGE_SECONDS.labels("postprocess").time():
             results = classifier.results(count, item.probs, item.errors, item.top_k)
-            probs = np.zeros((count, classifier.class_num), np.float32)
+            probs = np.zeros((count, item.probs.shape[1]), np.float32)  # the floor's rows are empty
             classified = [i for i, r in enumerate(results) if r.ok]
             if classified:
                 probs[classified] = item.probs

@@ -24,6 +24,7 @@ the installed paddle_serving_server, so an upgrade that changes them fails there
 """
 from __future__ import annotations
 
+import logging
 import queue
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -37,6 +38,7 @@ from . import metrics
 from .batcher import Batcher
 from .request import BACKEND_ERROR, ClassifyAnswer, ClassifyRequest
 
+log = logging.getLogger("rexnet_serve")
 ITEM = "item"   # the one key of every channel dict: the request (or what a stage made of it)
 _FEED = "x"     # the batching op's feed: an object array of per-image tensors ...
 _KEYS = "keys"  # ... and, in step, the key (model) each image goes to
@@ -172,7 +174,11 @@ class TypedResponseOp(ResponseOp):
             if channeldata.datatype != ChannelDataType.DICT.value:
                 return ClassifyAnswer.refused(ChannelDataErrcode.TYPE_ERROR.value,
                                               f"error type({channeldata.datatype}) in datatype.")
-            return self.answer(channeldata.dictdata[ITEM])
+            try:
+                return self.answer(channeldata.dictdata[ITEM])
+            except Exception as exc:  # Paddle Serving would answer its own Response message instead
+                log.exception("building the answer failed")
+                return ClassifyAnswer.refused(ChannelDataErrcode.RPC_PACKAGE_ERROR.value, f"rpc package error: {exc}")
         if channeldata.error_code == ChannelDataErrcode.PRODUCT_ERROR.value:  # raised by our stages
             return ClassifyAnswer.refused(channeldata.prod_error_code, channeldata.prod_error_info)
         status, message = channeldata.error_code, channeldata.error_info

@@ -63,7 +63,8 @@ def test_the_private_shape_the_adapter_relies_on_is_there(paddle: Any):
 @pytest.fixture(scope="module")
 def dag(paddle: Any) -> Iterator[Any]:
     """A real DAG: a stage that refuses model "refuse", a batching op that sums each image's bytes and
-    fails the auto-batch for model "backend-down", and a response op that reports what it got."""
+    fails the auto-batch for model "backend-down", and a response op that reports what it got (and fails
+    for model "broken-answer")."""
     from rexnet_pipelines.paddle_adapter import BatchingOp, Refused, StageOp, TypedResponseOp, start_dag
     from rexnet_pipelines.request import BACKEND_ERROR, ClassifyAnswer
 
@@ -90,6 +91,8 @@ def dag(paddle: Any) -> Iterator[Any]:
     class Answer(TypedResponseOp):
         def answer(self, item: Any) -> Any:
             request, rows = item
+            if request.model == "broken-answer":
+                raise RuntimeError("no answer")
             return ClassifyAnswer(model=request.model, probs=np.asarray(rows, np.float32))
 
     conf = {"rpc_port": free_port(), "http_port": free_port(), "worker_num": 1, "dag": {"is_thread_op": True},
@@ -119,4 +122,6 @@ def test_a_stage_refusal_and_a_failed_batch_are_typed_refusals(dag: Any):
     failed = classify(dag, ClassifyRequest(images=[b"x"], model="backend-down"))
     # Paddle Serving's wrapping ("[sum] failed to predict. ... Please check the input dict") is taken off.
     assert (failed.status, failed.message) == (BACKEND_ERROR, "inference failed: the backend is down")
+    broken = classify(dag, ClassifyRequest(images=[b"x"], model="broken-answer"))
+    assert (broken.status, broken.message) == (8000, "rpc package error: no answer")  # typed, as Paddle's would be
     assert classify(dag, ClassifyRequest(images=[b"\x05"], model="m")).probs.tolist() == [5.0]  # still serving
