@@ -3,7 +3,8 @@ with a deadline and a way to be cancelled.
 
 Paddle Serving's DAGExecutor takes every request it is handed: its queues grow without bound and a
 request whose client has gone (or whose deadline passed) is still decoded and run through the model.
-Every front door (HTTP, gRPC) therefore admits a request here first:
+Every front door (rexnet_pipelines.frontdoor.FrontDoor, for every protocol) therefore admits a
+request here first; its ticket travels in the request (rexnet_pipelines.request.ClassifyRequest):
 
 * past ``max_in_flight`` admitted requests, a new one is refused at once (err_no 54 ``overloaded``,
   retryable) instead of queueing for seconds behind work the machine cannot finish in time;
@@ -21,31 +22,25 @@ chunks come), so that a few slow uploads cannot hold gigabytes while they trickl
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Optional
 
 from . import metrics
 
 OVERLOADED, DEADLINE, CANCELLED, DRAINING = metrics.REFUSAL_REASONS
-_CALLER = threading.local()
 
 
 class Ticket:
-    """One admitted request: its deadline (``time.monotonic()`` seconds) and whether it still matters."""
+    """One admitted request: its deadline (``time.monotonic()`` seconds), whether it still matters, and
+    the key of the served model it went to (set by the prepare op; for the per-model metrics)."""
 
-    __slots__ = ("deadline", "cancelled", "payload", "model", "outcome", "_admission", "_preparing", "_released")
+    __slots__ = ("deadline", "cancelled", "model", "_admission", "_preparing", "_released")
 
-    def __init__(self, admission: "Admission", deadline: float, payload: Optional[dict] = None) -> None:
+    def __init__(self, admission: "Admission", deadline: float) -> None:
         self.deadline = deadline
         self.cancelled = False
-        # An in-process front door's request (instead of the wire fields) and where its answer goes:
-        # payload {"fields": {...}} or {"tensor": array, "top_k": k, "fields": {model keys}}; outcome
-        # (probabilities [N, C], per-image results) once answered. model: the served model's key.
-        self.payload = payload
         self.model: Optional[str] = None
-        self.outcome: Optional[tuple] = None
         self._admission = admission
         self._preparing = True
         self._released = False
@@ -102,7 +97,7 @@ class Admission:
         """Admitted requests that have not reached the infer op yet."""
         return self._preparing
 
-    def admit(self, timeout_s: Optional[float] = None, payload: Optional[dict] = None) -> Ticket:
+    def admit(self, timeout_s: Optional[float] = None) -> Ticket:
         """A ticket for a new request, or Overloaded. ``timeout_s``: the client's remaining deadline;
         the configured default applies when it is None or longer."""
         budget = self.default_timeout_s if timeout_s is None else min(timeout_s, self.default_timeout_s)
@@ -114,7 +109,7 @@ class Admission:
             self._in_flight += 1
             self._preparing += 1
         metrics.IN_FLIGHT.inc()
-        return Ticket(self, time.monotonic() + budget, payload)
+        return Ticket(self, time.monotonic() + budget)
 
     def _prepared(self) -> None:
         with self._lock:
@@ -152,23 +147,3 @@ class BodyBudget:
     def give_back(self, size: int) -> None:
         with self._lock:
             self._held -= size
-
-
-@contextlib.contextmanager
-def bound(ticket: Ticket) -> Iterator[Ticket]:
-    """Make ``ticket`` the current thread's for the duration of a DAG call.
-
-    Why a thread-local: Paddle Serving's DAGExecutor.call(request) runs the request op's
-    unpack_request_package in the calling thread and offers no other way to pass anything but the
-    request message itself (whose fields are the wire contract) into the DAG.
-    """
-    _CALLER.ticket = ticket
-    try:
-        yield ticket
-    finally:
-        _CALLER.ticket = None
-
-
-def current_ticket() -> Optional[Ticket]:
-    """The ticket bound by the front door that is calling the DAG in this thread, if any."""
-    return getattr(_CALLER, "ticket", None)

@@ -12,8 +12,8 @@ batch too. The wait policy here waits only when waiting can pay off:
 
 So a lone request never waits, and under load the wait is bounded by the time cap. The queue and the
 "still preparing" count are passed in, so the policy is tested without Paddle Serving
-(tests/test_batcher.py); rexnet_pipelines.ops.InferOp adapts Paddle Serving's input channel to
-``BatchQueue``.
+(tests/test_batcher.py); rexnet_pipelines.paddle_adapter.BatchingOp adapts Paddle Serving's input
+channel to ``BatchQueue``.
 """
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def resolve_model_dir(explicit: Optional[Path], config: ServingConfig) -> Path:
 def prepare_workdir(config: ServingConfig) -> Path:
     """Make the work dir and run there: Paddle Serving writes PipelineServingLogs/ and ProcessInfo.json
     into the current directory (and SERVING_HOME / SERVING_LOG_PATH) at import time."""
-    configured = config.rexnet["workdir"]
+    configured = config.settings.workdir
     workdir = Path(configured) if configured else Path(tempfile.gettempdir()) / f"rexnet-serve-{config.rpc_port}"
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -150,8 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         root = args.model_repository or resolve_model_dir(args.model_dir, config)
-        rex = config.rexnet
-        repository = scan_repository(root, rex["model_versions"], rex["default_model"])
+        repository = scan_repository(root, config.settings.model_versions, config.settings.default_model)
     except (OSError, ValueError) as exc:
         print(f"rexnet-serve: {exc}", file=sys.stderr)
         return 1

@@ -21,9 +21,10 @@ import yaml
 
 from rexnet_serving import defaults
 from rexnet_serving.cpus import CpuBudget, Sizing, available_cpus, size_service
-from rexnet_serving.jsonbody import DEFAULT_MAX_VALUES
 from rexnet_serving.runtimes import default_runtime
 from rexnet_serving.runtimes.base import PRECISIONS, RUNTIMES, OptionError, check_runtime_options
+
+from .settings import PORT, Field, RexnetSettings, schema_of
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serving_configs"
 DEVICE_CONFIGS = {"cpu": CONFIG_DIR / "cpu.yml", "gpu": CONFIG_DIR / "gpu.yml"}
@@ -34,14 +35,6 @@ PathLike = Union[str, Path]
 
 class ConfigError(ValueError):
     """A config file (or flag) that cannot be served: names the file and the key."""
-
-
-@dataclass(frozen=True)
-class Field:
-    kind: Union[type, Tuple[type, ...]]
-    default: Any
-    check: Optional[Callable[[Any], bool]] = None
-    rule: str = ""
 
 
 CLIENT_TYPES = ("local_predictor", "brpc")
@@ -68,14 +61,6 @@ def _names_ok(value: Optional[list]) -> bool:
     return value is None or (bool(value) and all(isinstance(v, str) and v for v in value))
 
 
-def _versions_ok(value: Optional[dict]) -> bool:
-    return value is None or all(isinstance(k, str) and isinstance(v, list) and v
-                                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
-                                for k, v in value.items())
-
-
-_PORT = dict(check=lambda v: v is None or 1 <= v <= 65535, rule="a port 1..65535")
-_OIP_PORT = dict(check=lambda v: v is None or 0 <= v <= 65535, rule="a port 1..65535, or 0 (off)")
 AUTO = "auto"  # a sizing key derived at start from the CPUs the process may use (rexnet_serving.cpus)
 
 
@@ -118,8 +103,8 @@ _INFER = dict(_OP_COMMON, **{
 })
 
 SCHEMA: Dict[str, Any] = {
-    "http_port": Field((int, type(None)), None, **_PORT),
-    "rpc_port": Field((int, type(None)), None, **_PORT),
+    "http_port": Field((int, type(None)), None, **PORT),
+    "rpc_port": Field((int, type(None)), None, **PORT),
     "worker_num": Field(int, 40, lambda v: 1 <= v <= 1024, "1..1024 gRPC threads"),
     "build_dag_each_worker": Field(bool, False, lambda v: v is False,
                                    "false (rexnet-serve runs one DAG in one process)"),
@@ -132,52 +117,8 @@ SCHEMA: Dict[str, Any] = {
         "tracer": {"interval_s": Field(int, -1, lambda v: v == -1 or v >= 1, "-1 (off) or seconds >= 1")},
     },
     "op": {"prepare": dict(_OP_COMMON), "infer": _INFER},
-    "rexnet": {
-        "service_name": Field(str, defaults.SERVICE_NAME, lambda v: bool(v) and "/" not in v,
-                              "a non-empty name without '/'"),
-        "metrics_port": Field((int, type(None)), None, **_PORT),
-        # Open Inference Protocol (KServe v2) REST and gRPC: null = the default port, 0 = off.
-        "oip_http_port": Field((int, type(None)), None, **_OIP_PORT),
-        "oip_grpc_port": Field((int, type(None)), None, **_OIP_PORT),
-        "workdir": Field((str, type(None)), None),
-        "drain_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
-        "startup_timeout_s": Field((int, float), 300, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
-        "max_image_bytes": Field(int, 20 * 1024 * 1024, lambda v: v > 0, "> 0 bytes"),
-        "max_image_pixels": Field(int, 40_000_000, lambda v: v > 0, "> 0 pixels"),
-        "max_images_per_request": Field(int, 64, lambda v: 1 <= v <= 1024, "1..1024"),
-        "max_request_pixels": Field(int, 64_000_000, lambda v: v > 0, "> 0 pixels"),
-        "max_batch_images": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 images per forward pass"),
-        "default_top_k": Field(int, 5, lambda v: v >= 1, ">= 1"),
-        "backend_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
-        # Several models (rexnet-serve --model-repository): the one requests get when they name none
-        # (null: the only one, else the first by name) and the versions to serve per model (default: highest).
-        "default_model": Field((str, type(None)), None, lambda v: v is None or bool(v), "null or a model name"),
-        "model_versions": Field((dict, type(None)), None, _versions_ok,
-                                "null or a mapping of model name to a non-empty list of version numbers"),
-        # The front doors (rexnet_pipelines.frontdoor, http_front, admission): what one client can hold.
-        "host": Field(str, "0.0.0.0", lambda v: bool(v), "an address to listen on (0.0.0.0: every IPv4 one)"),
-        "max_in_flight_requests": Field(int, 32, lambda v: 1 <= v <= 4096, "1..4096 requests"),
-        "request_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
-        "max_request_bytes": Field(int, 64 * 2**20, lambda v: 1024 <= v <= 2**30, "1 KiB..1 GiB"),
-        "max_buffered_request_bytes": Field(int, 192 * 2**20, lambda v: 1024 <= v <= 2**36, "1 KiB..64 GiB"),
-        "max_json_values": Field(int, DEFAULT_MAX_VALUES, lambda v: 1000 <= v <= 100_000_000,
-                                 "1000..100,000,000 values"),
-        "max_header_bytes": Field(int, 64 * 1024, lambda v: 1024 <= v <= 2**20, "1 KiB..1 MiB"),
-        "idle_timeout_s": Field((int, float), 30, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
-        "body_timeout_s": Field((int, float), 60, lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
-        "http_max_connections": Field(int, 1024, lambda v: 1 <= v <= 65536, "1..65536 connections"),
-        "grpc_max_connections": Field(int, 256, lambda v: 1 <= v <= 65536, "1..65536 connections"),
-        "grpc_max_streams_per_connection": Field(int, 32, lambda v: 1 <= v <= 1024, "1..1024 streams"),
-        "grpc_max_pending_rpcs": Field(int, 256, lambda v: 1 <= v <= 65536, "1..65536 RPCs"),
-    },
+    "rexnet": schema_of(RexnetSettings),
 }
-
-
-def _type_ok(value: Any, kind: Union[type, Tuple[type, ...]]) -> bool:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        return False  # YAML `true` is not a number
-    return isinstance(value, kinds)
 
 
 def _check(data: Any, schema: Mapping[str, Any], source: str, prefix: str = "") -> None:
@@ -193,15 +134,9 @@ def _check(data: Any, schema: Mapping[str, Any], source: str, prefix: str = "") 
         if isinstance(spec, dict):
             _check(value, spec, source, name + ".")
             continue
-        if not _type_ok(value, spec.kind):
-            raise ConfigError(f"{source}: {name} must be {_kind_name(spec.kind)}, got {value!r}")
-        if spec.check is not None and not spec.check(value):
-            raise ConfigError(f"{source}: {name} must be {spec.rule}, got {value!r}")
-
-
-def _kind_name(kind: Union[type, Tuple[type, ...]]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        wrong = spec.problem(value)
+        if wrong is not None:
+            raise ConfigError(f"{source}: {name} {wrong}")
 
 
 def _merge(base: Dict[str, Any], override: Mapping[str, Any]) -> Dict[str, Any]:
@@ -256,6 +191,11 @@ class ServingConfig:
         return self.data["rexnet"]
 
     @property
+    def settings(self) -> RexnetSettings:
+        """The ``rexnet`` section, typed (``rexnet`` is the checked dict it is built from)."""
+        return RexnetSettings.from_config(self.rexnet)
+
+    @property
     def infer_service(self) -> Dict[str, Any]:
         return self.data["op"]["infer"]["local_service_conf"]
 
@@ -270,7 +210,7 @@ class ServingConfig:
 
     @property
     def device(self) -> str:
-        return "cpu" if self.infer_service["device_type"] == 0 else "gpu"
+        return defaults.device_of(self.infer_service["device_type"])
 
     @property
     def http_port(self) -> int:
@@ -331,7 +271,7 @@ def load_config(path: Optional[PathLike] = None, overrides: Optional[Mapping[str
             merged["rexnet"][key] = value
     service = merged["op"]["infer"]["local_service_conf"]
     if service["runtime"] is None:
-        service["runtime"] = default_runtime("cpu" if service["device_type"] == 0 else "gpu")
+        service["runtime"] = default_runtime(defaults.device_of(service["device_type"]))
     sizing = _size(merged, cpus if cpus is not None else available_cpus())
     _check_combination(merged, source)
     infer = merged["op"]["infer"]

@@ -1,8 +1,11 @@
-"""The service's front doors onto the DAG: one call path for gRPC and HTTP, and the hardened gRPC server.
+"""The service's front doors onto the DAG: one call path for every protocol, and the hardened gRPC server.
 
-Every request, whatever protocol brought it, goes through :meth:`FrontDoor.call`: service-name check,
-admission (a bounded number in progress, refusals at once: rexnet_pipelines.admission), a deadline and
-a cancellation hook bound to the request's ticket, Paddle Serving's DAGExecutor, request metrics.
+Every request, whatever protocol brought it, goes through :meth:`FrontDoor.call`: admission (a bounded
+number in progress, refusals at once: rexnet_pipelines.admission), a deadline and a cancellation hook
+bound to the request's ticket, the typed request (rexnet_pipelines.request) through Paddle Serving's
+DAG (rexnet_pipelines.paddle_adapter.classify), request metrics. The protocols' front doors translate
+their wire formats to and from the typed request and answer: rexnet_pipelines.pipeline_front (the
+Pipeline's HTTP and gRPC), rexnet_pipelines.oip_front (the Open Inference Protocol's REST and gRPC).
 
 The gRPC server is grpcio's, with the limits that keep one client from taking the port down. Measured
 here against the rapid-reset pattern (CVE-2023-44487: open an HTTP/2 stream and reset it at once, in a
@@ -18,14 +21,16 @@ from __future__ import annotations
 
 import time
 from concurrent import futures
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 import grpc
-from paddle_serving_server.pipeline.proto import pipeline_service_pb2, pipeline_service_pb2_grpc
 
 from rexnet_serving import pipeline_wire
 
 from . import admission, metrics
+from .paddle_adapter import classify
+from .request import ClassifyAnswer, ClassifyRequest
+from .settings import RexnetSettings
 
 Watch = Callable[[admission.Ticket], None]
 
@@ -39,44 +44,53 @@ class FrontDoor:
         self.name = name
         self.draining = False
 
-    def call(self, request: Any, timeout_s: Optional[float] = None, watch: Optional[Watch] = None,
-             payload: Optional[dict] = None) -> Any:
-        """The Pipeline Response for ``request`` (Paddle's message, or an object with its fields).
+    def call(self, build: Callable[[], ClassifyRequest], timeout_s: Optional[float] = None,
+             watch: Optional[Watch] = None) -> ClassifyAnswer:
+        """The answer to the request ``build()`` returns once the request is admitted (a
+        pipeline_wire.RequestError it raises is the answer INVALID_REQUEST: parsing costs an admission slot,
+        as the work it starts does).
 
         ``timeout_s``: the client's remaining deadline (None: the configured default); ``watch``: gets the
-        ticket (to cancel it when the client goes away, or to read its outcome); ``payload``: an
-        in-process front door's request (see admission.Ticket), with an empty ``request``.
+        ticket (to cancel it when the client goes away).
         """
         start = time.perf_counter()
-        model: list = []
-        response = self._call(request, timeout_s, watch, payload, model)
-        seconds = time.perf_counter() - start
-        metrics.REQUEST_SECONDS.observe(seconds)
-        metrics.REQUESTS.labels(str(response.err_no)).inc()
-        name, version = model[0].split("/") if model and model[0] else ("", "")
-        metrics.MODEL_REQUESTS.labels(name, version, str(response.err_no)).inc()
-        metrics.MODEL_REQUEST_SECONDS.labels(name, version).observe(seconds)
-        return response
+        answer = self._call(build, timeout_s, watch)
+        self.count(answer, time.perf_counter() - start)
+        return answer
 
-    def refusal(self) -> Optional[Any]:
+    def refuse(self, status: int, message: str) -> ClassifyAnswer:
+        """The answer (counted) to a request refused before admission for what it is (not for load)."""
+        answer = ClassifyAnswer.refused(status, message)
+        self.count(answer, 0.0)
+        return answer
+
+    @staticmethod
+    def count(answer: ClassifyAnswer, seconds: float) -> None:
+        metrics.REQUEST_SECONDS.observe(seconds)
+        metrics.REQUESTS.labels(str(answer.status)).inc()
+        name, version = answer.model.split("/") if answer.model else ("", "")
+        metrics.MODEL_REQUESTS.labels(name, version, str(answer.status)).inc()
+        metrics.MODEL_REQUEST_SECONDS.labels(name, version).observe(seconds)
+
+    def refusal(self) -> Optional[ClassifyAnswer]:
         """The answer for a request that arrives now, if it would be refused whatever it holds (draining,
         or the admission limit reached), counted as answered; None otherwise. Front doors call it before
         parsing a request, so that shedding load costs as little as possible; admission decides again."""
         if not self.draining and self.gate.in_flight < self.gate.max_in_flight:
             return None
         if self.draining:
-            response = self._draining()
-            metrics.REQUESTS.labels(str(response.err_no)).inc()
-            return response
+            answer = self._draining()
+            metrics.REQUESTS.labels(str(answer.status)).inc()
+            return answer
         return self.overloaded(f"overloaded: {self.gate.max_in_flight} requests in progress, the limit; "
                                "retry with backoff")
 
     @staticmethod
-    def overloaded(message: str) -> Any:
-        """The answer (err_no 54, counted) to a request refused for load before it was admitted."""
+    def overloaded(message: str) -> ClassifyAnswer:
+        """The answer (OVERLOADED, counted) to a request refused for load before it was admitted."""
         metrics.REFUSED.labels(admission.OVERLOADED).inc()
         metrics.REQUESTS.labels(str(pipeline_wire.OVERLOADED)).inc()
-        return pipeline_service_pb2.Response(err_no=pipeline_wire.OVERLOADED, err_msg=message)
+        return ClassifyAnswer.refused(pipeline_wire.OVERLOADED, message)
 
     @staticmethod
     def cancelled_before_admission() -> None:
@@ -85,41 +99,31 @@ class FrontDoor:
         metrics.REQUESTS.labels(str(pipeline_wire.TIMEOUT)).inc()
 
     @staticmethod
-    def _draining() -> Any:
+    def _draining() -> ClassifyAnswer:
         metrics.REFUSED.labels(admission.DRAINING).inc()
-        return pipeline_service_pb2.Response(err_no=pipeline_wire.CLOSED_ERROR,
-                                             err_msg="the service is shutting down; retry elsewhere")
+        return ClassifyAnswer.refused(pipeline_wire.CLOSED_ERROR, "the service is shutting down; retry elsewhere")
 
-    def _call(self, request: Any, timeout_s: Optional[float], watch: Optional[Watch], payload: Optional[dict],
-              model: list) -> Any:
-        if request.name and request.name != self.name:
-            return pipeline_service_pb2.Response(
-                err_no=pipeline_wire.NO_SERVICE, err_msg=f"unknown service {request.name!r}: this server serves "
-                                                    f"{self.name!r} (POST /{self.name}/prediction)")
+    def _call(self, build: Callable[[], ClassifyRequest], timeout_s: Optional[float],
+              watch: Optional[Watch]) -> ClassifyAnswer:
         if self.draining:
             return self._draining()
         try:
-            ticket = self.gate.admit(timeout_s, payload)
+            ticket = self.gate.admit(timeout_s)
         except admission.Overloaded as exc:
-            return pipeline_service_pb2.Response(err_no=pipeline_wire.OVERLOADED, err_msg=str(exc))
+            return ClassifyAnswer.refused(pipeline_wire.OVERLOADED, str(exc))
         try:
             if watch is not None:
                 watch(ticket)
-            with admission.bound(ticket):
-                return self._dag.call(request)
+            try:
+                request = build()
+            except pipeline_wire.RequestError as exc:
+                return ClassifyAnswer.refused(pipeline_wire.INVALID_REQUEST, f"{exc.code}: {exc.message}")
+            request.ticket = ticket
+            answer = classify(self._dag, request)
+            answer.model = answer.model or ticket.model or ""
+            return answer
         finally:
             ticket.release()
-            model.append(ticket.model)
-
-
-class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
-    """Paddle Serving's PipelineService over gRPC, through the front door (PipelineClient works as is)."""
-
-    def __init__(self, front: FrontDoor) -> None:
-        self.front = front
-
-    def inference(self, request: Any, context: Any) -> Any:
-        return self.front.call(request, context.time_remaining(), lambda ticket: watch_rpc(context, ticket))
 
 
 def watch_rpc(context: Any, ticket: admission.Ticket) -> None:
@@ -129,31 +133,25 @@ def watch_rpc(context: Any, ticket: admission.Ticket) -> None:
         ticket.cancel()
 
 
-def grpc_options(limits: Dict[str, Any]) -> list:
+def grpc_options(limits: RexnetSettings) -> list:
     """Channel arguments of the gRPC server from the config's ``rexnet`` limits."""
     return [
-        ("grpc.max_receive_message_length", limits["max_request_bytes"]),
-        ("grpc.max_send_message_length", limits["max_request_bytes"]),
-        ("grpc.max_concurrent_streams", limits["grpc_max_streams_per_connection"]),
-        ("grpc.max_allowed_incoming_connections", limits["grpc_max_connections"]),
+        ("grpc.max_receive_message_length", limits.max_request_bytes),
+        ("grpc.max_send_message_length", limits.max_request_bytes),
+        ("grpc.max_concurrent_streams", limits.grpc_max_streams_per_connection),
+        ("grpc.max_allowed_incoming_connections", limits.grpc_max_connections),
         ("grpc.http.overload_protection", 1),  # explicit: our stream bound relies on it (see above)
-        ("grpc.max_connection_idle_ms", int(limits["idle_timeout_s"] * 1000)),
+        ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000)),
         ("grpc.so_reuseport", 0),  # a port already taken is an error, not a silently shared socket
     ]
 
 
-def start_grpc_server(front: FrontDoor, host: str, port: int, workers: int, limits: Dict[str, Any]) -> grpc.Server:
-    """The PipelineService on ``host:port``; raises OSError when the port cannot be bound."""
-    return serve_grpc(lambda server: pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
-        PipelineServicer(front), server), host, port, workers, limits)
-
-
-def serve_grpc(register: Callable[[grpc.Server], Any], host: str, port: int, workers: int, limits: Dict[str, Any],
+def serve_grpc(register: Callable[[grpc.Server], Any], host: str, port: int, workers: int, limits: RexnetSettings,
                thread_prefix: str = "grpc") -> grpc.Server:
     """A started gRPC server with this module's limits and the servicers ``register`` adds; OSError when
     the port cannot be bound."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_prefix),
-                         options=grpc_options(limits), maximum_concurrent_rpcs=limits["grpc_max_pending_rpcs"])
+                         options=grpc_options(limits), maximum_concurrent_rpcs=limits.grpc_max_pending_rpcs)
     register(server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

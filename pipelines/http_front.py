@@ -4,7 +4,7 @@ Paddle Serving 0.9.0 serves HTTP through a Go grpc-gateway (libproxy_server.so, 
 grpc-gateway v1.16.0 from 2021) started as a separate process that nobody watches: every request was
 parsed as JSON in Go, re-encoded as protobuf, sent over loopback gRPC and answered back the same way.
 Here the same JSON (the gateway's protobuf JSON mapping of pipeline_service.proto's Request, see
-``parse_request``) goes straight to the front door (rexnet_pipelines.frontdoor), and the answer
+``parse_request``) goes straight to the front door (rexnet_pipelines.pipeline_front), and the answer
 has the same fields and error codes: one hop and two encodings fewer, and a maintained server.
 
 Tornado, because it is maintained, runs on asyncio (an idle or slow connection costs a socket, not a
@@ -42,8 +42,11 @@ from paddle_serving_server.pipeline.proto import pipeline_service_pb2
 from rexnet_serving import pipeline_wire
 from rexnet_serving.jsonbody import JsonBodyError, ascii_uint, load_json
 
+from . import pipeline_front
 from .admission import BodyBudget
 from .frontdoor import FrontDoor
+from .request import ClassifyAnswer
+from .settings import RexnetSettings
 
 _GRPC_TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -113,7 +116,7 @@ def response_json(response: Any) -> Dict[str, Any]:
             "tensors": [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in response.tensors]}
 
 
-_GONE = object()  # what the pool thread returns for a request whose client went away while it waited
+GONE = object()  # what the pool thread returns for a request whose client went away while it waited
 # A body up to this size refused for load is read and dropped, then answered: answering before it and
 # closing would make the kernel reset the connection, and a client still sending would see a reset
 # instead of the 503. A larger one is answered at once and its connection closed (never read).
@@ -121,17 +124,17 @@ _DRAIN_REFUSED_BELOW = 1 << 20
 
 
 @tornado.web.stream_request_body
-class _PredictionHandler(tornado.web.RequestHandler):
+class PredictionHandler(tornado.web.RequestHandler):
     """The body is streamed in and admitted before it is read: 413 over the size limit, 503 when the
     admission limit is reached or the bytes would pass the shared body budget (from Content-Length,
     or chunk by chunk for a chunked body). Its share of the budget is given back when the request ends."""
 
-    def initialize(self, front: FrontDoor, pool: futures.ThreadPoolExecutor, limits: Dict[str, Any],
+    def initialize(self, front: FrontDoor, pool: futures.ThreadPoolExecutor, limits: RexnetSettings,
                    bodies: BodyBudget) -> None:
         self.front = front
         self.pool = pool
-        self.max_bytes = limits["max_request_bytes"]
-        self.max_values = limits["max_json_values"]
+        self.max_bytes = limits.max_request_bytes
+        self.max_values = limits.max_json_values
         self.bodies = bodies
         self.ticket = None
         self.gone = False  # the connection closed (read from the pool thread: a plain flag is enough)
@@ -146,15 +149,15 @@ class _PredictionHandler(tornado.web.RequestHandler):
         self.set_status(status)
         self.finish({"code": code, "message": message, "details": []})
 
-    def _refused(self, response: Any) -> None:
+    def _refused(self, answer: ClassifyAnswer) -> None:
         """The answer to a request refused before its body, for load (err_no 54 or 3001: 503 + Retry-After)."""
-        self._answer(response)
+        self._answer(pipeline_front.to_response(answer))
 
-    def _refuse_before_body(self, response: Any) -> None:
+    def _refuse_before_body(self, answer: ClassifyAnswer) -> None:
         if self._declared is not None and self._declared <= _DRAIN_REFUSED_BELOW:
-            self._refusal = response  # its bytes are dropped as they come (never held), answered in post()
+            self._refusal = answer  # its bytes are dropped as they come (never held), answered in post()
         else:
-            self._refused(response)
+            self._refused(answer)
 
     def _too_large(self, size: int) -> None:
         self._error(413, _INVALID_ARGUMENT, f"the request body is {size} bytes, over the limit of "
@@ -230,7 +233,7 @@ class _PredictionHandler(tornado.web.RequestHandler):
             return self._refused(self._refusal)
         refused = self.front.refusal()  # again: the limit may have been reached while the body came in
         if refused is not None:
-            return self._answer(refused)
+            return self._refused(refused)
         try:
             timeout_s = parse_grpc_timeout(self.request.headers.get("Grpc-Timeout"))
         except ValueError as exc:
@@ -243,15 +246,15 @@ class _PredictionHandler(tornado.web.RequestHandler):
 
         def work() -> Any:
             if self.gone:  # the client left while this waited for a thread: no parsing, no DAG slot
-                return _GONE
+                return GONE
             request = self._parse()
             if isinstance(request, str) or self.gone:
-                return _GONE if self.gone else request
+                return GONE if self.gone else request
             request.name = name  # the URL names the service, as the gateway did
-            return self.front.call(request, timeout_s, watch)
+            return pipeline_front.answer(self.front, request, timeout_s, watch)
 
         response = await self._in_pool(work)
-        if response is _GONE:
+        if response is GONE:
             return self.front.cancelled_before_admission()
         if isinstance(response, str):
             return self._error(400, _INVALID_ARGUMENT, response)
@@ -299,11 +302,11 @@ class _CappedHTTPServer(tornado.httpserver.HTTPServer):
 class HttpFrontDoor:
     """The HTTP server in a thread of its own (an asyncio loop); ``alive()`` for the liveness probe."""
 
-    def __init__(self, front: FrontDoor, host: str, port: int, limits: Dict[str, Any]) -> None:
+    def __init__(self, front: FrontDoor, host: str, port: int, limits: RexnetSettings) -> None:
         self.front = front
         self.host, self.port = host, port
         self._limits = limits
-        self._pool = futures.ThreadPoolExecutor(max_workers=limits["max_in_flight_requests"] + 1,
+        self._pool = futures.ThreadPoolExecutor(max_workers=limits.max_in_flight_requests + 1,
                                                 thread_name_prefix="http")
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server: Optional[_CappedHTTPServer] = None
@@ -314,7 +317,7 @@ class HttpFrontDoor:
 
     def _app(self) -> tornado.web.Application:
         return tornado.web.Application(
-            [(r"/([^/]+)/prediction", _PredictionHandler,
+            [(r"/([^/]+)/prediction", PredictionHandler,
               {"front": self.front, "pool": self._pool, "limits": self._limits, "bodies": self.front.gate.bodies})],
             default_handler_class=_NotFound)
 
@@ -325,9 +328,9 @@ class HttpFrontDoor:
         try:
             # Tornado's own body limit is only a backstop here (it answers 400): the handler says 413 first.
             server = _CappedHTTPServer(
-                self._app(), max_body_size=2 * limits["max_request_bytes"], max_header_size=limits["max_header_bytes"],
-                idle_connection_timeout=limits["idle_timeout_s"], body_timeout=limits["body_timeout_s"])
-            server.max_connections = limits["http_max_connections"]
+                self._app(), max_body_size=2 * limits.max_request_bytes, max_header_size=limits.max_header_bytes,
+                idle_connection_timeout=limits.idle_timeout_s, body_timeout=limits.body_timeout_s)
+            server.max_connections = limits.http_max_connections
             server.listen(self.port, address=self.host)
             self._server = server
         except BaseException as exc:  # noqa: BLE001 (reported to start())

@@ -3,9 +3,9 @@
 rexnet_serving.oip holds the protocol (handle_rest, the gRPC servicer, OipService); this module plugs it
 into the service: ``FrontDoorModel`` is an OipModel whose two infer calls go through the same
 FrontDoor as the Pipeline's HTTP and gRPC (admission, deadlines, cancellation, the DAG's batching, the
-per-model metrics), handing the request over on the admission ticket (``payload``) and reading the
-answer back from it (``outcome``); ``OipHttpFrontDoor`` is the Pipeline HTTP front door's Tornado
-server (same body, header, connection and idle limits) routing ``/v2/...`` to handle_rest; and
+per-model metrics), as the same typed request and answer (rexnet_pipelines.request);
+``OipHttpFrontDoor`` is the Pipeline HTTP front door's Tornado server (same body, header, connection
+and idle limits) routing ``/v2/...`` to handle_rest; and
 ``start_oip_grpc_server`` is the hardened gRPC server of rexnet_pipelines.frontdoor with the
 protocol's servicer. The v2 health endpoints answer from the service's own readiness.
 
@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import threading
 from concurrent import futures
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import grpc
 import numpy as np
 import tornado.web
-from paddle_serving_server.pipeline.proto import pipeline_service_pb2
 
 from rexnet_serving import pipeline_wire
 from rexnet_serving.oip import ImagesOutcome, ModelInfo, OipError, OipService
@@ -31,12 +30,13 @@ from rexnet_serving.oip.tensors import DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGU
 
 from .admission import BodyBudget
 from .frontdoor import FrontDoor, serve_grpc
-from .http_front import _GONE, HttpFrontDoor, _PredictionHandler, parse_grpc_timeout
+from .http_front import GONE, HttpFrontDoor, PredictionHandler, parse_grpc_timeout
 from .ops import ModelRuntime, ServiceRuntime
+from .request import ClassifyAnswer, ClassifyRequest
+from .settings import RexnetSettings
 
 _KINDS = {pipeline_wire.INVALID_REQUEST: INVALID_ARGUMENT, pipeline_wire.REQUEST_TOO_LARGE: INVALID_ARGUMENT,
-          pipeline_wire.OVERLOADED: UNAVAILABLE, pipeline_wire.CLOSED_ERROR: UNAVAILABLE,
-          pipeline_wire.TIMEOUT: DEADLINE_EXCEEDED}
+          pipeline_wire.OVERLOADED: UNAVAILABLE, pipeline_wire.CLOSED_ERROR: UNAVAILABLE, pipeline_wire.TIMEOUT: DEADLINE_EXCEEDED}
 
 
 class FrontDoorModel:
@@ -54,37 +54,28 @@ class FrontDoorModel:
     def ready(self) -> bool:
         return self._ready()
 
-    def _fields(self) -> Dict[str, Any]:
-        return {pipeline_wire.MODEL_KEY: self.model.name, pipeline_wire.MODEL_VERSION_KEY: str(self.model.version)}
-
-    def _call(self, payload: dict, options: Mapping[str, Any]) -> tuple:
-        tickets: List[Any] = []
+    def _call(self, request: ClassifyRequest, options: Mapping[str, Any]) -> ClassifyAnswer:
         hook = options.get("cancel_hook")
 
         def watch(ticket: Any) -> None:
-            tickets.append(ticket)
             if hook is not None and hook(ticket.cancel) is False:
                 ticket.cancel()  # gRPC's add_callback: the RPC is already over (the client left)
 
-        response = self.front.call(pipeline_service_pb2.Request(), options.get("timeout_s"), watch, payload)
-        outcome = tickets[0].outcome if tickets else None
-        if response.err_no not in (pipeline_wire.OK, pipeline_wire.INVALID_IMAGE) or outcome is None:
-            raise OipError(_KINDS.get(response.err_no, INTERNAL), f"{response.err_msg} (err_no {response.err_no})")
-        return outcome
+        answer = self.front.call(lambda: request, options.get("timeout_s"), watch)
+        if answer.status not in (pipeline_wire.OK, pipeline_wire.INVALID_IMAGE) or answer.probs is None:
+            raise OipError(_KINDS.get(answer.status, INTERNAL), f"{answer.message} (err_no {answer.status})")
+        return answer
+
+    def _request(self, **what: Any) -> ClassifyRequest:
+        # top-k is the protocol's business (classification, from the probabilities): 1 is the cheapest.
+        return ClassifyRequest(top_k=1, model=self.model.name, version=self.model.version, **what)
 
     def infer_images(self, images: Sequence[Any], options: Mapping[str, Any]) -> ImagesOutcome:
-        fields = {f"image_{i}": image for i, image in enumerate(images)}
-        fields.update(self._fields(), top_k="1")  # top-k is the protocol's business (classification)
-        probs, results = self._call({"fields": fields}, options)
-        full = np.zeros((len(results), self.info.class_num), np.float32)
-        classified = [i for i, r in enumerate(results) if r.ok]
-        if classified:
-            full[classified] = np.asarray(probs, np.float32)
-        return ImagesOutcome(full, {i: (r.error_code, r.error_message) for i, r in enumerate(results) if not r.ok})
+        answer = self._call(self._request(images=list(images)), options)
+        return ImagesOutcome(answer.probs, answer.errors)
 
     def infer_tensor(self, batch: np.ndarray, options: Mapping[str, Any]) -> np.ndarray:
-        probs, _ = self._call({"tensor": batch, "top_k": 1, "fields": self._fields()}, options)
-        return np.asarray(probs, np.float32)
+        return self._call(self._request(tensor=batch), options).probs
 
 
 def oip_service(front: FrontDoor, runtime: ServiceRuntime, ready: Callable[[], bool]) -> OipService:
@@ -93,12 +84,12 @@ def oip_service(front: FrontDoor, runtime: ServiceRuntime, ready: Callable[[], b
 
 
 @tornado.web.stream_request_body
-class _OipHandler(_PredictionHandler):
+class _OipHandler(PredictionHandler):
     """handle_rest behind the Pipeline HTTP handler's body admission (413, 503 before reading a body;
     the same body budget), run in the pool (parsing included); a client gone before its turn is dropped."""
 
     def initialize(self, front: FrontDoor, service: OipService, pool: futures.ThreadPoolExecutor,
-                   limits: Dict[str, Any], bodies: BodyBudget) -> None:
+                   limits: RexnetSettings, bodies: BodyBudget) -> None:
         super().initialize(front, pool, limits, bodies)
         self.service = service
         self._on_close: List[Callable[[], None]] = []
@@ -107,9 +98,9 @@ class _OipHandler(_PredictionHandler):
         self.set_status(status)
         self.finish({"error": message})
 
-    def _refused(self, response: Any) -> None:
+    def _refused(self, answer: ClassifyAnswer) -> None:
         self.set_header("Retry-After", "1")
-        self._error(503, 0, response.err_msg)
+        self._error(503, 0, answer.message)
 
     async def _handle(self) -> None:
         if self._refusal is not None:
@@ -123,11 +114,11 @@ class _OipHandler(_PredictionHandler):
 
         def work() -> Any:
             if self.gone:  # the client left while this waited for a thread: no parsing, no DAG slot
-                return _GONE
+                return GONE
             return handle_rest(self.service, method, path, headers, self._body, options, self.max_values)
 
         answer = await self._in_pool(work)
-        if answer is _GONE:
+        if answer is GONE:
             return self.front.cancelled_before_admission()
         status, headers, body = answer
         self.set_status(status)
@@ -163,7 +154,7 @@ class _OipNotFound(tornado.web.RequestHandler):
 class OipHttpFrontDoor(HttpFrontDoor):
     """The v2 REST API on its own port, in the Pipeline HTTP front door's server (limits, liveness)."""
 
-    def __init__(self, front: FrontDoor, service: OipService, host: str, port: int, limits: Dict[str, Any]) -> None:
+    def __init__(self, front: FrontDoor, service: OipService, host: str, port: int, limits: RexnetSettings) -> None:
         super().__init__(front, host, port, limits)
         self.service = service
         self._thread.name = "oip-http-front"
@@ -177,7 +168,7 @@ class OipHttpFrontDoor(HttpFrontDoor):
 
 
 def start_oip_grpc_server(service: OipService, host: str, port: int, workers: int,
-                          limits: Dict[str, Any]) -> grpc.Server:
+                          limits: RexnetSettings) -> grpc.Server:
     """``inference.GRPCInferenceService`` on ``host:port`` with the Pipeline gRPC server's limits;
     OSError when the port cannot be bound."""
     return serve_grpc(lambda server: add_to_server(service, server), host, port, workers, limits, "oip-grpc")
@@ -187,7 +178,7 @@ class OipFront:
     """Both v2 front doors of one service, started and stopped with it (either may be off: port None)."""
 
     def __init__(self, front: FrontDoor, runtime: ServiceRuntime, ready: Callable[[], bool], host: str,
-                 http_port: Optional[int], grpc_port: Optional[int], workers: int, limits: Dict[str, Any]) -> None:
+                 http_port: Optional[int], grpc_port: Optional[int], workers: int, limits: RexnetSettings) -> None:
         self.service = oip_service(front, runtime, ready)
         self.http: Optional[OipHttpFrontDoor] = None
         self.grpc: Optional[grpc.Server] = None

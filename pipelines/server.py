@@ -2,11 +2,12 @@
 
 Paddle Serving's ``PipelineServer.run_server`` blocks in ``wait_for_termination`` with no way to stop
 gracefully and serves HTTP through a Go gateway process it never watches. So ``prepare_server`` (config
-checks, op setup) and the DAG are Paddle's, and the serving is done here: the front doors
-(rexnet_pipelines.frontdoor: gRPC PipelineService with admission control and connection limits;
-rexnet_pipelines.http_front: Paddle Serving's HTTP API in-process) in front of Paddle's DAGExecutor, all
-kept at hand so SIGTERM can drain them (Kubernetes pod termination: readiness off, finish what is in
-flight, exit 0), and watched by the liveness probe.
+checks, op setup) and the DAG are Paddle's (started by rexnet_pipelines.paddle_adapter.start_dag), and
+the serving is done here: the front doors (rexnet_pipelines.frontdoor: admission control and the gRPC
+limits; rexnet_pipelines.pipeline_front: the gRPC PipelineService; rexnet_pipelines.http_front: Paddle
+Serving's HTTP API in-process; rexnet_pipelines.oip_front: the v2 protocol) in front of Paddle's
+DAGExecutor, all kept at hand so SIGTERM can drain them (Kubernetes pod termination: readiness off,
+finish what is in flight, exit 0), and watched by the liveness probe.
 
 Import this module only after the working directory is set (rexnet_pipelines.cli does): importing
 Paddle Serving's pipeline package writes PipelineServingLogs/ into the current directory.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import rexnet_serving.imageio  # noqa: F401  (first: binds zlib before Paddle does; see that module)
 
-import base64
 import logging
 import threading
 import time
@@ -25,9 +25,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import cv2
 import grpc
 import numpy as np
-from paddle_serving_server.pipeline import PipelineServer
-from paddle_serving_server.pipeline.pipeline_server import PipelineServicer
-from paddle_serving_server.web_service import WebService
 
 from rexnet_serving.classifier import Classifier, inference_model_options
 from rexnet_serving.clients.base import ClientError
@@ -42,38 +39,20 @@ from rexnet_serving.repository import Repository
 from . import metrics
 from .admission import Admission
 from .config import ServingConfig, check_with_paddle
-from .frontdoor import FrontDoor, start_grpc_server
+from .frontdoor import FrontDoor
 from .health import DRAINING, READY, HealthServer, ServiceState
 from .http_front import HttpFrontDoor
 from .oip_front import OipFront
-from .ops import ModelRuntime, RexnetRequestOp, RexnetResponseOp, ServiceRuntime, build_dag
+from .ops import ModelRuntime, RexnetResponseOp, ServiceRuntime, build_dag
+from .paddle_adapter import start_dag
+from .pipeline_front import start_grpc_server
+from .request import ClassifyRequest
 
 log = logging.getLogger("rexnet_serve")
 
 
 class StartupError(RuntimeError):
     """The service could not start; the message says why (printed as one line, exit code 1)."""
-
-
-class RexnetWebService(WebService):
-    """The DAG as a Paddle Serving WebService, with our request/response ops at its two ends."""
-
-    def __init__(self, runtime: ServiceRuntime, name: str) -> None:
-        super().__init__(name=name)
-        self.runtime = runtime
-
-    def get_pipeline_response(self, read_op: Any) -> Any:
-        return build_dag(self.runtime, read_op)
-
-    def prepare_pipeline_config(self, yml_file: Optional[str] = None, yml_dict: Optional[dict] = None) -> None:
-        # WebService's version hard-wires the stock RequestOp/ResponseOp; ours differ (see ops.py).
-        last_op = self.get_pipeline_response(RexnetRequestOp())
-        self._server.set_response_op(RexnetResponseOp(self.runtime, input_ops=[last_op]))
-        self._server.prepare_server(yml_file=yml_file, yml_dict=yml_dict)
-
-    @property
-    def pipeline_server(self) -> PipelineServer:
-        return self._server
 
 
 def warmup_image() -> bytes:
@@ -96,7 +75,7 @@ class RexnetServer:
         self.repository = repository
         self.stop_event = stop_event
         self.state = ServiceState()
-        self.name = config.rexnet["service_name"]
+        self.name = config.settings.service_name
         self._health: Optional[HealthServer] = None
         self._grpc: Optional[grpc.Server] = None
         self._http: Optional[HttpFrontDoor] = None
@@ -108,16 +87,15 @@ class RexnetServer:
     # -- start ------------------------------------------------------------------------------------
     def _load(self) -> ServiceRuntime:
         """Every served version of every model of the repository, each with its predictors."""
-        service, rex = self.config.infer_service, self.config.rexnet
+        service, rex = self.config.infer_service, self.config.settings
         options = inference_model_options(service["device_type"], service["devices"], service["thread_num"],
                                           service["use_mkldnn"], service["precision"],
-                                          rex["max_batch_images"], service["runtime"],  # runtime (issue 10)
+                                          rex.max_batch_images, service["runtime"],  # runtime (issue 10)
                                           self.config.infer["concurrency"])  # OpenVINO streams (issue 10)
         if options["device"] == "gpu":  # preprocessing and nvJPEG decode follow the current device
             import paddle
             paddle.set_device(f"gpu:{options['gpu_id']}")
-        limits = DecodeLimits(rex["max_image_bytes"], rex["max_image_pixels"], rex["max_request_pixels"],
-                              rex["max_images_per_request"])
+        limits = rex.decode_limits
         versions = [v for m in self.repository.models.values() for v in m.served_versions()]
         if self.config.remote and len(versions) > 1:
             raise StartupError(f"op.infer.client_type brpc in {self.config.source} forwards to one backend "
@@ -131,9 +109,8 @@ class RexnetServer:
                 loaded = ModelRuntime.create(model.name, version.version, classifier, self.config.infer["concurrency"],
                                              model_options["max_batch"], dict(settings, **used))
                 models[loaded.key] = loaded
-        gate = Admission(rex["max_in_flight_requests"], rex["request_timeout_s"], rex["max_buffered_request_bytes"])
-        return ServiceRuntime(models, self.repository.default_model, limits, rex["max_images_per_request"],
-                              rex["default_top_k"], gate)
+        gate = Admission(rex.max_in_flight_requests, rex.request_timeout_s, rex.max_buffered_request_bytes)
+        return ServiceRuntime(models, self.repository.default_model, limits, rex.default_top_k, gate)
 
     def _model_options(self, settings: ModelSettings, options: dict) -> Tuple[dict, Dict[str, Any]]:
         """load_model options for one model: the service's, overridden by its settings.yaml; and the
@@ -177,29 +154,27 @@ class RexnetServer:
         infer = self.config.infer
         try:
             return RemotePredictor(model_dir, infer["server_endpoints"], infer["client_config"],
-                                   timeout=self.config.rexnet["backend_timeout_s"], fetch=infer["fetch_list"])
+                                   timeout=self.config.settings.backend_timeout_s, fetch=infer["fetch_list"])
         except (OSError, ValueError, KeyError) as exc:
             raise StartupError(f"cannot set up the bRPC backend client (op.infer in {self.config.source}): "
                                f"{exc}") from None
 
     def _start_pipeline(self, runtime: ServiceRuntime) -> None:
-        service = RexnetWebService(runtime, self.name)
         try:
-            service.prepare_pipeline_config(yml_dict=self.config.paddle())
+            self._dag, conf = start_dag(self.name, lambda request_op: build_dag(runtime, request_op),
+                                        lambda last: RexnetResponseOp(runtime, input_ops=last), self.config.paddle())
         except SystemExit as exc:  # Paddle Serving exits on a busy port or a bad config
             raise StartupError(f"Paddle Serving refused to start: {exc}") from None
-        conf = service.pipeline_server._conf
-        # Paddle's servicer builds and starts the DAG (op threads); its gRPC method is not used.
-        self._dag = PipelineServicer(self.name, service.pipeline_server._response_op, conf)._dag_executor
         self._front = FrontDoor(self._dag, runtime.admission, self.name)
-        rex, host = self.config.rexnet, self.config.rexnet["host"]
+        rex = self.config.settings
+        host = rex.host
         try:
             self._grpc = start_grpc_server(self._front, host, self.config.rpc_port, conf["worker_num"], rex)
             self._http = HttpFrontDoor(self._front, host, self.config.http_port, rex)
             self._http.start()
             # Open Inference Protocol (KServe v2): REST and gRPC on the same front door.
-            self._oip = OipFront(self._front, runtime, lambda: self.state.ready, host, rex["oip_http_port"] or None,
-                                 rex["oip_grpc_port"] or None, conf["worker_num"], rex)
+            self._oip = OipFront(self._front, runtime, lambda: self.state.ready, host, rex.oip_http_port or None,
+                                 rex.oip_grpc_port or None, conf["worker_num"], rex)
         except OSError as exc:
             raise StartupError(str(exc)) from None
 
@@ -253,18 +228,15 @@ class RexnetServer:
         of ReXNet_1_0 with Paddle Inference) now, while the service is not ready, instead of on the first
         large auto-batch: the per-request memory budget is then measured from a steady state.
         """
-        from paddle_serving_server.pipeline.proto import pipeline_service_pb2
         for model in self._runtime.models.values():
             if self.stop_event.is_set():
                 return
             if model is not self._runtime.default:
-                request = pipeline_service_pb2.Request(
-                    name=self.name, key=["image", "top_k", "model", "model_version"],
-                    value=[base64.b64encode(image).decode(), "1", model.name, str(model.version)])
-                response = self._front.call(request)
-                if response.err_no != 0:
-                    raise StartupError(f"warm-up of model {model.key} failed: err_no {response.err_no}: "
-                                       f"{response.err_msg}")
+                request = ClassifyRequest(images=[image], top_k=1, model=model.name, version=model.version)
+                answer = self._front.call(lambda: request)
+                if not answer.ok:
+                    raise StartupError(f"warm-up of model {model.key} failed: err_no {answer.status}: "
+                                       f"{answer.message}")
             if self.floor or self.config.remote:
                 continue  # no local inference engine
             size = model.classifier.manifest.input_size
@@ -292,19 +264,19 @@ class RexnetServer:
                 f"gRPC     {host}:{c.rpc_port} (PipelineService/inference, name {self.name!r})",
                 f"health   http://{host}:{c.metrics_port}/healthz  http://{host}:{c.metrics_port}/readyz",
                 f"metrics  http://{host}:{c.metrics_port}/metrics"]
-        if c.rexnet["oip_http_port"]:
-            urls.append(f"v2 REST  http://{host}:{c.rexnet['oip_http_port']}/v2/models/<model>/infer")
-        if c.rexnet["oip_grpc_port"]:
-            urls.append(f"v2 gRPC  {host}:{c.rexnet['oip_grpc_port']} (inference.GRPCInferenceService)")
+        if c.settings.oip_http_port:
+            urls.append(f"v2 REST  http://{host}:{c.settings.oip_http_port}/v2/models/<model>/infer")
+        if c.settings.oip_grpc_port:
+            urls.append(f"v2 gRPC  {host}:{c.settings.oip_grpc_port} (inference.GRPCInferenceService)")
         if c.remote:
             urls.append(f"backend  bRPC {','.join(c.infer['server_endpoints'])} (inference forwarded)")
         return urls
 
     def run(self) -> int:
-        deadline = time.monotonic() + self.config.rexnet["startup_timeout_s"]
+        deadline = time.monotonic() + self.config.settings.startup_timeout_s
         try:
             try:
-                self._health = HealthServer(self.state, self.config.metrics_port, self.config.rexnet["host"],
+                self._health = HealthServer(self.state, self.config.metrics_port, self.config.settings.host,
                                             self.live_check)
             except OSError as exc:
                 raise StartupError(f"cannot listen on metrics port {self.config.metrics_port}: {exc}") from None
@@ -337,7 +309,7 @@ class RexnetServer:
         """Readiness off, refuse new requests, let in-flight ones finish (up to drain_timeout_s), stop
         every part."""
         self.state.set(DRAINING)
-        timeout = self.config.rexnet["drain_timeout_s"]
+        timeout = self.config.settings.drain_timeout_s
         give_up_at = time.monotonic() + timeout
         if not quiet:
             log.info("draining: finishing in-flight requests (up to %ss)", timeout)

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import numpy as np
 
 from . import postprocess
+from .defaults import MAX_BATCH_IMAGES, device_of
 from .imageio import DecodeLimits, ImageError, check_request, decode_image, decode_jpeg_on_device
 from .manifest import Manifest, verify_files
 from .preprocess import PreprocessConfig, preprocess, preprocess_opencv
@@ -79,7 +80,7 @@ def results_for(count: int, probs: np.ndarray, errors: Dict[int, ImageError], k:
 
 
 def inference_model_options(device_type: int = 0, devices: str = "", thread_num: int = 2,
-                            use_mkldnn: bool = True, precision: str = "fp32", max_batch: int = 32,
+                            use_mkldnn: bool = True, precision: str = "fp32", max_batch: int = MAX_BATCH_IMAGES,
                             runtime: str = "paddle", concurrency: int = 1) -> Dict[str, Any]:
     """rexnet_serving.runtimes.load_model keyword arguments from Paddle Serving's local_service_conf keys
     (and the op's ``concurrency``: infer threads, each with its own predictor clone).
@@ -89,7 +90,7 @@ def inference_model_options(device_type: int = 0, devices: str = "", thread_num:
     every infer thread's request runs at once with ``thread_num`` threads, as Paddle's clones do.
     """
     gpu_id = int((devices or "0").split(",")[0].strip())
-    return {"runtime": runtime, "precision": precision, "device": "cpu" if device_type == 0 else "gpu",
+    return {"runtime": runtime, "precision": precision, "device": device_of(device_type),
             "gpu_id": gpu_id, "cpu_threads": thread_num, "mkldnn": use_mkldnn and device_type == 0,
             "max_batch": max_batch, "streams": concurrency}
 
@@ -104,12 +105,22 @@ class Classifier:
     def __init__(self, model_dir: Union[str, Path], limits: DecodeLimits = DecodeLimits(),
                  model: Any = None, **model_options: Any) -> None:
         from .runtimes import load_model
+        self.model = model if model is not None else load_model(model_dir, **model_options)
         # Also with a remote ``model``: labels and preprocessing come from these files.
-        self.manifest: Manifest = verify_files(model_dir)
+        self.manifest: Manifest = self._verified(model_dir)
         self.labels: List[str] = self.manifest.labels()
         self.limits = limits
-        self.model = model if model is not None else load_model(model_dir, **model_options)
         self.on_device = str(model_options.get("device", "cpu")).startswith("gpu")
+
+    def _verified(self, model_dir: Union[str, Path]) -> Manifest:
+        """The export's verified manifest: the predictor's own when it verified this directory (every
+        loader calls verify_files before it loads anything), so the files are checked once per load;
+        else (a predictor from elsewhere) verify_files now."""
+        manifest = getattr(self.model, "manifest", None)
+        if (isinstance(manifest, Manifest) and manifest.verified and manifest.model_dir is not None
+                and Path(manifest.model_dir).resolve() == Path(model_dir).resolve()):
+            return manifest
+        return verify_files(model_dir)
 
     @property
     def class_num(self) -> int:

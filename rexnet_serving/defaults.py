@@ -25,6 +25,16 @@ def default_model_dir(arch: str = DEFAULT_ARCH) -> Path:
     override = os.environ.get(MODEL_DIR_ENV)
     return Path(override) if override else MODELS_DIR / arch
 
+# Images per forward pass (an auto-batch holding more runs in chunks of this size; TensorRT's engine
+# profile is built for 1..this many). Images per request: rexnet_serving.imageio.DecodeLimits.
+MAX_BATCH_IMAGES = 32
+
+
+def device_of(device_type: int) -> str:
+    """``cpu`` or ``gpu`` for Paddle Serving's ``device_type`` (0 CPU, 1 GPU, 2 GPU with TensorRT)."""
+    return "cpu" if device_type == 0 else "gpu"
+
+
 # Open Inference Protocol (KServe v2) endpoints: Triton's and KServe's default ports.
 OIP_HTTP_PORT = 8000  # REST /v2/...
 OIP_GRPC_PORT = 8001  # inference.GRPCInferenceService

@@ -37,7 +37,7 @@ import binascii
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Union
 
 import cv2
 import numpy as np
@@ -102,9 +102,21 @@ class DecodeLimits:
     max_request_pixels: int = 64_000_000
     max_request_images: int = 64
 
+    # The service config's keys (``rexnet`` section, rexnet_pipelines.config) for these fields; the
+    # config's defaults are these fields' defaults (this class is the one home of the image limits).
+    SETTINGS_KEYS: ClassVar[Dict[str, str]] = {
+        "max_image_bytes": "max_bytes", "max_image_pixels": "max_pixels",
+        "max_request_pixels": "max_request_pixels", "max_images_per_request": "max_request_images"}
+
     def __post_init__(self) -> None:
         if min(self.max_bytes, self.max_pixels, self.max_request_pixels, self.max_request_images) <= 0:
             raise ValueError(f"DecodeLimits must be positive, got {self}")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "DecodeLimits":
+        """The limits from the service config's ``rexnet`` settings (keys of SETTINGS_KEYS; a key left
+        out keeps its default)."""
+        return cls(**{field: settings[key] for key, field in cls.SETTINGS_KEYS.items() if key in settings})
 
 
 @dataclass(frozen=True)

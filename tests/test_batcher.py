@@ -132,10 +132,10 @@ def test_batches_are_capped_in_size():
 
 
 def test_the_op_adapts_paddle_servings_thread_channel(tmp_path, monkeypatch):
-    """InferOp's adapter over the real ThreadChannel: fails here if Paddle Serving's channel changes."""
+    """The Paddle adapter over the real ThreadChannel: fails here if Paddle Serving's channel changes."""
     monkeypatch.chdir(tmp_path)  # importing Paddle Serving's pipeline writes logs into the cwd
     from paddle_serving_server.pipeline.channel import ChannelData, ChannelDataType, ThreadChannel
-    from rexnet_pipelines.ops import _ChannelQueue
+    from rexnet_pipelines.paddle_adapter import _ChannelQueue
 
     channel = ThreadChannel(name="prepare->infer", maxsize=8)
     channel.add_producer("prepare")

@@ -208,3 +208,26 @@ def test_a_batch_of_device_tensors_and_numpy_rows_is_one_device_and_type():
     run = subprocess.run([sys.executable, "-c", _MIXED_STACK], cwd=REPO_ROOT, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
+def test_the_export_is_verified_once_per_load(scored_model_dir, monkeypatch):
+    """The predictor verifies the export before loading it; the Classifier reuses that manifest instead
+    of checking every file again, and verifies itself only for a predictor that verified nothing."""
+    import rexnet_serving.classifier as classifier_module
+    from rexnet_serving.manifest import verify_files
+    calls = []
+
+    def counting(model_dir):
+        calls.append(model_dir)
+        return verify_files(model_dir)
+
+    monkeypatch.setattr(classifier_module, "verify_files", counting)
+    loaded = Classifier(scored_model_dir)
+    assert calls == [] and loaded.manifest.verified and loaded.manifest is loaded.model.manifest
+
+    class Elsewhere:  # e.g. a test double: no manifest of its own
+        def run(self, batch):
+            return np.zeros((len(batch), SCORED_CLASSES), np.float32)
+
+    other = Classifier(scored_model_dir, model=Elsewhere())
+    assert calls == [scored_model_dir] and other.manifest.verified

@@ -15,7 +15,6 @@ from typing import Any, Callable, List
 
 import numpy as np
 import pytest
-from paddle_serving_server.pipeline.proto import pipeline_service_pb2
 
 from conftest import free_port
 from rexnet_pipelines import metrics
@@ -23,11 +22,13 @@ from rexnet_pipelines.admission import CANCELLED, Admission
 from rexnet_pipelines.frontdoor import FrontDoor, watch_rpc
 from rexnet_pipelines.http_front import HttpFrontDoor
 from rexnet_pipelines.oip_front import OipHttpFrontDoor
+from rexnet_pipelines.request import ClassifyAnswer
+from rexnet_pipelines.settings import RexnetSettings
 from rexnet_serving.oip import ImagesOutcome, ModelInfo, OipService
 
 # max_in_flight_requests sizes the HTTP pool (2 threads); admission itself lets up to 8 in.
-LIMITS = {"max_in_flight_requests": 1, "max_request_bytes": 1 << 20, "max_json_values": 1000,
-          "max_header_bytes": 8192, "idle_timeout_s": 30, "body_timeout_s": 30, "http_max_connections": 64}
+LIMITS = RexnetSettings(max_in_flight_requests=1, max_request_bytes=1 << 20, max_json_values=1000,
+                        max_header_bytes=8192, idle_timeout_s=30, body_timeout_s=30, http_max_connections=64)
 
 
 class Blocking:
@@ -45,7 +46,7 @@ class Blocking:
 class BlockingDag(Blocking):
     def call(self, request: Any) -> Any:
         self.wait()
-        return pipeline_service_pb2.Response(err_no=0, key=["results"], value=["[]"])
+        return ClassifyAnswer()
 
 
 class BlockingModel(Blocking):

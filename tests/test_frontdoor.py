@@ -304,10 +304,11 @@ def test_liveness_fails_when_the_http_front_door_dies():
     from rexnet_pipelines.frontdoor import FrontDoor
     from rexnet_pipelines.health import HealthServer, ServiceState
     from rexnet_pipelines.http_front import HttpFrontDoor
+    from rexnet_pipelines.settings import RexnetSettings
     from conftest import free_port
 
-    limits = {"max_in_flight_requests": 2, "max_request_bytes": 4096, "max_json_values": 1000, "max_header_bytes": 4096,
-              "idle_timeout_s": 5, "body_timeout_s": 5, "http_max_connections": 8}
+    limits = RexnetSettings(max_in_flight_requests=2, max_request_bytes=4096, max_json_values=1000,
+                            max_header_bytes=4096, idle_timeout_s=5, body_timeout_s=5, http_max_connections=8)
     http = HttpFrontDoor(FrontDoor(None, Admission(2, 5, 8192), "rexnet"), "127.0.0.1", free_port(), limits)
     http.start()
     health = HealthServer(ServiceState(), free_port(), "127.0.0.1",

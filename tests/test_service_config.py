@@ -205,3 +205,25 @@ def test_open_inference_protocol_ports():
     from rexnet_pipelines.cli import _overrides, build_parser
     args = build_parser().parse_args(["--oip-http-port", "0", "--oip-grpc-port", "18001"])
     assert _overrides(args)["rexnet"] == {"oip_http_port": 0, "oip_grpc_port": 18001}
+
+
+def test_the_image_limits_and_the_batch_default_have_one_home(tmp_path):
+    """base.yml states no limit values: the config's defaults are DecodeLimits' and defaults.py's, and
+    the service builds its DecodeLimits from the settings by name (a key set in a file wins)."""
+    from rexnet_serving.imageio import DecodeLimits
+    rex = load_config(CONFIG_DIR / "base.yml").rexnet
+    assert DecodeLimits.from_settings(rex) == DecodeLimits()
+    assert rex["max_batch_images"] == defaults.MAX_BATCH_IMAGES
+    custom = write(tmp_path / "custom.yml", f"extends: {CONFIG_DIR / 'cpu.yml'}\n"
+                                            "rexnet:\n  max_images_per_request: 3\n  max_image_pixels: 1000\n")
+    limits = DecodeLimits.from_settings(load_config(custom).rexnet)
+    assert (limits.max_request_images, limits.max_pixels, limits.max_bytes) == (3, 1000, DecodeLimits.max_bytes)
+
+
+def test_settings_built_in_code_follow_the_files_rules():
+    from rexnet_pipelines.settings import RexnetSettings
+    assert RexnetSettings().max_in_flight_requests == load_config(CONFIG_DIR / "base.yml").settings.max_in_flight_requests
+    with pytest.raises(ValueError, match=r"rexnet.max_in_flight_requests must be 1..4096 requests, got 0"):
+        RexnetSettings(max_in_flight_requests=0)
+    with pytest.raises(ValueError, match=r"rexnet.idle_timeout_s must be int or float, got True"):
+        RexnetSettings(idle_timeout_s=True)

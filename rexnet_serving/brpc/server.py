@@ -66,7 +66,7 @@ class ServerOptions:
     cpu_threads: int = 1             # Paddle math threads per predictor
     max_concurrency: int = 256       # requests queued or running; more get ELIMIT
     max_body_size: int = framing.DEFAULT_MAX_BODY_SIZE
-    max_images: int = 64             # encoded images per request
+    max_images: int = DecodeLimits.max_request_images  # encoded images per request
     max_request_pixels: int = DecodeLimits.max_request_pixels  # decoded pixels of one request's images
     max_connections: int = 1024      # open connections; more are closed on accept
     max_buffered_bytes: int = 256 * 1024 * 1024  # request bodies held (being read, queued, running)

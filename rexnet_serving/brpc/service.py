@@ -43,7 +43,8 @@ class ModelService:
     rexnet_serving.runtimes.load_model.
     """
 
-    def __init__(self, model_dir: Union[str, Path], cpu_threads: int = 1, max_images: int = 64,
+    def __init__(self, model_dir: Union[str, Path], cpu_threads: int = 1,
+                 max_images: int = DecodeLimits.max_request_images,
                  device: str = "cpu", gpu_id: int = 0,
                  max_request_pixels: int = DecodeLimits.max_request_pixels, runtime: str = "paddle",
                  precision: str = "fp32", streams: int = 1) -> None:

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
+from ..defaults import MAX_BATCH_IMAGES
+from ..imageio import DecodeLimits
 from ..manifest import Manifest
 from .tensors import Element
 
@@ -30,16 +32,17 @@ class ModelInfo:
     input_size: int
     class_num: int
     labels: Tuple[str, ...]
-    max_images: int = 64  # images per request on the ``image`` input
-    max_batch: int = 32   # rows per request on the ``x`` input
+    max_images: int = DecodeLimits.max_request_images  # images per request on the ``image`` input
+    max_batch: int = MAX_BATCH_IMAGES                   # rows per request on the ``x`` input
     platform: str = PLATFORM
     # REST metadata's "parameters": the inference settings the model runs with (runtime, precision,
     # max_batch_images, thread_num, settings_file when it has a settings.yaml). gRPC's message has no field.
     parameters: Tuple[Tuple[str, Any], ...] = ()
 
     @classmethod
-    def from_manifest(cls, name: str, version: str, manifest: Manifest, max_images: int = 64,
-                      max_batch: int = 32, parameters: Optional[Mapping[str, Any]] = None) -> "ModelInfo":
+    def from_manifest(cls, name: str, version: str, manifest: Manifest,
+                      max_images: int = DecodeLimits.max_request_images, max_batch: int = MAX_BATCH_IMAGES,
+                      parameters: Optional[Mapping[str, Any]] = None) -> "ModelInfo":
         return cls(name=name, version=str(version), input_size=manifest.input_size,
                    class_num=manifest.class_num, labels=tuple(manifest.labels()),
                    max_images=max_images, max_batch=max_batch, parameters=tuple((parameters or {}).items()))
@@ -85,9 +88,10 @@ class OipModel(Protocol):
 class ClassifierModel:
     """OipModel over a rexnet_serving.classifier.Classifier, run in the caller's thread."""
 
-    def __init__(self, classifier, name: str, version: str = "1", max_images: int = 64) -> None:
+    def __init__(self, classifier, name: str, version: str = "1",
+                 max_images: int = DecodeLimits.max_request_images) -> None:
         self.classifier = classifier
-        max_batch = getattr(classifier.model, "max_batch", 32)
+        max_batch = getattr(classifier.model, "max_batch", MAX_BATCH_IMAGES)
         self.info = ModelInfo.from_manifest(name, version, classifier.manifest, max_images, max_batch)
 
     def ready(self) -> bool:

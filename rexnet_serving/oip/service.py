@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import numpy as np
 
 from .. import __version__
+from ..postprocess import top_k_order
 from .model import ERRORS_OUTPUT, IMAGE_INPUT, PROBS_OUTPUT, TENSOR_INPUT, ImagesOutcome, OipModel
 from .tensors import (BYTES, FP32, NOT_FOUND, InferRequest, InferResponse, OipError, OutputTensor,
                       RequestedOutput, invalid)
@@ -121,7 +122,7 @@ class OipService:
         if not requested.classification:
             return OutputTensor(PROBS_OUTPUT, FP32, tuple(probs.shape), probs.astype(np.float32, copy=False))
         k = requested.classification
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        order = top_k_order(probs, k)
         labels = model.info.labels
         rows = []
         for row, (scores, ids) in enumerate(zip(probs, order)):
