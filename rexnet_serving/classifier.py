@@ -9,14 +9,15 @@ OpenVINO), Topk.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import postprocess
 from .defaults import MAX_BATCH_IMAGES, device_of
 from .imageio import DecodeLimits, ImageError, check_request, decode_image, decode_jpeg_on_device
-from .manifest import Manifest, verify_files
+from .integrity import verify_files
+from .manifest import Manifest
 from .preprocess import PreprocessConfig, preprocess, preprocess_opencv
 from .results import ImageResult
 
@@ -81,7 +82,7 @@ def results_for(count: int, probs: np.ndarray, errors: Dict[int, ImageError], k:
 
 def inference_model_options(device_type: int = 0, devices: str = "", thread_num: int = 2,
                             use_mkldnn: bool = True, precision: str = "fp32", max_batch: int = MAX_BATCH_IMAGES,
-                            runtime: str = "paddle", concurrency: int = 1) -> Dict[str, Any]:
+                            runtime: Optional[str] = None, concurrency: int = 1) -> Dict[str, Any]:
     """rexnet_serving.runtimes.load_model keyword arguments from Paddle Serving's local_service_conf keys
     (and the op's ``concurrency``: infer threads, each with its own predictor clone).
 

@@ -16,7 +16,7 @@ staging directories, Kubernetes' ``..data`` links) and ``lost+found`` are skippe
 is neither an export nor a directory of versions is an error naming it, so a typo never silently
 serves one model less. A model directory may hold a ``settings.yaml`` (rexnet_serving.model_settings:
 runtime, precision, batch size, threads for that model), read and checked here. Scanning reads each manifest (a malformed one is reported here); the files
-are verified by the loaders (rexnet_serving.manifest.verify_files).
+are verified by the loaders (rexnet_serving.integrity.verify_files).
 """
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def test_classify_reports_limits_and_bad_images_per_image(classifier):
 
 def test_inference_model_options_from_paddle_serving_keys():
     assert inference_model_options(0, "", 4, True, "fp32") == {
-        "runtime": "paddle", "precision": "fp32", "device": "cpu", "gpu_id": 0, "cpu_threads": 4,
+        "runtime": None, "precision": "fp32", "device": "cpu", "gpu_id": 0, "cpu_threads": 4,
         "mkldnn": True, "max_batch": 32, "streams": 1}
     gpu = inference_model_options(2, "1,2", 1, False, "fp16", max_batch=16)
     assert (gpu["device"], gpu["gpu_id"], gpu["precision"], gpu["mkldnn"], gpu["max_batch"]) == (
@@ -214,7 +214,7 @@ def test_the_export_is_verified_once_per_load(scored_model_dir, monkeypatch):
     """The predictor verifies the export before loading it; the Classifier reuses that manifest instead
     of checking every file again, and verifies itself only for a predictor that verified nothing."""
     import rexnet_serving.classifier as classifier_module
-    from rexnet_serving.manifest import verify_files
+    from rexnet_serving.integrity import verify_files
     calls = []
 
     def counting(model_dir):

@@ -1,5 +1,5 @@
 """Exports that cannot be served damaged: manifest.json records the size and sha256 of every file and a
-digest of its own content; every loader calls manifest.verify_files first and refuses with the file
+digest of its own content; every loader calls integrity.verify_files first and refuses with the file
 named (same-size corruption, a missing file, a hand-edited manifest, an export from before digests)."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from rexnet_serving.manifest import (CONTENT_KEY, MANIFEST_FILE, IntegrityError, content_digest, file_sha256,
-                                     load_manifest, verify_files)
+from rexnet_serving.integrity import file_sha256, verify_files
+from rexnet_serving.manifest import CONTENT_KEY, MANIFEST_FILE, IntegrityError, content_digest, load_manifest
 
 PARAMS = "inference/inference.pdiparams"
 BIN = Path(sys.executable).parent

@@ -42,7 +42,7 @@ LABEL_FILE = "imagenet.label"  # read from the working directory by the example'
 
 def pipeline_config(model_dir: Path, http_port: int, grpc_port: int) -> Dict[str, Any]:
     """PaddleClas's deploy/paddleserving/config.yml for the CPU, on this model (verified) and these ports."""
-    from ..manifest import verify_files
+    from ..integrity import verify_files
     manifest = verify_files(model_dir)
     return {
         "worker_num": 1,
@@ -64,7 +64,7 @@ def pipeline_config(model_dir: Path, http_port: int, grpc_port: int) -> Dict[str
 
 def prepare_workdir(model_dir: Path, workdir: Path, http_port: int, grpc_port: int) -> Path:
     """Write config.yml and imagenet.label (one class name per line) into ``workdir``."""
-    from ..manifest import verify_files
+    from ..integrity import verify_files
     manifest = verify_files(model_dir)  # the labels are read from it
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / LABEL_FILE).write_text("\n".join(manifest.labels()) + "\n", encoding="utf-8")

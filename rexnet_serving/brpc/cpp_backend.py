@@ -138,7 +138,8 @@ def model_serving_dir(model_dir: Path) -> Path:
     checked), or ``model_dir`` if it is one itself: then the export around it, if any, is verified and
     ``model_dir`` must be that export's ``serving_server`` (a bare Paddle Serving model made elsewhere
     has no digests to check)."""
-    from ..manifest import MANIFEST_FILE, SERVER_CONF, verify_files
+    from ..integrity import verify_files
+    from ..manifest import MANIFEST_FILE, SERVER_CONF
     if (model_dir / SERVER_CONF).is_file():
         if not (model_dir.parent / MANIFEST_FILE).is_file():
             return model_dir.resolve()

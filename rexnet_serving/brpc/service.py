@@ -16,7 +16,7 @@ import logging
 import threading
 import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -46,7 +46,7 @@ class ModelService:
     def __init__(self, model_dir: Union[str, Path], cpu_threads: int = 1,
                  max_images: int = DecodeLimits.max_request_images,
                  device: str = "cpu", gpu_id: int = 0,
-                 max_request_pixels: int = DecodeLimits.max_request_pixels, runtime: str = "paddle",
+                 max_request_pixels: int = DecodeLimits.max_request_pixels, runtime: Optional[str] = None,
                  precision: str = "fp32", streams: int = 1) -> None:
         from ..classifier import Classifier
         from ..runtimes import load_model

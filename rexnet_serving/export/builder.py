@@ -28,8 +28,9 @@ import paddle
 
 from .. import __version__
 from ..defaults import LABELS_FILE
-from ..manifest import (INFERENCE, MANIFEST_FILE, ONNX, SERVING_CLIENT, SERVING_SERVER, Manifest,
-                        TensorSpec, file_sha256, read_labels, record_files, verify_files, write_labels)
+from ..integrity import file_sha256, record_files, verify_files
+from ..manifest import (INFERENCE, MANIFEST_FILE, ONNX, SERVING_CLIENT, SERVING_SERVER, Manifest, TensorSpec,
+                        read_labels, write_labels)
 from ..models import MODELS, VARIANTS, build_model, load_weights, read_state_dict
 from ..models.rexnet import PENULTIMATE_CHANNELS
 from ..models.weights import CLASSIFIER_PREFIX, WeightsError

@@ -11,8 +11,9 @@ Importing this package imports neither Paddle nor OpenVINO: load_model imports t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
+from ..defaults import MAX_BATCH_IMAGES
 from .base import check_runtime_options
 
 
@@ -22,9 +23,9 @@ def default_runtime(device: str) -> str:
     return "openvino" if device == "cpu" else "paddle"
 
 
-def load_model(model_dir: Union[str, Path], runtime: str = "paddle", precision: str = "fp32",
+def load_model(model_dir: Union[str, Path], runtime: Optional[str] = None, precision: str = "fp32",
                device: str = "cpu", gpu_id: int = 0, cpu_threads: int = 2, mkldnn: bool = True,
-               max_batch: int = 32, streams: int = 1) -> Any:
+               max_batch: int = MAX_BATCH_IMAGES, streams: int = 1) -> Any:
     """The predictor for ``model_dir`` on ``runtime``: InferenceModel or OpenVinoModel.
 
     Every part that runs a model locally calls it (the Pipeline infer op through Classifier, the bRPC
@@ -34,9 +35,10 @@ def load_model(model_dir: Union[str, Path], runtime: str = "paddle", precision: 
     threads (Paddle's clones are separate predictors, so it needs none). ``mkldnn`` (oneDNN) and
     ``gpu_id`` are Paddle's. A combination that cannot run is a ValueError naming the option.
 
-    ``runtime`` defaults to paddle for library callers (``Classifier(model_dir)`` runs what it always
-    ran, on any install); the service and the tools pass ``default_runtime(device)`` when not told.
+    ``runtime`` None is ``default_runtime(device)``, as for the service and the command-line tools, so a
+    library caller (``Classifier(model_dir)``) runs what the service runs on the same device.
     """
+    runtime = runtime or default_runtime(device)
     check_runtime_options(runtime, precision, device)
     if runtime == "openvino":
         from .openvino import OpenVinoModel

@@ -22,7 +22,8 @@ import numpy as np
 
 from ..clients.base import ClientError, TransientError
 from ..clients.brpc import BrpcClient
-from ..manifest import Manifest, verify_files
+from ..integrity import verify_files
+from ..manifest import Manifest
 
 PathLike = Union[str, Path]
 

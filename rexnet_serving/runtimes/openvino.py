@@ -25,7 +25,9 @@ from typing import Any, Union
 
 import numpy as np
 
-from ..manifest import Manifest, verify_files
+from ..defaults import MAX_BATCH_IMAGES
+from ..integrity import verify_files
+from ..manifest import Manifest
 from .base import check_batch_shape, check_runtime_options, model_files
 
 # OpenVINO's element type names (``openvino.Type.get_type_name()``) for our precision names.
@@ -70,7 +72,7 @@ class OpenVinoModel:
     device = "cpu"
 
     def __init__(self, model_dir: Union[str, Path], precision: str = "fp32", cpu_threads: int = 2,
-                 streams: int = 1, max_batch: int = 32) -> None:
+                 streams: int = 1, max_batch: int = MAX_BATCH_IMAGES) -> None:
         check_runtime_options(self.runtime, precision, self.device)
         if precision == "bf16":
             check_bf16(cpu_capabilities())

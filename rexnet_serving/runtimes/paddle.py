@@ -27,7 +27,9 @@ import numpy as np
 import paddle
 from paddle import inference as paddle_infer
 
-from ..manifest import Manifest, verify_files
+from ..defaults import MAX_BATCH_IMAGES
+from ..integrity import verify_files
+from ..manifest import Manifest
 from .base import check_batch_shape, model_files
 
 DEVICES = ("cpu", "gpu")
@@ -88,7 +90,7 @@ class InferenceModel:
 
     def __init__(self, model_dir: Union[str, Path], device: str = "cpu", gpu_id: int = 0,
                  cpu_threads: int = 2, mkldnn: bool = True, trt_fp16: bool = False,
-                 max_batch: int = 32) -> None:
+                 max_batch: int = MAX_BATCH_IMAGES) -> None:
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
         if cpu_threads < 1:
