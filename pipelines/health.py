@@ -29,6 +29,7 @@ import tornado.wsgi
 from prometheus_client import make_wsgi_app
 
 from . import metrics
+from .loop_thread import stop_server_thread
 
 STARTING, READY, DRAINING = "starting", "ready", "draining"
 
@@ -154,14 +155,6 @@ class HealthServer:
         self._started.wait()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.is_running():
-            async def close() -> None:
-                if self._server is not None:
-                    self._server.stop()
-                    await self._server.close_all_connections()
-                self._loop.stop()
-            asyncio.run_coroutine_threadsafe(close(), self._loop)
-            self._thread.join(10)
-        else:
+        if not stop_server_thread(self._loop, self._server, self._thread):
             for sock in self._sockets:
                 sock.close()

@@ -45,6 +45,7 @@ from rexnet_serving.jsonbody import JsonBodyError, ascii_uint, load_json
 from . import pipeline_front
 from .admission import BodyBudget
 from .frontdoor import FrontDoor
+from .loop_thread import stop_server_thread
 from .request import ClassifyAnswer
 from .settings import RexnetSettings
 
@@ -364,12 +365,5 @@ class HttpFrontDoor:
 
     def stop(self) -> None:
         """Close everything and end the thread."""
-        if self._loop is not None and self._loop.is_running():
-            async def close() -> None:
-                if self._server is not None:
-                    self._server.stop()
-                    await self._server.close_all_connections()
-                self._loop.stop()
-            asyncio.run_coroutine_threadsafe(close(), self._loop)
-            self._thread.join(10)
+        stop_server_thread(self._loop, self._server, self._thread)
         self._pool.shutdown(wait=False)
