@@ -1,13 +1,16 @@
 """rexnet_pipelines: the ReXNet classification service on Paddle Serving 0.9.0's Pipeline (`rexnet-serve`).
 
-Modules, in the order a request meets them:
-``http_front`` (the Pipeline HTTP API on Tornado) and ``oip_front`` (the Open Inference Protocol's REST
-and gRPC) hand every request to ``frontdoor`` (one call path; the hardened gRPC server), which admits it
-through ``admission`` (bounded requests in flight, deadlines, cancellation) into the DAG of ``ops``
-(decode and preprocess -> infer -> postprocess), whose infer op takes its batches from ``batcher``.
-Around them: ``config`` (validated config files), ``server`` (life cycle: load, warm up, ready, serve,
-drain), ``metrics`` and ``health`` (Prometheus and probes), ``floor`` (the model-less stand-in that
-rexnet-bench measures the framework with), ``cli`` (the command).
+Modules, in the order a request meets them (the walk-through with each step's file: pipelines/README.md):
+``http_front`` (the Pipeline HTTP API on Tornado), ``pipeline_front`` (the Pipeline's wire <-> the typed
+request and answer; its gRPC servicer) and ``oip_front`` (the Open Inference Protocol's REST and gRPC)
+each build a ``request.ClassifyRequest`` and hand it to ``frontdoor`` (one call path; the hardened gRPC
+server), which admits it through ``admission`` (bounded requests and body bytes, deadlines, cancellation)
+into the DAG of ``ops`` (prepare: decode and preprocess -> infer -> the answer), whose infer op takes its
+batches from ``batcher``; ``paddle_adapter`` is the one module that touches Paddle Serving's hooks.
+Around them: ``settings`` and ``config`` (typed, validated settings and config files), ``server`` (life
+cycle: load, warm up, ready, serve, drain), ``metrics`` and ``health`` (Prometheus and probes),
+``loop_thread`` (stopping a Tornado loop thread), ``floor`` (the model-less stand-in that rexnet-bench
+measures the framework with), ``cli`` (the command).
 
 The wire contract (err_no codes, keys, the results' encoding) is not here but in
 rexnet_serving.pipeline_wire, below both this service and its clients. Nothing is imported by this file.
