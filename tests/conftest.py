@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import rexnet_serving.compat  # noqa: F401  (test modules import Paddle Serving directly: see that module)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 

@@ -1,0 +1,105 @@
+"""rexnet_serving.compat is exactly what the installed Paddle Serving needs on this Python: every Paddle
+Serving module the project imports loads with it and fails without it, and the names it provides are
+the ones Paddle Serving's source takes from where Python removed them. A new release (or interpreter)
+that needs more, or no longer needs a patch, fails here, so the patch list is revisited then.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+from rexnet_serving import compat
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("paddle_serving_server", "paddle_serving_client", "paddle_serving_app")
+PROJECT_SOURCES = ("rexnet_serving", "pipelines", "train", "tests")
+# Paddle Serving modules that need extras the project installs only for some jobs (not part of the check).
+OPTIONAL = {"paddle_serving_app.reader": "the bench extra (sentencepiece, pyclipper, shapely)"}
+
+
+def used_modules() -> list:
+    """Every paddle_serving_* module the project's own code imports (from its source, not a list kept
+    by hand, so a new import is covered the day it is written)."""
+    found = set()
+    for top in PROJECT_SOURCES:
+        for path in (REPO / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+                    found.add(node.module)
+                    for alias in node.names:  # `from pkg.proto import x_pb2` imports a module too
+                        if importlib.util.find_spec(node.module) and _is_module(f"{node.module}.{alias.name}"):
+                            found.add(f"{node.module}.{alias.name}")
+                elif isinstance(node, ast.Import):
+                    found.update(a.name for a in node.names if a.name.split(".")[0] in PACKAGES)
+    return sorted(found - set(OPTIONAL))
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def import_in_child(modules: list, patched: bool) -> subprocess.CompletedProcess:
+    """Import ``modules`` in a fresh interpreter, with or without the patch (nothing else of ours loaded)."""
+    prelude = "import rexnet_serving.compat\n" if patched else ""
+    code = prelude + "".join(f"import {m}\n" for m in modules)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+
+
+def removed_collections_names() -> set:
+    """Names Paddle Serving's source takes from ``collections`` that this Python has only in
+    ``collections.abc`` (``from collections import X`` or ``collections.X``)."""
+    # asked of a fresh interpreter: this one has the patch applied already (conftest imports it)
+    missing = set(subprocess.run(
+        [sys.executable, "-c", "import collections, collections.abc\n"
+         "print(' '.join(n for n in collections.abc.__all__ if n not in vars(collections)))"],
+        capture_output=True, text=True, check=True).stdout.split())
+    used = set()
+    for package in PACKAGES:
+        root = Path(importlib.util.find_spec(package).origin).parent
+        for path in root.rglob("*.py"):
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+            except SyntaxError:
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module == "collections":
+                    used.update(a.name for a in node.names if a.name in missing)
+                elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                      and node.value.id == "collections" and node.attr in missing):
+                    used.add(node.attr)
+    return used
+
+
+def test_the_project_uses_paddle_serving_modules_found_from_source():
+    modules = used_modules()
+    assert "paddle_serving_server.pipeline" in modules and "paddle_serving_client.proto" in modules, modules
+
+
+def test_every_used_paddle_serving_module_imports_with_the_patch():
+    proc = import_in_child(used_modules(), patched=True)
+    assert proc.returncode == 0, ("Paddle Serving needs more than rexnet_serving.compat provides:\n"
+                                  + proc.stderr[-3000:])
+
+
+def test_paddle_serving_still_needs_the_patch():
+    proc = import_in_child(["paddle_serving_server.pipeline"], patched=False)
+    assert proc.returncode != 0, "Paddle Serving imports without rexnet_serving.compat: remove the patch"
+    assert "cannot import name 'Iterable' from 'collections'" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_the_aliases_are_exactly_the_removed_names_paddle_serving_uses():
+    assert set(compat.ALIASES) == removed_collections_names()
+
+
+def test_apply_never_replaces_what_the_interpreter_has(monkeypatch):
+    sentinel = object()
+    monkeypatch.setattr(collections, "Iterable", sentinel, raising=False)
+    compat.apply()
+    assert collections.Iterable is sentinel
