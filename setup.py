@@ -14,16 +14,18 @@ def read_version() -> str:
     raise RuntimeError("no __version__ in rexnet_serving/__init__.py")
 
 
-# Pins that install and run together on Python 3.11 (Paddle Serving 0.9.0 is the last release; its
-# generated _pb2 files need protobuf 3.20 or the pure-Python protobuf, and its wheels declare pins that have
-# no wheels for 3.11). Paddle Serving itself goes in afterwards without its metadata's dependencies:
-# paddle-serving-server/app 0.9.0 and grpcio from scripts/no-deps-requirements.txt, the client from
-# scripts/serving_client_wheel.py (scripts/bootstrap.sh, the Dockerfiles), which say why; what Paddle
-# Serving imports from those dependencies is listed here (six, func_timeout, flask).
+# Pins that install and run together on Python 3.11. Paddle Serving 0.9.0 (its last release) goes in
+# afterwards without its metadata's dependencies, which pin 2020 releases with no wheels for 3.11
+# (grpcio<=1.33.2, Flask 1): paddle-serving-server/app from scripts/no-deps-requirements.txt, the client
+# from scripts/serving_client_wheel.py (scripts/bootstrap.sh, the Dockerfiles), which say why. What Paddle
+# Serving imports from those dependencies is listed here (six, func_timeout, flask, grpcio).
 COMMON = [
     "numpy<2",  # Paddle 2.6.2's extension modules are built against numpy 1.x
     "opencv-python-headless>=4,<5",  # 4.11 is the newest that takes numpy 1.x
-    "protobuf>=3.20,<3.21",  # pure Python on 3.11 (no C extension): see rexnet_serving/compat.py
+    # protobuf 6 runs the upb implementation; Paddle Serving's protoc-3.11-style _pb2 modules are loaded
+    # from their descriptors by rexnet_serving/compat.py (why: there, and README "Python version").
+    "protobuf==6.33.6",
+    "grpcio==1.85.4",  # the gRPC front doors; >= 1.81.1 for tritonclient 2.73 (test extra)
     "pillow>=9",
     "pyyaml>=5.4",
     "requests>=2.25",
@@ -60,7 +62,10 @@ EXTRAS = {
     # the sharded-run tests start on loopback (tests/test_shards.py)
     "test": ["pytest>=7", "pytest-timeout>=2", "scikit-learn>=1.0", "h2==4.2.0",
              "paddle2onnx==1.3.1", "onnxruntime==1.19.2", "onnx==1.14.1",
-             FSSPEC, "s3fs==2025.10.0", PYARROW, "moto[server]==5.1.22"],
+             FSSPEC, "s3fs==2025.10.0", PYARROW, "moto[server]==5.1.22",
+             # the official v2 clients the service is tested with, and the KServe API types the KServe
+             # manifests are validated against (tests/conftest.py tool_python)
+             "tritonclient[http,grpc]==2.73.0", "kserve==0.21.0"],
 }
 
 setup(

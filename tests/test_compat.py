@@ -1,7 +1,9 @@
-"""rexnet_serving.compat is exactly what the installed Paddle Serving needs on this Python: every Paddle
-Serving module the project imports loads with it and fails without it, and the names it provides are
-the ones Paddle Serving's source takes from where Python removed them. A new release (or interpreter)
-that needs more, or no longer needs a patch, fails here, so the patch list is revisited then.
+"""rexnet_serving.compat is exactly what the installed Paddle Serving needs on this Python and protobuf:
+every Paddle Serving module the project imports loads with it and fails without either of its two parts,
+the names it provides are the ones Paddle Serving's source takes from where Python removed them, and
+the _pb2 modules it loads from their descriptors are all old-style and come out on the upb
+implementation. A new release (or interpreter, or protobuf) that needs more, or no longer needs a
+patch, fails here, so the patch is revisited then.
 """
 from __future__ import annotations
 
@@ -45,9 +47,13 @@ def _is_module(name: str) -> bool:
         return False
 
 
-def import_in_child(modules: list, patched: bool) -> subprocess.CompletedProcess:
+ALIASES_ONLY = ("import collections, collections.abc\n"
+                "for n in %r: setattr(collections, n, getattr(collections.abc, n))\n" % (compat.ALIASES,))
+
+
+def import_in_child(modules: list, patched: bool, prelude: str = "") -> subprocess.CompletedProcess:
     """Import ``modules`` in a fresh interpreter, with or without the patch (nothing else of ours loaded)."""
-    prelude = "import rexnet_serving.compat\n" if patched else ""
+    prelude = "import rexnet_serving.compat\n" if patched else prelude
     code = prelude + "".join(f"import {m}\n" for m in modules)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
 
@@ -88,10 +94,46 @@ def test_every_used_paddle_serving_module_imports_with_the_patch():
                                   + proc.stderr[-3000:])
 
 
-def test_paddle_serving_still_needs_the_patch():
-    proc = import_in_child(["paddle_serving_server.pipeline"], patched=False)
-    assert proc.returncode != 0, "Paddle Serving imports without rexnet_serving.compat: remove the patch"
+def test_paddle_serving_still_needs_the_aliases():
+    prelude = "import collections, rexnet_serving.compat\n" + "".join(
+        f"del collections.{name}\n" for name in compat.ALIASES)
+    proc = import_in_child(["paddle_serving_server.pipeline"], patched=False, prelude=prelude)
+    assert proc.returncode != 0, "Paddle Serving imports without compat.ALIASES: remove them"
     assert "cannot import name 'Iterable' from 'collections'" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_paddle_serving_still_needs_its_pb2_modules_loaded_from_their_descriptors():
+    proc = import_in_child(["paddle_serving_server.pipeline"], patched=False, prelude=ALIASES_ONLY)
+    assert proc.returncode != 0, ("Paddle Serving's _pb2 modules load on this protobuf as they are: "
+                                  "remove LegacyPb2Finder from rexnet_serving.compat")
+    assert "Descriptors cannot be created directly" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_every_paddle_serving_pb2_is_old_style_and_loads_on_upb():
+    from google.protobuf.internal import api_implementation
+    assert api_implementation.Type() == "upb"
+    names = []
+    for package in PACKAGES:
+        root = Path(importlib.util.find_spec(package).origin).parent
+        for path in sorted(root.rglob("*_pb2.py")):
+            source = path.read_text(encoding="utf-8")
+            assert compat.serialized_descriptor(source) is not None, f"{path} is current protoc output"
+            names.append(".".join((package,) + path.relative_to(root).with_suffix("").parts))
+    assert len(names) >= 10, names
+    # paddle_serving_client.pipeline is a copy of paddle_serving_server.pipeline whose proto defines the
+X
+    names = [n for n in names if not n.startswith("paddle_serving_client.pipeline.")]
+    proc = import_in_child(names, patched=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_loaded_pb2_module_round_trips_like_protoc_output():
+    from paddle_serving_server.pipeline.proto import pipeline_service_pb2 as pb
+    assert isinstance(pb.__loader__, compat._DescriptorLoader)
+    request = pb.Request(key=["image"], value=["aGk="], logid=7)
+    parsed = pb.Request.FromString(request.SerializeToString())
+    assert (list(parsed.key), list(parsed.value), parsed.logid) == (["image"], ["aGk="], 7)
+    assert pb.DESCRIPTOR.message_types_by_name["Response"] is pb._RESPONSE
 
 
 def test_the_aliases_are_exactly_the_removed_names_paddle_serving_uses():
