@@ -8,8 +8,8 @@ Two things of it break on the interpreter and protobuf this project runs (README
   through it (pipeline.operator imports paddle_serving_client). ALIASES are put back.
 * Its generated ``_pb2`` modules are protoc-3.11-style code (``_descriptor.FieldDescriptor(...)``), which
   protobuf's upb implementation refuses ("Descriptors cannot be created directly"); the alternative, the
-  pure-Python implementation, costs ~200 ms per request on the bRPC front door's float feed (measured:
-  scripts/protobuf_cost.py). Each such module is the serialized FileDescriptorProto its code embeds
+  pure-Python implementation, costs ~0.5 s per request on the bRPC front door's float feed (measured:
+  scripts/protobuf_cost.py, README "Python version"). Each such module is the serialized FileDescriptorProto its code embeds
   (``serialized_pb=b"..."``) plus boilerplate, so LegacyPb2Finder loads those modules instead as current
   protoc output would: the same descriptor added to the default pool, message classes built by
   ``google.protobuf.internal.builder`` (what protoc >= 3.20 generates), under the same module names, so
