@@ -47,7 +47,6 @@ EXTRAS = {
     # paddlepaddle-gpu 2.6.2 from PyPI is the CUDA 12 build.
     "gpu": ["paddlepaddle-gpu==2.6.2"],
     "onnx": ["paddle2onnx==1.3.1", "onnxruntime==1.19.2"],  # rexnet-export --onnx
-    "lite": ["paddlelite==2.13rc0"],  # rexnet-export --lite (run in a child process: see export/lite_format.py)
     # rexnet-bench's documented-way baseline: paddle_serving_app.reader imports these at import time (the
     # --no-deps install of paddle-serving-app leaves them out); scikit-learn ships the benchmark photos.
     "bench": ["sentencepiece==0.2.1", "pyclipper==1.3.0.post6", "shapely==2.0.7", "scikit-learn>=1.0"],

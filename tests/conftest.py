@@ -39,6 +39,17 @@ def tool_python() -> str:
     return sys.executable
 
 
+def lite_tools_python() -> str:
+    """The Python 3.10 venv with paddlelite that rexnet-export --lite's worker runs on, built on first use
+    by scripts/lite_tools.sh; skip where no Python 3.10 exists (fail in CI: REXNET_REQUIRE_SHARED=1)."""
+    proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "lite_tools.sh")], capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode == 3 and os.environ.get("REXNET_REQUIRE_SHARED") != "1":
+        pytest.skip(f"no Paddle Lite venv: {proc.stderr.strip()[-500:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def tritonclient_report(http_port: int, grpc_port: int, model: str, image: bytes, bad: bytes, size: int,
                         work: Path) -> dict:
     """tests/oip_tritonclient_calls.py run from the tool venv against 127.0.0.1: what each call answered."""
