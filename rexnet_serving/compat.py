@@ -9,11 +9,11 @@ Two things of it break on the interpreter and protobuf this project runs (README
 * Its generated ``_pb2`` modules are protoc-3.11-style code (``_descriptor.FieldDescriptor(...)``), which
   protobuf's upb implementation refuses ("Descriptors cannot be created directly"); the alternative, the
   pure-Python implementation, costs ~0.5 s per request on the bRPC front door's float feed (measured:
-  scripts/protobuf_cost.py, README "Python version"). Each such module is the serialized FileDescriptorProto its code embeds
-  (``serialized_pb=b"..."``) plus boilerplate, so LegacyPb2Finder loads those modules instead as current
-  protoc output would: the same descriptor added to the default pool, message classes built by
-  ``google.protobuf.internal.builder`` (what protoc >= 3.20 generates), under the same module names, so
-  Paddle Serving's own code (PipelineServer, PipelineClient, its _pb2_grpc modules) uses them unchanged.
+  scripts/protobuf_cost.py, README "Python version"). Each such module is the serialized
+  FileDescriptorProto its code embeds (``serialized_pb=b"..."``) plus boilerplate, so LegacyPb2Finder
+  loads those modules instead as current protoc output would: the same descriptor added to the default
+  pool, message classes built by ``google.protobuf.internal.builder`` (what protoc >= 3.20 generates),
+  under the same module names, so Paddle Serving's own code (PipelineServer, PipelineClient, its _pb2_grpc modules) uses them unchanged.
   The descriptor bytes are read from the file with ``ast`` (literals only; the old code is never run).
 
 Both are installed before anything imports Paddle Serving: ``rexnet_serving/__init__.py`` and
@@ -85,13 +85,14 @@ class LegacyPb2Finder(importlib.abc.MetaPathFinder):
         if not fullname.endswith("_pb2"):
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or not spec.origin or not spec.origin.endswith(".py") or not _IN_PACKAGE.search(spec.origin):
+        origin = spec.origin if spec is not None else None
+        if not origin or not origin.endswith(".py") or not _IN_PACKAGE.search(origin):
             return None
-        with open(spec.origin, encoding="utf-8") as f:
+        with open(origin, encoding="utf-8") as f:
             descriptor = serialized_descriptor(f.read())
         if descriptor is None:
             return None  # current protoc output: load it as it is
-        return importlib.util.spec_from_file_location(fullname, spec.origin, loader=_DescriptorLoader(descriptor))
+        return importlib.util.spec_from_file_location(fullname, origin, loader=_DescriptorLoader(descriptor))
 
 
 def apply() -> None:

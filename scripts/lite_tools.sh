@@ -33,7 +33,8 @@ rm -rf "$venv"
 "$python" -m venv "$venv"
 log=$(mktemp)
 # shellcheck disable=SC2086
-if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check --only-binary=:all: $PINS > "$log" 2>&1; then
+if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check --only-binary=:all: $PINS \
+     > "$log" 2>&1; then
   cat "$log" >&2; rm -f "$log"; echo "lite_tools: installing Paddle Lite failed" >&2; exit 3
 fi
 rm -f "$log"

@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(sys.argv[sys.argv.index("--repo") + 1]) if "--repo" in sys.argv else Path(__file__).resolve().parents[1]
+REPO = (Path(sys.argv[sys.argv.index("--repo") + 1]) if "--repo" in sys.argv
+        else Path(__file__).resolve().parents[1])
 sys.path.insert(0, str(REPO))
 import rexnet_serving  # noqa: E402,F401  (before Paddle Serving: installs rexnet_serving.compat where it exists)
 import numpy as np  # noqa: E402
