@@ -13,8 +13,9 @@ Two things of it break on the interpreter and protobuf this project runs (README
   FileDescriptorProto its code embeds (``serialized_pb=b"..."``) plus boilerplate, so LegacyPb2Finder
   loads those modules instead as current protoc output would: the same descriptor added to the default
   pool, message classes built by ``google.protobuf.internal.builder`` (what protoc >= 3.20 generates),
-  under the same module names, so Paddle Serving's own code (PipelineServer, PipelineClient, its _pb2_grpc modules) uses them unchanged.
-  The descriptor bytes are read from the file with ``ast`` (literals only; the old code is never run).
+  under the same module names, so Paddle Serving's own code (PipelineServer, PipelineClient, its
+  _pb2_grpc modules) uses them unchanged. The descriptor bytes are read from the file with ``ast``
+  (literals only; the old code is never run).
 
 Both are installed before anything imports Paddle Serving: ``rexnet_serving/__init__.py`` and
 ``rexnet_pipelines/__init__.py`` import this module, so every entry point has it; nothing inside
