@@ -51,8 +51,8 @@ EXTRAS = {
     # --no-deps install of paddle-serving-app leaves them out); scikit-learn ships the benchmark photos.
     "bench": ["sentencepiece==0.2.1", "pyclipper==1.3.0.post6", "shapely==2.0.7", "scikit-learn>=1.0"],
     # Object storage for rexnet-predict/rexnet-batch inputs and outputs (rexnet_serving/runs/storage.py),
-    # through fsspec and its maintained backends; the newest releases with Python 3.9 wheels, resolved
-    # against the protobuf 3.20 and numpy<2 pins above (gcsfs's google-api-core settles on 2.29).
+    # through fsspec and its maintained backends; chosen on Python 3.9, they resolve on 3.11 against the
+    # protobuf 6 and numpy<2 pins above (gcsfs's google-api-core settles on 2.44 there).
     "s3": [FSSPEC, "s3fs==2025.10.0"],
     "gcs": [FSSPEC, "gcsfs==2025.10.0"],
     "azure": [FSSPEC, "adlfs==2025.8.0"],

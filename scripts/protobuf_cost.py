@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What protobuf costs per request on each front door, in-process: the messages each one parses and
 serialises for one request with one ~100 KB image, timed on the protobuf implementation this interpreter
-has (pure Python on 3.11 with protobuf 3.20.3; the C++ extension on 3.9).
+has: upb with protobuf 6 (this setup), pure Python with protobuf 3.20.3 on 3.11, C++ with 3.20.3 on 3.9.
 
 Why a micro-benchmark and not rexnet-bench: the question is the per-request difference between two
 protobuf implementations, which end-to-end latency on a shared machine buries in noise; the message
