@@ -20,8 +20,10 @@ def read_version() -> str:
 # from scripts/serving_client_wheel.py (scripts/bootstrap.sh, the Dockerfiles), which say why. What Paddle
 # Serving imports from those dependencies is listed here (six, func_timeout, flask, grpcio).
 COMMON = [
-    "numpy<2",  # Paddle 2.6.2's extension modules are built against numpy 1.x
-    "opencv-python-headless>=4,<5",  # 4.11 is the newest that takes numpy 1.x
+    # numpy 1.26 (the last 1.x): Paddle 2.6.2 was released against numpy 1.x; with numpy 2 it imports and
+    # computes, but the stack (export, Paddle Inference, paddle2onnx) has not been validated on it.
+    "numpy<2",
+    "opencv-python-headless>=4,<5",  # 4.11.0.86: 4.12 and later need numpy >= 2
     # protobuf 6 runs the upb implementation; Paddle Serving's protoc-3.11-style _pb2 modules are loaded
     # from their descriptors by rexnet_serving/compat.py (why: there, and README "Python version").
     "protobuf==6.33.6",
