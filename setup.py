@@ -36,8 +36,9 @@ COMMON = [
     "matplotlib>=3.5",  # rexnet-train: loss/accuracy curves (Agg backend)
     "psutil>=5.8",  # rexnet-bench: service RSS and CPU over its process tree
     "tornado==6.5.10",  # rexnet-serve's HTTP front door (pipelines/http_front.py)
-    # imported by Paddle Serving 0.9.0 (pipeline ops, PipelineClient, web_service), installed --no-deps
-    "six>=1.16", "func_timeout==4.3.5", "flask>=3,<4",
+    # imported by Paddle Serving 0.9.0 (pipeline ops, PipelineClient, web_service), installed --no-deps;
+    # pytest too: paddle_serving_server.serve (which web_service imports) imports its env_check module
+    "six>=1.16", "func_timeout==4.3.5", "flask>=3,<4", "pytest>=7",
 ]
 FSSPEC, PYARROW = "fsspec==2025.10.0", "pyarrow==21.0.0"
 EXTRAS = {
