@@ -36,7 +36,7 @@ def build(value: Any, type_name: str, path: str, problems: List[str]) -> Any:
     fields); every unknown field or wrong type is appended to ``problems`` with its path."""
     # The generators spell containers both ways: list[X] / List[X], dict(str, X) / Dict[str, X].
     list_match = re.fullmatch(r"[lL]ist\[(.+)\]", type_name)
-    dict_match = re.fullmatch(r"dict\(([^,]+), (.+)\)|Dict\[([^,]+), (.+)\]", type_name)
+    dict_match = re.fullmatch(r"dict\(([^,]+), (.+)\)|[dD]ict\[([^,]+), (.+)\]", type_name)
     if value is None:
         return None
     if list_match:
