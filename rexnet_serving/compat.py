@@ -89,11 +89,16 @@ class LegacyPb2Finder(importlib.abc.MetaPathFinder):
         origin = spec.origin if spec is not None else None
         if not origin or not origin.endswith(".py") or not _IN_PACKAGE.search(origin):
             return None
-        with open(origin, encoding="utf-8") as f:
-            descriptor = serialized_descriptor(f.read())
-        if descriptor is None:
-            return None  # current protoc output: load it as it is
-        return importlib.util.spec_from_file_location(fullname, origin, loader=_DescriptorLoader(descriptor))
+        return pb2_spec(fullname, origin)
+
+
+def pb2_spec(fullname: str, origin: str) -> importlib.machinery.ModuleSpec:
+    """The spec a ``_pb2`` file at ``origin`` loads with: from its descriptor when it is old-style, as
+    it is otherwise (for code that loads such a file by path, e.g. rexnet_serving.clients.grpc)."""
+    with open(origin, encoding="utf-8") as f:
+        descriptor = serialized_descriptor(f.read())
+    loader = _DescriptorLoader(descriptor) if descriptor is not None else None
+    return importlib.util.spec_from_file_location(fullname, origin, loader=loader)
 
 
 def apply() -> None:
