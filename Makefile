@@ -2,7 +2,7 @@
 # Each builds .venv first (scripts/bootstrap.sh returns at once when nothing changed).
 VENV := .venv/bin
 
-.PHONY: setup serve test oip-proto oip-tools
+.PHONY: setup serve test oip-proto
 setup:
 	@scripts/bootstrap.sh
 
@@ -15,7 +15,3 @@ test: setup
 # The Open Inference Protocol's gRPC definitions again, from the kserve package (setup does this once).
 oip-proto: setup
 	@.venv/bin/python scripts/oip_descriptor.py
-
-# The tool venv (.venv-oip: tritonclient, kserve) the v2 and KServe tests use.
-oip-tools:
-	@scripts/oip_tools.sh

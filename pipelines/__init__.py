@@ -13,5 +13,7 @@ cycle: load, warm up, ready, serve, drain), ``metrics`` and ``health`` (Promethe
 measures the framework with), ``cli`` (the command).
 
 The wire contract (err_no codes, keys, the results' encoding) is not here but in
-rexnet_serving.pipeline_wire, below both this service and its clients. Nothing is imported by this file.
+rexnet_serving.pipeline_wire, below both this service and its clients. This file imports only
+rexnet_serving.compat (Paddle Serving 0.9.0 on Python 3.11), before anything imports Paddle Serving.
 """
+import rexnet_serving.compat  # noqa: F401  (before any Paddle Serving import: see that module)

@@ -5,4 +5,6 @@
 # it for every entry point of the package (see rexnet_serving/imageio.py).
 import zlib  # noqa: F401
 
+from . import compat  # noqa: F401,E402  (Paddle Serving 0.9.0 on Python 3.11: see that module)
+
 __version__ = "0.1.0"

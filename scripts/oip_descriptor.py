@@ -4,10 +4,10 @@
 ``kserve`` package on PyPI (its kserve/protocol/grpc/grpc_predict_v2_pb2.py, Apache-2.0), pinned below.
 
 Run by scripts/bootstrap.sh and the Dockerfiles, never by the service or the tests: the descriptor is a
-build product (gitignored). Why this way: KServe publishes the protocol's definitions in its package, and
-the package itself needs protobuf >= 4, which cannot share Paddle Serving's environment (protobuf 3.20);
+build product (gitignored). Why this way: KServe publishes the protocol's definitions in its package,
+and the package itself (FastAPI, pandas, the Kubernetes client...) has no place in the serving image;
 the serialized descriptor is independent of the protobuf version, and rexnet_serving.oip.proto builds
-the message classes from it with the protobuf that is installed.
+the message classes from it with the protobuf that is installed. The pin is the test extra's kserve.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-PACKAGE = "kserve==0.16.0"
+PACKAGE = "kserve==0.21.0"
 MEMBER = "kserve/protocol/grpc/grpc_predict_v2_pb2.py"
 TARGET = Path(__file__).resolve().parents[1] / "rexnet_serving" / "oip" / "proto" / "inference_v2.desc"
 

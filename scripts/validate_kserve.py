@@ -1,6 +1,6 @@
 """Validate KServe objects (YAML files, several documents each) against KServe's API types, strictly.
 
-Run with the tool venv's Python (scripts/oip_tools.sh: the `kserve` package and, through it, the
+Run with the venv's Python (the test extra's `kserve` package and, through it, the
 `kubernetes` client): every ServingRuntime / ClusterServingRuntime / InferenceService is walked against
 the generated models' ``openapi_types`` and ``attribute_map`` (kserve.models for KServe's types,
 kubernetes.client.models for the core ones they embed), so an unknown or misspelt field anywhere, or a
@@ -36,7 +36,7 @@ def build(value: Any, type_name: str, path: str, problems: List[str]) -> Any:
     fields); every unknown field or wrong type is appended to ``problems`` with its path."""
     # The generators spell containers both ways: list[X] / List[X], dict(str, X) / Dict[str, X].
     list_match = re.fullmatch(r"[lL]ist\[(.+)\]", type_name)
-    dict_match = re.fullmatch(r"dict\(([^,]+), (.+)\)|Dict\[([^,]+), (.+)\]", type_name)
+    dict_match = re.fullmatch(r"dict\(([^,]+), (.+)\)|[dD]ict\[([^,]+), (.+)\]", type_name)
     if value is None:
         return None
     if list_match:

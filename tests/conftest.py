@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import rexnet_serving.compat  # noqa: F401  (test modules import Paddle Serving directly: see that module)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 
@@ -26,12 +28,25 @@ def shared_file(relative: str) -> Path:
 
 
 def tool_python() -> str:
-    """The Python of the Open Inference Protocol tool venv (tritonclient, kserve), built on first use by
-    scripts/oip_tools.sh; skip where no Python >= 3.10 exists (fail in CI: REXNET_REQUIRE_SHARED=1)."""
-    proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "oip_tools.sh")], capture_output=True, text=True,
+    """The Python that runs the official tritonclient and kserve scripts: this venv's since the move to
+    Python 3.11 (the test extra installs them: their grpcio/protobuf now agree with the service's). The
+    scripts still run as child processes, as a user's client would, never inside the test process."""
+    import importlib.util
+    import sys
+    # found, not imported: tritonclient.grpc and kserve each register the v2 protocol's messages under
+    # their own file names, which one process's descriptor pool refuses; each script imports one of them
+    missing = [m for m in ("tritonclient", "kserve") if importlib.util.find_spec(m) is None]
+    assert not missing, f"{', '.join(missing)} missing from this venv (the test extra): run `make setup`"
+    return sys.executable
+
+
+def lite_tools_python() -> str:
+    """The Python 3.10 venv with paddlelite that rexnet-export --lite's worker runs on, built on first use
+    by scripts/lite_tools.sh; skip where no Python 3.10 exists (fail in CI: REXNET_REQUIRE_SHARED=1)."""
+    proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "lite_tools.sh")], capture_output=True, text=True,
                           timeout=900)
     if proc.returncode == 3 and os.environ.get("REXNET_REQUIRE_SHARED") != "1":
-        pytest.skip(f"no tool venv for tritonclient and kserve: {proc.stderr.strip()[-500:]}")
+        pytest.skip(f"no Paddle Lite venv: {proc.stderr.strip()[-500:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
 

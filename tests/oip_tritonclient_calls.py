@@ -1,5 +1,5 @@
-"""Run by tests/test_oip.py with the tool venv's Python (.venv-oip: tritonclient needs a newer grpcio and
-protobuf than the service's venv): the official tritonclient, HTTP and gRPC, against the v2 endpoints.
+"""Run by tests/test_oip.py in a child process of the venv's Python (tritonclient is in the test extra),
+as a user's client would be: the official tritonclient, HTTP and gRPC, against the v2 endpoints.
 
     python oip_tritonclient_calls.py HTTP_URL GRPC_URL MODEL IMAGE_FILE BAD_FILE
 

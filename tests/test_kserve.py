@@ -1,6 +1,6 @@
 """k8s/kserve/: the KServe ServingRuntime and InferenceServices, rendered with `kubectl kustomize`,
-validated strictly against KServe's API types (scripts/validate_kserve.py with the kserve package, in
-the tool venv scripts/oip_tools.sh builds), and checked against the service: the runtime's command line
+validated strictly against KServe's API types (scripts/validate_kserve.py with the test extra's kserve
+package, in a child process), and checked against the service: the runtime's command line
 parses with rexnet-serve's own parser, its ports are rexnet_serving.defaults', its probes are v2
 health routes, and the security settings are the Deployment's."""
 from __future__ import annotations

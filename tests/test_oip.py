@@ -1,6 +1,6 @@
 """The Open Inference Protocol core (rexnet_serving.oip) on a real export: handle_rest called directly,
-the gRPC servicer on a real grpc.server, and the official tritonclient (HTTP and gRPC, from the tool
-venv scripts/oip_tools.sh builds) against a tiny real server on 127.0.0.1 (a stdlib http.server around
+the gRPC servicer on a real grpc.server, and the official tritonclient (HTTP and gRPC, the test extra's,
+in a child process) against a tiny real server on 127.0.0.1 (a stdlib http.server around
 handle_rest, a grpc.server with the servicer): the way rexnet-serve mounts them."""
 from __future__ import annotations
 

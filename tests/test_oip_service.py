@@ -1,6 +1,6 @@
 """The Open Inference Protocol served by rexnet-serve itself (pipelines/oip_front.py): a real service on a
-model repository, called with the official tritonclient (HTTP and gRPC, from the .venv-oip tool venv)
-through tests/oip_tritonclient_calls.py; the answers equal the offline Classifier's, go through the
+model repository, called with the official tritonclient (HTTP and gRPC, the test extra's, in a child
+process) through tests/oip_tritonclient_calls.py; the answers equal the offline Classifier's, go through the
 service's front door (per-model metrics), and v2 readiness follows the service's."""
 from __future__ import annotations
 

@@ -96,8 +96,13 @@ def _solarize_add(img: Image.Image, d: OpDraw, fill: Fill) -> Image.Image:
 
 
 def _posterize(img: Image.Image, d: OpDraw, fill: Fill) -> Image.Image:
+    """Keep the top ``bits`` bits of each channel. The LUT is ImageOps.posterize's own, written here because
+    Pillow 12.3 refuses bits=0, which the magnitudes reach (a black image, as Pillow computed it before)."""
     bits = posterize_bits(d.magnitude)
-    return img if bits >= 8 else ImageOps.posterize(img, bits)
+    if bits >= 8:
+        return img
+    mask = ~(2 ** (8 - bits) - 1) & 0xFF
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
 
 
 def _enhance(kind: Callable[[Image.Image], Any]) -> Op:

@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Sequence
 
 import grpc
 
-from .. import pipeline_wire
+from .. import compat, pipeline_wire
 from ..defaults import GRPC_PORT, SERVICE_NAME
 from ..results import ImageResult
 from .base import BadRequestError, TransientError
@@ -52,7 +52,7 @@ def pipeline_messages() -> ModuleType:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("paddle-serving-server is not installed (it provides the Pipeline messages)")
     path = f"{list(spec.submodule_search_locations)[0]}/pipeline/proto/pipeline_service_pb2.py"
-    spec = importlib.util.spec_from_file_location(_PB2, path)
+    spec = compat.pb2_spec(_PB2, path)  # Paddle Serving's old-style _pb2 on protobuf 6 (see compat)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sys.modules[_PB2] = module

@@ -13,11 +13,15 @@ Paddle 2.6's behaviour (``beta=1``: x * sigmoid(x); ``threshold=6``) and an ``XS
 ``inference/`` itself is untouched.
 
 ``opt`` runs in a child process (``lite_worker.py``), so a crash in Paddle Lite is an error message,
-not a dead exporter; the x86 model is then run with Lite's ``MobileConfig`` predictor and compared with
+not a dead exporter, and so it can run on another interpreter: paddlelite 2.13rc0 has wheels only up to
+Python 3.10, the project runs on 3.11, so the worker runs on ``$REXNET_LITE_PYTHON`` (a Python with
+paddlelite and NumPy: scripts/lite_tools.sh builds one) or, where paddlelite is installed here, on this
+interpreter; the x86 model is then run with Lite's ``MobileConfig`` predictor and compared with
 Paddle Inference (ARM models cannot run here and are not checked).
 """
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -50,12 +54,24 @@ def parse_targets(text: str) -> tuple:
     return targets
 
 
+def lite_python() -> str:
+    """The interpreter the worker runs on: $REXNET_LITE_PYTHON, else this one (see the module docstring)."""
+    return os.environ.get("REXNET_LITE_PYTHON") or sys.executable
+
+
 def paddlelite_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    """The worker interpreter's paddlelite version; LiteError (with the fix) when it has none."""
+    python = lite_python()
     try:
-        return version("paddlelite")
-    except PackageNotFoundError:
-        raise LiteError(f"Paddle Lite export needs {PACKAGE}: pip install 'rexnet-serving[lite]'") from None
+        done = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('paddlelite'))"],
+                              capture_output=True, text=True, timeout=120)
+    except OSError as exc:
+        raise LiteError(f"REXNET_LITE_PYTHON={python} cannot run: {exc}") from None
+    if done.returncode != 0:
+        raise LiteError(f"Paddle Lite export needs {PACKAGE} ({python} has none; it has no wheels for Python "
+                        "3.11): build a Python 3.10 venv with scripts/lite_tools.sh and set REXNET_LITE_PYTHON "
+                        "to the python it prints") from None
+    return done.stdout.strip()
 
 
 def lite_compatible_program(model_file: Path, out_file: Path) -> None:
@@ -83,7 +99,7 @@ def lite_compatible_program(model_file: Path, out_file: Path) -> None:
 
 def _worker(args: Sequence[str], what: str) -> None:
     try:
-        done = subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True,
+        done = subprocess.run([lite_python(), str(WORKER), *args], capture_output=True, text=True,
                               timeout=OPT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise LiteError(f"{what}: Paddle Lite did not finish within {OPT_TIMEOUT_S} s") from None

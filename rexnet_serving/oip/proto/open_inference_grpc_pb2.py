@@ -1,7 +1,7 @@
 """The Open Inference Protocol's gRPC messages (package ``inference``), built at import time from the
 serialized descriptor that scripts/oip_descriptor.py takes from the ``kserve`` package (setup time, see
 that script for why): ``ModelInferRequest``, ``ModelInferResponse``, ``ServerLiveRequest`` ... as module
-attributes, as protoc-generated code would have them, on the protobuf installed here (3.20).
+attributes, as protoc-generated code would have them, on the protobuf installed here.
 """
 from __future__ import annotations
 
