@@ -194,7 +194,7 @@ def test_classifier_builds_its_model_through_the_factory(small_export):
     classifier = Classifier(small_export, **options)
     assert isinstance(classifier.model, OpenVinoModel) and classifier.model.max_batch == 4
     assert classifier.model._compiled.get_property("NUM_STREAMS") == 2
-    assert isinstance(Classifier(small_export).model, OpenVinoModel)  # the library default on the CPU, as the service's
+    assert isinstance(Classifier(small_export).model, OpenVinoModel)  # the CPU default, as the service
     image = photo("flower", (120, 90))
     np.testing.assert_allclose(classifier.classify_arrays([image]),
                                Classifier(small_export, cpu_threads=1).classify_arrays([image]), atol=1e-6)

@@ -71,7 +71,9 @@ def model_dir(scored_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def offline(model_dir) -> Classifier:
-    return Classifier(model_dir, limits=DecodeLimits(MAX_BYTES, MAX_PIXELS))
+    # Paddle Inference on purpose (the library's CPU default is OpenVINO, as the service's): every
+    # comparison in this module checks the served OpenVINO against the other runtime.
+    return Classifier(model_dir, limits=DecodeLimits(MAX_BYTES, MAX_PIXELS), runtime="paddle")
 
 
 @contextlib.contextmanager
