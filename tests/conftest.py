@@ -64,6 +64,17 @@ def tritonclient_report(http_port: int, grpc_port: int, model: str, image: bytes
     return json.loads(proc.stdout)
 
 
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True when the server closes ``sock`` within ``seconds`` (EOF or reset), False if it stays open."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

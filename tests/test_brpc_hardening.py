@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from brpc_wire import deflate_bomb, image_request, responses
-from conftest import free_port, wait_for_port
+from conftest import closed_within, free_port, wait_for_port
 from images import encode, photo
 from rexnet_serving.brpc import framing
 from rexnet_serving.brpc.framing import CompressType, Errno, encode_frame, request_meta
@@ -39,17 +39,6 @@ BIN = Path(sys.executable).parent
 # -- helpers ---------------------------------------------------------------------------------------------
 def _connect(port: int, timeout: float = 30) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
-
-
-def _closed_within(sock: socket.socket, seconds: float) -> bool:
-    """True when the server closes ``sock`` within ``seconds`` (EOF or reset), False if it stays open."""
-    sock.settimeout(seconds)
-    try:
-        return sock.recv(65536) == b""
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
 
 
 class HeldService:
@@ -102,7 +91,7 @@ def test_connections_past_max_connections_are_closed_at_once(held):
             assert responses(sock, 1)[0].meta.response.error_code == 0
         extra = _connect(port)
         started = time.monotonic()
-        assert _closed_within(extra, 5), "the fourth connection was not refused"
+        assert closed_within(extra, 5), "the fourth connection was not refused"
         assert time.monotonic() - started < 2
         extra.close()
         kept.pop().close()
@@ -164,8 +153,8 @@ def test_idle_connections_are_closed_but_busy_ones_are_not(held):
     with _connect(port) as idle, _connect(port) as busy:
         busy.sendall(_frame(1))  # held in flight for longer than the idle timeout
         assert service.entered.acquire(timeout=10)
-        assert _closed_within(idle, 5)
-        assert not _closed_within(busy, 1.5)
+        assert closed_within(idle, 5)
+        assert not closed_within(busy, 1.5)
         service.release.set()
         busy.settimeout(10)
         assert responses(busy, 1)[0].meta.response.error_code == 0
@@ -178,7 +167,7 @@ def test_a_started_frame_that_stalls_is_dropped_after_read_timeout(held):
     with _connect(port) as sock:
         sock.sendall(struct.pack(">4sII", b"PRPC", 1 << 20, 10))  # a header, then nothing
         started = time.monotonic()
-        assert _closed_within(sock, 10)
+        assert closed_within(sock, 10)
         assert time.monotonic() - started < 5
 
 

@@ -11,7 +11,7 @@ from typing import Iterator, List
 import pytest
 import requests
 
-from conftest import free_port
+from conftest import closed_within, free_port
 from rexnet_pipelines.health import READY, HealthServer, ServiceState
 
 CAP = 16
@@ -34,16 +34,6 @@ def connect(server: HealthServer) -> socket.socket:
     return socket.create_connection(server.address, timeout=30)
 
 
-def closed_by_server(sock: socket.socket) -> bool:
-    """True when the server has closed the connection (recv sees EOF or a reset); waits up to 30 s."""
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
-
-
 def test_many_idle_connections_pin_no_threads_and_probes_still_answer(health: HealthServer) -> None:
     url = f"http://127.0.0.1:{health.address[1]}"
     assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "alive"}
@@ -58,9 +48,9 @@ def test_many_idle_connections_pin_no_threads_and_probes_still_answer(health: He
         assert "rexnet_ready 1.0" in requests.get(f"{url}/metrics", timeout=10).text
         assert threading.active_count() == threads, "the health server started threads for connections"
         # Past the cap the oldest were closed to make room; the most recent are still open.
-        assert all(closed_by_server(sock) for sock in idle[:CAP])
+        assert all(closed_within(sock, 30) for sock in idle[:CAP])
         # The idle and the slow client are dropped once their timeout passes.
-        assert closed_by_server(idle[-1]) and closed_by_server(slow)
+        assert closed_within(idle[-1], 30) and closed_within(slow, 30)
         assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
     finally:
         for sock in idle + [slow]:
@@ -77,6 +67,6 @@ def test_a_trickled_request_head_is_dropped_at_the_deadline(health: HealthServer
                 time.sleep(TIMEOUT_S / 8)
         except (BrokenPipeError, ConnectionResetError):
             pass  # closed while trickling
-        assert closed_by_server(sock)
+        assert closed_within(sock, 30)
     finally:
         sock.close()
