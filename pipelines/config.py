@@ -289,7 +289,8 @@ def _size(conf: Dict[str, Any], cpus: CpuBudget) -> Sizing:
         return None if value == AUTO else value
 
     sizing = size_service(cpus, service["device_type"] == 0 and infer["client_type"] != "brpc",
-                          given(prepare["concurrency"]), given(infer["concurrency"]), given(service["thread_num"]))
+                          given(prepare["concurrency"]), given(infer["concurrency"]), given(service["thread_num"]),
+                          lone_image=service["runtime"] == "openvino")
     prepare["concurrency"], infer["concurrency"] = sizing.prepare_workers, sizing.infer_streams
     service["thread_num"] = sizing.infer_threads
     return sizing

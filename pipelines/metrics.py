@@ -55,6 +55,8 @@ def set_sizing(sizing: Any) -> None:
     for key, value in (("op.prepare.concurrency", sizing.prepare_workers), ("op.infer.concurrency", sizing.infer_streams),
                        ("op.infer.local_service_conf.thread_num", sizing.infer_threads)):
         SIZING.labels(key, "derived" if key in sizing.derived else "config").set(value)
+    if sizing.lone_image_threads:  # OpenVINO's one-image model (rexnet_serving.cpus.lone_image_threads)
+        SIZING.labels("lone_image_threads", "derived").set(sizing.lone_image_threads)
 
 
 for _stage in STAGES:  # export every stage from the start, so dashboards see zeros rather than gaps

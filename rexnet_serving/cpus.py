@@ -148,18 +148,34 @@ class Sizing:
     infer_streams: int     # op.infer.concurrency: infer threads, each with its predictor (OpenVINO: streams)
     infer_threads: int     # op.infer.local_service_conf.thread_num: math threads per stream / predictor
     derived: Tuple[str, ...] = field(default=())
+    lone_image_threads: int = 0  # OpenVINO: a lone one-image pass on this many threads (0: on its stream)
 
     def describe(self) -> str:
-        """For the ready line: ``cpus 4 (cgroup quota): prepare 1, infer 1 x 3 threads (derived)``."""
+        """For the ready line: ``cpus 2 (host): prepare 1, infer 2 x 1 thread, a lone image 2 threads
+        (derived)``."""
         how = "derived" if len(self.derived) == 3 else "from the config" if not self.derived else \
             f"derived: {', '.join(self.derived)}"
+        lone = f", a lone image {self.lone_image_threads} threads" if self.lone_image_threads else ""
         return (f"{self.cpus}: prepare {self.prepare_workers}, infer {self.infer_streams} x "
-                f"{self.infer_threads} thread{'s' if self.infer_threads > 1 else ''} ({how})")
+                f"{self.infer_threads} thread{'s' if self.infer_threads > 1 else ''}{lone} ({how})")
+
+
+def lone_image_threads(streams: int, threads: int) -> int:
+    """The threads a one-image forward pass gets when no other pass is running (rexnet_serving.runtimes.
+    openvino's lone-image model), or 0 when its own stream already has as many as help one image.
+
+    One-thread streams give the most throughput on few cores (size_service), but a request that arrives
+    alone would then run on one thread while the others idle: on 2 CPUs its p50 went from 15.6 to 22.3 ms
+    (README, Performance). All the streams' threads, at most MAX_THREADS_PER_STREAM, run it instead.
+    """
+    lone = min(streams * threads, MAX_THREADS_PER_STREAM)
+    return lone if streams > 1 and lone > threads else 0
 
 
 def size_service(cpus: CpuBudget, local_cpu_inference: bool, prepare: Optional[int] = None,
-                 streams: Optional[int] = None, threads: Optional[int] = None) -> Sizing:
-    """Thread counts for ``cpus``; an explicit (not None) setting wins over the derived one.
+                 streams: Optional[int] = None, threads: Optional[int] = None, lone_image: bool = False) -> Sizing:
+    """Thread counts for ``cpus``; an explicit (not None) setting wins over the derived one. ``lone_image``:
+    the runtime runs a lone image on a model of its own (OpenVINO; see lone_image_threads).
 
     Inference on the CPU. The README's profile of one image (2 cores, ReXNet_1_0, OpenVINO): about 11 ms
     of CPU in inference, 2.3 in decode + preprocessing, 1 in the front door: prepare is about a quarter
@@ -188,13 +204,14 @@ def size_service(cpus: CpuBudget, local_cpu_inference: bool, prepare: Optional[i
               "op.infer.local_service_conf.thread_num": (threads, want_threads)}
     derived = tuple(key for key, (given, _) in chosen.items() if given is None)
     values = [given if given is not None else wanted for given, wanted in chosen.values()]
-    return Sizing(cpus, values[0], values[1], values[2], derived)
+    lone = lone_image_threads(values[1], values[2]) if lone_image and local_cpu_inference else 0
+    return Sizing(cpus, values[0], values[1], values[2], derived, lone)
 
 
 def main() -> int:
     """``python -m rexnet_serving.cpus``: what this process may use and what the service would derive."""
     cpus = available_cpus()
-    sizing = size_service(cpus, local_cpu_inference=True)
+    sizing = size_service(cpus, local_cpu_inference=True, lone_image=True)  # the CPU's default, OpenVINO
     print(sizing.describe())
     return 0
 

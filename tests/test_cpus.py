@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from rexnet_pipelines.config import CONFIG_DIR, ConfigError, load_config
-from rexnet_serving.cpus import AFFINITY, CGROUP, HOST, CpuBudget, available_cpus, cgroup_quota, size_service
+from rexnet_serving.cpus import (AFFINITY, CGROUP, HOST, CpuBudget, available_cpus, cgroup_quota,
+                                 lone_image_threads, size_service)
 
 
 def tree(root: Path, files: dict) -> Path:
@@ -128,6 +129,11 @@ def test_cpu_inference_keeps_math_threads_within_the_cores_left(cpus, prepare, s
     assert len(sizing.derived) == 3 and sizing.describe().endswith("(derived)")
 
 
+@pytest.mark.parametrize("streams, threads, lone", [(1, 2, 0), (2, 1, 2), (3, 1, 3), (4, 2, 6), (2, 6, 0), (8, 1, 6)])
+def test_a_lone_image_gets_the_streams_threads_up_to_the_cap(streams, threads, lone):
+    assert lone_image_threads(streams, threads) == lone
+
+
 def test_explicit_settings_win_and_the_rest_fits_around_them():
     sizing = size_service(CpuBudget(8, CGROUP), True, streams=3)
     assert (sizing.prepare_workers, sizing.infer_streams, sizing.infer_threads) == (2, 3, 2)
@@ -149,6 +155,10 @@ def test_config_auto_keys_are_derived_and_numbers_kept(tmp_path):
     config = load_config(explicit, cpus=CpuBudget(2, HOST))
     assert (config.sizing.prepare_workers, config.sizing.infer_streams, config.sizing.infer_threads) == (2, 2, 1)
     assert "op.prepare.concurrency" not in config.sizing.derived
+    # OpenVINO's one-image model gets the two streams' threads; the ready line says so.
+    assert config.sizing.lone_image_threads == 2
+    assert config.sizing.describe() == ("cpus 2 (host): prepare 2, infer 2 x 1 thread, a lone image 2 threads "
+                                        "(derived: op.infer.concurrency, op.infer.local_service_conf.thread_num)")
     gpu = load_config(CONFIG_DIR / "gpu.yml", cpus=CpuBudget(6, CGROUP))
     assert (gpu.data["op"]["prepare"]["concurrency"], gpu.infer["concurrency"], gpu.infer_service["thread_num"]) \
         == (5, 1, 1)  # gpu.yml sets infer's two; prepare is derived
@@ -159,3 +169,14 @@ def test_a_bad_sizing_value_names_the_file_and_key(tmp_path):
     bad.write_text(f"extends: {CONFIG_DIR / 'cpu.yml'}\nop:\n  infer:\n    concurrency: many\n")
     with pytest.raises(ConfigError, match=f"{bad}: op.infer.concurrency must be 1..64 threads, or auto, got 'many'"):
         load_config(bad)
+
+
+def test_metrics_export_the_sizing_and_the_lone_image_threads():
+    from prometheus_client import generate_latest
+    from rexnet_pipelines import metrics
+    metrics.set_sizing(size_service(CpuBudget(2, CGROUP, 2.0), True, prepare=1, lone_image=True))
+    text = generate_latest().decode()
+    assert 'rexnet_cpus{source="cgroup quota"} 2.0' in text
+    assert 'rexnet_sizing{origin="config",setting="op.prepare.concurrency"} 1.0' in text
+    assert 'rexnet_sizing{origin="derived",setting="op.infer.concurrency"} 2.0' in text
+    assert 'rexnet_sizing{origin="derived",setting="lone_image_threads"} 2.0' in text

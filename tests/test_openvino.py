@@ -163,6 +163,51 @@ def test_streams_and_clones_share_one_compiled_model(small_export):
     np.testing.assert_array_equal(twin.run(batch), model.run(batch))
 
 
+def test_a_lone_image_runs_on_every_streams_threads_and_a_busy_model_on_its_streams(small_export):
+    """With one-thread streams, a one-image pass that starts alone takes the one-image model (2 threads);
+    while another pass of the model or a clone runs, and for several images, passes take their streams.
+    Every path gives the same scores."""
+    import threading
+    model = load_model(small_export, runtime="openvino", cpu_threads=1, streams=2)
+    clone = model.clone()
+    assert model.lone_threads == clone.lone_threads == 2 and clone._passes is model._passes
+    lone = model._passes.lone_request
+    assert lone.get_compiled_model().get_property("INFERENCE_NUM_THREADS") == 2
+    assert load_model(small_export, runtime="openvino", cpu_threads=2).lone_threads == 0  # one stream: none
+    assert OpenVinoModel(small_export, cpu_threads=1, streams=2, lone_threads=0)._passes.lone_request is None
+    image, images = _batch(1, seed=3), _batch(3, seed=4)
+    used = []
+    real_infer = type(lone).infer
+    on_lone = lambda request, *a, **k: (used.append(request is lone), real_infer(request, *a, **k))[1]
+    try:
+        type(lone).infer = on_lone
+        alone = model.run(image)
+        several = model.run(images)
+        assert used == [True, False]
+        # A pass of the clone is running: the next one-image pass takes its stream.
+        started, release = threading.Event(), threading.Event()
+        real_clone_request = clone._request
+
+        class Held:
+            def infer(self, *args, **kwargs):
+                started.set()
+                release.wait(30)
+                return real_clone_request.infer(*args, **kwargs)
+        clone._request = Held()
+        busy = threading.Thread(target=clone.run, args=(images,))
+        busy.start()
+        assert started.wait(30)
+        used.clear()
+        while_busy = model.run(image)
+        release.set()
+        busy.join(30)
+        assert True not in used  # this pass and the clone's both ran on their streams
+    finally:
+        type(lone).infer = real_infer
+    np.testing.assert_allclose(while_busy, alone, atol=1e-6)
+    np.testing.assert_allclose(several, OpenVinoModel(small_export, cpu_threads=1).run(images), atol=1e-6)
+
+
 def test_missing_files_and_bad_arguments(small_export, tmp_path):
     import shutil
     copy = tmp_path / "model"
