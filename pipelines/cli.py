@@ -96,7 +96,7 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
 
 def resolve_model_dir(explicit: Optional[Path], config: ServingConfig) -> Path:
     """The model to serve; the default one is exported first when it does not exist yet."""
-    configured = explicit or config.infer_service["model_config"]
+    configured = explicit or config.inference.model_config
     if configured is not None:
         path = Path(configured)
         if not (path / "manifest.json").is_file():

@@ -24,7 +24,7 @@ from rexnet_serving.cpus import CpuBudget, Sizing, available_cpus, size_service
 from rexnet_serving.runtimes import default_runtime
 from rexnet_serving.runtimes.base import PRECISIONS, RUNTIMES, OptionError, check_runtime_options
 
-from .settings import PORT, Field, RexnetSettings, schema_of
+from .settings import PORT, Field, InferSettings, RexnetSettings, schema_of
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serving_configs"
 DEVICE_CONFIGS = {"cpu": CONFIG_DIR / "cpu.yml", "gpu": CONFIG_DIR / "gpu.yml"}
@@ -204,13 +204,9 @@ class ServingConfig:
         return self.data["op"]["infer"]
 
     @property
-    def remote(self) -> bool:
-        """True when the infer op forwards to a bRPC backend instead of running a local predictor."""
-        return self.infer["client_type"] == "brpc"
-
-    @property
-    def device(self) -> str:
-        return defaults.device_of(self.infer_service["device_type"])
+    def inference(self) -> InferSettings:
+        """``op.infer``, typed (``infer`` is the checked dict it is built from)."""
+        return InferSettings.from_config(self.infer)
 
     @property
     def http_port(self) -> int:

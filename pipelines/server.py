@@ -26,7 +26,7 @@ import cv2
 import grpc
 import numpy as np
 
-from rexnet_serving.classifier import Classifier, inference_model_options
+from rexnet_serving.classifier import Classifier
 from rexnet_serving.clients.base import ClientError
 from rexnet_serving.clients.grpc import GrpcClient
 from rexnet_serving.clients.http import HttpClient
@@ -87,17 +87,14 @@ class RexnetServer:
     # -- start ------------------------------------------------------------------------------------
     def _load(self) -> ServiceRuntime:
         """Every served version of every model of the repository, each with its predictors."""
-        service, rex = self.config.infer_service, self.config.settings
-        options = inference_model_options(service["device_type"], service["devices"], service["thread_num"],
-                                          service["use_mkldnn"], service["precision"],
-                                          rex.max_batch_images, service["runtime"],  # runtime (issue 10)
-                                          self.config.infer["concurrency"])  # OpenVINO streams (issue 10)
+        infer, rex = self.config.inference, self.config.settings
+        options = infer.model_options(rex.max_batch_images)
         if options["device"] == "gpu":  # preprocessing and nvJPEG decode follow the current device
             import paddle
             paddle.set_device(f"gpu:{options['gpu_id']}")
         limits = rex.decode_limits
         versions = [v for m in self.repository.models.values() for v in m.served_versions()]
-        if self.config.remote and len(versions) > 1:
+        if infer.remote and len(versions) > 1:
             raise StartupError(f"op.infer.client_type brpc in {self.config.source} forwards to one backend "
                                f"model, but the repository serves {len(versions)} model versions")
         models = {}
@@ -106,7 +103,7 @@ class RexnetServer:
             for version in model.served_versions():
                 classifier = self._classifier(version.path, limits, model_options)
                 used = {k: v for k, v in runtime_info(classifier.model).items() if k in ("runtime", "precision")}
-                loaded = ModelRuntime.create(model.name, version.version, classifier, self.config.infer["concurrency"],
+                loaded = ModelRuntime.create(model.name, version.version, classifier, infer.concurrency,
                                              model_options["max_batch"], dict(settings, **used))
                 models[loaded.key] = loaded
         gate = Admission(rex.max_in_flight_requests, rex.request_timeout_s, rex.max_buffered_request_bytes)
@@ -119,7 +116,7 @@ class RexnetServer:
                    "thread_num": "cpu_threads"}
         merged = dict(options, **{renamed[k]: v for k, v in settings.overrides().items()})
         if settings.source is not None:
-            if self.config.remote:
+            if self.config.inference.remote:
                 raise StartupError(f"{settings.source}: per-model inference settings do not apply with "
                                    f"op.infer.client_type brpc in {self.config.source} (the backend runs the model)")
             try:
@@ -140,21 +137,22 @@ class RexnetServer:
             classifier = Classifier(model_dir, limits=limits, model=self._remote_predictor(model_dir), **options)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise StartupError(f"cannot load the model in {model_dir}: {exc}") from None
-        fetch = self.config.infer["fetch_list"]
+        fetch = self.config.inference.fetch_list
         if fetch is not None and list(fetch) != [classifier.manifest.fetch.alias]:
-            raise StartupError(f"op.infer.fetch_list {fetch} in {self.config.source} does not match the "
+            raise StartupError(f"op.infer.fetch_list {list(fetch)} in {self.config.source} does not match the "
                                f"model in {model_dir}, which fetches [{classifier.manifest.fetch.alias!r}]")
         return classifier
 
     def _remote_predictor(self, model_dir: Path) -> Optional[RemotePredictor]:
         """With client_type brpc: the predictor that forwards to the backend (no local model is loaded);
         else None (the Classifier loads its InferenceModel)."""
-        if not self.config.remote:
+        infer = self.config.inference
+        if not infer.remote:
             return None
-        infer = self.config.infer
         try:
-            return RemotePredictor(model_dir, infer["server_endpoints"], infer["client_config"],
-                                   timeout=self.config.settings.backend_timeout_s, fetch=infer["fetch_list"])
+            return RemotePredictor(model_dir, list(infer.server_endpoints), infer.client_config,
+                                   timeout=self.config.settings.backend_timeout_s,
+                                   fetch=None if infer.fetch_list is None else list(infer.fetch_list))
         except (OSError, ValueError, KeyError) as exc:
             raise StartupError(f"cannot set up the bRPC backend client (op.infer in {self.config.source}): "
                                f"{exc}") from None
@@ -206,9 +204,9 @@ class RexnetServer:
                     except ClientError as exc:  # a bRPC backend may not be up yet
                         if time.monotonic() > deadline:
                             raise StartupError(f"warm-up failed: {exc}") from None
-                        if self.config.remote and not waiting_logged:
+                        if self.config.inference.remote and not waiting_logged:
                             log.info("waiting for the bRPC backend %s: %s",
-                                     ",".join(self.config.infer["server_endpoints"]), exc)
+                                     ",".join(self.config.inference.server_endpoints), exc)
                             waiting_logged = True
                         time.sleep(0.2)
                         continue
@@ -237,7 +235,7 @@ class RexnetServer:
                 if not answer.ok:
                     raise StartupError(f"warm-up of model {model.key} failed: err_no {answer.status}: "
                                        f"{answer.message}")
-            if self.floor or self.config.remote:
+            if self.floor or self.config.inference.remote:
                 continue  # no local inference engine
             size = model.classifier.manifest.input_size
             batch = np.zeros((model.max_batch_images, 3, size, size), np.float32)
@@ -268,8 +266,8 @@ class RexnetServer:
             urls.append(f"v2 REST  http://{host}:{c.settings.oip_http_port}/v2/models/<model>/infer")
         if c.settings.oip_grpc_port:
             urls.append(f"v2 gRPC  {host}:{c.settings.oip_grpc_port} (inference.GRPCInferenceService)")
-        if c.remote:
-            urls.append(f"backend  bRPC {','.join(c.infer['server_endpoints'])} (inference forwarded)")
+        if c.inference.remote:
+            urls.append(f"backend  bRPC {','.join(c.inference.server_endpoints)} (inference forwarded)")
         return urls
 
     def run(self) -> int:
@@ -291,7 +289,7 @@ class RexnetServer:
                 self._warm_up(deadline)
             if not self.stop_event.is_set():
                 self.state.set(READY)
-                log.info("ready: %s (%s, %s %s) with %s; from %s: %s\n  %s", self.name, self.config.device,
+                log.info("ready: %s (%s, %s %s) with %s; from %s: %s\n  %s", self.name, self.config.inference.device,
                          used["runtime"], used["precision"], self.config.sizing.describe(), self.repository.root,
                          self.served_models(), "\n  ".join(self.urls()))
                 # Wake up now and then: a signal caught by another thread runs its Python handler only

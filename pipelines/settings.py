@@ -1,4 +1,5 @@
-"""The ``rexnet`` section of the service config as one typed schema: :class:`RexnetSettings`.
+"""The ``rexnet`` section of the service config as one typed schema: :class:`RexnetSettings`; and
+``op.infer`` as the service reads it: :class:`InferSettings`.
 
 Each setting is a dataclass field that states its default once, with the YAML type it accepts and the
 rule it must follow (metadata ``field``: a :class:`Field`); rexnet_pipelines.config checks files
@@ -12,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from rexnet_serving import pipeline_wire
-from rexnet_serving import defaults
+from rexnet_serving import defaults, pipeline_wire
+from rexnet_serving.classifier import inference_model_options
 from rexnet_serving.imageio import DecodeLimits
 from rexnet_serving.jsonbody import DEFAULT_MAX_VALUES
 
@@ -121,3 +122,48 @@ class RexnetSettings:
     @property
     def decode_limits(self) -> DecodeLimits:
         return DecodeLimits.from_settings({key: getattr(self, key) for key in DecodeLimits.SETTINGS_KEYS})
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    """``op.infer`` of a checked config, typed, with ``auto`` already replaced by the derived counts.
+
+    Its keys are Paddle Serving's (its config goes to PipelineServer as a dict; rexnet_pipelines.config
+    checks them and states their defaults in its schema); the service reads them here, not as dict keys.
+    """
+
+    runtime: str                      # local_service_conf.runtime (ours): paddle or openvino
+    precision: str                    # local_service_conf.precision
+    device_type: int                  # 0 CPU, 1 GPU, 2 GPU TensorRT
+    devices: str                      # GPU ids, "0,1"
+    thread_num: int                   # math threads per predictor (OpenVINO: per stream)
+    use_mkldnn: bool
+    model_config: Optional[str]       # the model directory, when the config names one
+    concurrency: int                  # infer threads, each with its predictor (OpenVINO: streams)
+    client_type: str                  # local_predictor, or brpc: forward to a GeneralModelService
+    server_endpoints: Tuple[str, ...]
+    client_config: Optional[str]
+    fetch_list: Optional[Tuple[str, ...]]
+
+    @classmethod
+    def from_config(cls, infer: Mapping[str, Any]) -> "InferSettings":
+        service = infer["local_service_conf"]
+        fetch = infer["fetch_list"]
+        return cls(service["runtime"], service["precision"], service["device_type"], service["devices"],
+                   service["thread_num"], service["use_mkldnn"], service["model_config"], infer["concurrency"],
+                   infer["client_type"], tuple(infer["server_endpoints"]), infer["client_config"],
+                   None if fetch is None else tuple(fetch))
+
+    @property
+    def remote(self) -> bool:
+        """True when the infer op forwards to a bRPC backend instead of running a local predictor."""
+        return self.client_type == "brpc"
+
+    @property
+    def device(self) -> str:
+        return defaults.device_of(self.device_type)
+
+    def model_options(self, max_batch: int) -> Dict[str, Any]:
+        """rexnet_serving.runtimes.load_model's keyword arguments for these settings."""
+        return inference_model_options(self.device_type, self.devices, self.thread_num, self.use_mkldnn,
+                                       self.precision, max_batch, self.runtime, self.concurrency)

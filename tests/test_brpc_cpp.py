@@ -202,7 +202,7 @@ def test_brpc_backend_config_forwards_to_the_cpp_backend(random_model_dir):
 def test_brpc_backend_config_passes_the_pipeline_loader():
     from rexnet_pipelines.config import REMOTE_KEYS, load_config
     config = load_config(CONFIG)
-    assert config.remote
+    assert config.inference.remote
     assert config.data["op"]["infer"]["server_endpoints"] == [f"127.0.0.1:{defaults.BRPC_PORT}"]
     assert config.data["op"]["infer"]["client_type"] == "brpc"
     assert not set(REMOTE_KEYS) & set(config.paddle()["op"]["infer"])  # never Paddle Serving's own client

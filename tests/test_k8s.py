@@ -232,7 +232,7 @@ def test_overlays_select_their_device() -> None:
     for overlay, (device, device_type) in expected.items():
         with tempfile.TemporaryDirectory() as tmp:
             config = resolved_config(overlay, Path(tmp))
-        assert (config.device, config.infer_service["device_type"]) == (device, device_type), overlay
+        assert (config.inference.device, config.infer_service["device_type"]) == (device, device_type), overlay
         resources = serving(rendered(overlay))["resources"]
         pod = deployment(rendered(overlay))["spec"]["template"]["spec"]
         if device == "gpu":
@@ -256,7 +256,7 @@ def test_cpu_request_equals_limit_and_the_derived_threads_fit_it(tmp_path: Path)
         config = resolved_config(overlay, tmp_path / "sized", CpuBudget(cpus, CGROUP, float(cpus)))
         sizing = config.sizing
         assert str(sizing.cpus) == f"cpus {cpus} (cgroup quota)"
-        if config.device == "cpu" and not config.remote:
+        if config.inference.device == "cpu" and not config.inference.remote:
             assert sizing.infer_streams * sizing.infer_threads <= cpus, (overlay, sizing)
         assert sizing.prepare_workers <= cpus, (overlay, sizing)
 
@@ -330,7 +330,7 @@ def test_brpc_sidecar_speaks_the_backend_cli(tmp_path: Path) -> None:
         assert ports["brpc"] == defaults.BRPC_PORT
     # the Pipeline beside it forwards inference to the sidecar's port
     config = resolved_config("cpu-brpc", tmp_path)
-    assert config.remote and config.infer["server_endpoints"] == [f"127.0.0.1:{args.port}"]
+    assert config.inference.remote and config.infer["server_endpoints"] == [f"127.0.0.1:{args.port}"]
     # the CPU overlay without the component exposes no bRPC port anywhere
     assert all(p["name"] != "brpc" for d in rendered("cpu") if d["kind"] == "Service" for p in d["spec"]["ports"])
 

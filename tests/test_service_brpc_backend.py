@@ -46,8 +46,9 @@ def write(path: Path, text: str) -> Path:
 # -- the loader --------------------------------------------------------------------------------------
 def test_shipped_brpc_config_loads_and_keeps_remote_keys_from_paddle_serving():
     config = load_config(CONFIG)
-    assert config.remote
-    assert config.infer["server_endpoints"] == [f"127.0.0.1:{defaults.BRPC_PORT}"]
+    assert config.inference.remote
+    assert config.inference.server_endpoints == (f"127.0.0.1:{defaults.BRPC_PORT}",)
+    assert config.infer["server_endpoints"] == [f"127.0.0.1:{defaults.BRPC_PORT}"]  # what Paddle Serving reads
     assert config.infer["client_config"] is None and config.infer["fetch_list"] == ["probs"]
     assert config.infer["timeout"] == -1 and config.rexnet["backend_timeout_s"] == 30
     infer = config.paddle()["op"]["infer"]
@@ -56,7 +57,7 @@ def test_shipped_brpc_config_loads_and_keeps_remote_keys_from_paddle_serving():
 
 def test_local_predictor_is_the_default():
     config = load_config(CONFIG_DIR / "cpu.yml")
-    assert not config.remote
+    assert not config.inference.remote
     assert config.infer["client_type"] == "local_predictor" and config.infer["server_endpoints"] == []
 
 

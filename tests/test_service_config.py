@@ -36,7 +36,7 @@ def test_shipped_configs_load_with_default_ports(name, device_type, precision, r
 def test_device_flag_picks_the_device_file_and_overrides_a_given_one():
     assert load_config(device="gpu").infer_service["device_type"] == 1
     assert load_config(CONFIG_DIR / "gpu_trt_fp16.yml", device="gpu").infer_service["device_type"] == 2
-    assert load_config(CONFIG_DIR / "cpu.yml", device="cpu").device == "cpu"
+    assert load_config(CONFIG_DIR / "cpu.yml", device="cpu").inference.device == "cpu"
 
 
 def test_extends_merges_key_by_key(tmp_path):
@@ -227,3 +227,15 @@ def test_settings_built_in_code_follow_the_files_rules():
         RexnetSettings(max_in_flight_requests=0)
     with pytest.raises(ValueError, match=r"rexnet.idle_timeout_s must be int or float, got True"):
         RexnetSettings(idle_timeout_s=True)
+
+
+def test_the_infer_op_is_read_typed_and_gives_the_predictor_options():
+    from rexnet_serving.cpus import HOST, CpuBudget
+    infer = load_config(CONFIG_DIR / "cpu.yml", cpus=CpuBudget(2, HOST)).inference
+    assert (infer.runtime, infer.precision, infer.device, infer.remote) == ("openvino", "fp32", "cpu", False)
+    assert (infer.concurrency, infer.thread_num, infer.fetch_list, infer.server_endpoints) == (2, 1, None, ())
+    assert infer.model_options(16) == {"runtime": "openvino", "precision": "fp32", "device": "cpu", "gpu_id": 0,
+                                       "cpu_threads": 1, "mkldnn": True, "max_batch": 16, "streams": 2}
+    gpu = load_config(CONFIG_DIR / "gpu_trt_fp16.yml").inference
+    assert (gpu.device, gpu.runtime, gpu.model_options(8)["gpu_id"], gpu.model_options(8)["mkldnn"]) == \
+        ("gpu", "paddle", 0, False)
