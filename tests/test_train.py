@@ -320,14 +320,39 @@ def test_trained_weights_export_and_serve_the_same_predictions(full_run, digits,
     np.testing.assert_allclose(served.run(x.numpy()), eager, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def resumed_runs(full_run, digits, tmp_path_factory):
+    """Epoch 3 again from the epoch-2 checkpoint, twice at once (training is single-threaded on CPU, so
+    the two runs take the machine's two cores): at batch 8 through the rexnet-train command in a child
+    process, and at the run's own batch 16 in this process as the full run was. Returns both output
+    directories."""
+    out, _ = full_run
+    checkpoint = str(out / f"epoch_{EPOCHS - 1:04d}.pdckpt")
+    at_batch_16 = tmp_path_factory.mktemp("resumed")
+    at_batch_8 = tmp_path_factory.mktemp("resumed_batch_8")
+    cmd = [str(Path(sys.executable).parent / "rexnet-train"), "-c", "ReXNet_1_0", "--no-progress",
+           "--resume", checkpoint]
+    for override in [*SMALL_RUN, *_data_overrides(digits), "Data.batch_size=8", f"Global.output_dir={at_batch_8}"]:
+        cmd += ["-o", override]
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        start = time.time()
+        assert _run(digits, at_batch_16, resume=checkpoint) == 0
+        print(f"\n[resume] epoch {EPOCHS} from the epoch-{EPOCHS - 1} checkpoint in "
+              f"{time.time() - start:.1f}s")
+        _, err = child.communicate(timeout=600)
+        assert child.returncode == 0, err[-3000:]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    return at_batch_16, at_batch_8
+
+
 @pytest.mark.slow
-def test_resume_repeats_the_uninterrupted_run(full_run, digits, tmp_path):
+def test_resume_repeats_the_uninterrupted_run(full_run, resumed_runs):
     out, history = full_run
-    resumed = tmp_path / "resumed"
-    start = time.time()
-    assert _run(digits, resumed, resume=str(out / f"epoch_{EPOCHS - 1:04d}.pdckpt")) == 0
-    print(f"\n[resume] epoch {EPOCHS} from the epoch-{EPOCHS - 1} checkpoint in "
-          f"{time.time() - start:.1f}s")
+    resumed, _ = resumed_runs
     a, b = _weights(out / "latest.pdparams"), _weights(resumed / "latest.pdparams")
     assert a.keys() == b.keys()
     worst = max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
@@ -339,13 +364,10 @@ def test_resume_repeats_the_uninterrupted_run(full_run, digits, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_another_batch_size_continues_the_schedule_in_epochs(full_run, digits, tmp_path):
+def test_resume_with_another_batch_size_continues_the_schedule_in_epochs(resumed_runs):
     """Stopped after epoch 2 at batch 16 (25 steps per epoch), resumed at batch 8 (50 steps, half the
     peak LR): the last epoch runs on the cosine's tail in epochs, not on a schedule counted in steps."""
-    out, _ = full_run
-    resumed = tmp_path / "resumed"
-    assert _run(digits, resumed, "Data.batch_size=8",
-                resume=str(out / f"epoch_{EPOCHS - 1:04d}.pdckpt")) == 0
+    _, resumed = resumed_runs
     record = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()][-1]
     peak, steps = 0.32 * 8 / 512, 400 // 8
     t = EPOCHS - 1 + (steps - 1) / steps  # the LR of the epoch's last step
