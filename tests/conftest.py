@@ -138,3 +138,18 @@ def random_model_dir(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("random_model") / "ReXNet_1_0"
     export_model("ReXNet_1_0", target)
     return target
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the training runs the selected tests need (tests/digits_runs.py: each holds one core for up
+    to two minutes), so they train beside the tests collected before them."""
+    import digits_runs
+    wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())
+              if name in digits_runs.RUNS}
+    for name in sorted(wanted):
+        digits_runs.start(name)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import digits_runs
+    digits_runs.stop_all()

@@ -1,6 +1,6 @@
 """rexnet-eval: the number it prints for a rexnet-train checkpoint is that run's own validation metric.
 
-A one-epoch rexnet-train run on the digits data set of test_train (its generator and small-run settings,
+A one-epoch rexnet-train run on the digits data set (tests/digits_runs.py: its generator and small-run settings,
 fewer images) writes metrics.jsonl, best.pdckpt and best_model.pdparams; rexnet-eval on the same
 validation list must print the same top-1, top-5 and loss. Also: the class-per-folder form, --limit,
 refused images, an export directory (against Classifier, which test_service pins to the service), and
@@ -16,30 +16,25 @@ import rexnet_serving.imageio  # noqa: F401  (before paddle: see that module)
 import numpy as np
 import pytest
 
-from rexnet_train import cli as train_cli
+import digits_runs
 from rexnet_train.eval_cli import main
-from test_train import SMALL_RUN, _data_overrides, _write_digits
 
-TRAIN_PER_CLASS, VAL_PER_CLASS = 12, 8
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("eval_digits")
-    _write_digits(root, TRAIN_PER_CLASS, VAL_PER_CLASS)
-    return root
+VAL_PER_CLASS = digits_runs.RUNS["trained"].val_per_class
 
 
 @pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory) -> Dict:
-    """One epoch of rexnet-train (CPU, no progress bar); its output folder and last metrics record."""
-    out = tmp_path_factory.mktemp("eval_run")
-    argv = ["-c", "ReXNet_1_0", "--no-progress", "-o", f"Global.output_dir={out}"]
-    for override in [*SMALL_RUN, *_data_overrides(digits), "Global.epochs=1"]:
-        argv += ["-o", override]
-    assert train_cli.main(argv) == 0
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"out": out, "metrics": record}
+def trained() -> Dict:
+    """One epoch of rexnet-train (CPU, no progress bar; digits_runs: started when collection ended): its
+    output folder and last metrics record."""
+    run = digits_runs.finish("trained")
+    record = json.loads((run.out / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"out": run.out, "metrics": record}
+
+
+@pytest.fixture(scope="module")
+def digits() -> Path:
+    """The data set the one-epoch run trains and validates on."""
+    return digits_runs.data("trained")
 
 
 def eval_json(capsys, *args) -> Dict:

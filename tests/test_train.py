@@ -1,9 +1,9 @@
 """rexnet-train: configs, augmentation, data errors, a real short training run, exact resume, 2-rank DDP.
 
-The data set is scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes), written as PNG
-files with PaddleClas list files and as a class-per-folder tree. Runs use ReXNet_1_0 at 32x32 (resize 36,
-crop 32): Paddle's CPU depthwise convolution costs per sample and channel, not per pixel, so the data set
-is kept small rather than the images.
+The data set is scikit-learn's bundled handwritten digits, written as PNG files with PaddleClas list
+files and as a class-per-folder tree (tests/digits_runs.py, which also starts the 3-epoch run early).
+Runs use ReXNet_1_0 at 32x32 (resize 36, crop 32): Paddle's CPU depthwise convolution costs per sample
+and channel, not per pixel, so the data set is kept small rather than the images.
 """
 from __future__ import annotations
 
@@ -20,65 +20,38 @@ import numpy as np
 import pytest
 import yaml
 
+import digits_runs
+from digits_runs import EPOCHS, RUNS, SMALL_RUN, data_overrides, train_command, write_digits
 from rexnet_train import cli
 from rexnet_train.config import CONFIG_DIR, SCHEMA, ConfigError, config_path, load_config
 from rexnet_train.data import DataError, load_split, read_list_file
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTHS = ["ReXNet_1_0", "ReXNet_1_3", "ReXNet_1_5", "ReXNet_2_0", "ReXNet_3_0"]
-TRAIN_PER_CLASS, VAL_PER_CLASS = 40, 20
-EPOCHS = 3
-
-# Small-data settings on top of the ImageNet recipe: no flips (digits are not mirror-symmetric),
-# milder crops and RandAugment, an LR (0.01 for batch 16) for a from-scratch run of 75 steps, and BN statistics that
-# follow the last few batches so that eval mode is usable after so few steps.
-SMALL_RUN = [
-    f"Global.epochs={EPOCHS}", "Global.save_interval=1", "Global.log_interval=5", "Global.seed=7",
-    "Global.device=cpu", "Arch.class_num=10", "Arch.bn_momentum=0.5",
-    "Data.batch_size=16", "Data.eval_batch_size=50", "Data.num_workers=0",
-    "Augment.crop_size=32", "Augment.hflip_prob=0", "Augment.crop_scale=[0.8,1.0]",
-    "Augment.randaugment_magnitude=1", "Optimizer.lr=0.32", "Optimizer.warmup_epochs=0",
-    "Optimizer.cooldown_epochs=0",
-    "Eval.resize_short=36", "Eval.crop_size=32",
-]
-
-
-def _write_digits(root: Path, train_per_class: int, val_per_class: int) -> None:
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    rng = np.random.default_rng(0)
-    splits: Dict[str, List[int]] = {"train": [], "val": []}
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(digits.target == c))
-        splits["train"] += idx[:train_per_class].tolist()
-        splits["val"] += idx[train_per_class:train_per_class + val_per_class].tolist()
-    for split, indices in splits.items():
-        lines = []
-        for i in indices:
-            pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
-            rel = f"{split}/{digits.target[i]}/{i}.png"  # also a class-per-folder tree under split/
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).resize((32, 32), Image.BILINEAR).save(root / rel)
-            lines.append(f"{rel} {digits.target[i]}\n")
-        (root / f"{split}_list.txt").write_text("".join(lines))
+TRAIN_PER_CLASS, VAL_PER_CLASS = RUNS["full_run"].train_per_class, RUNS["full_run"].val_per_class
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits")
-    _write_digits(root, TRAIN_PER_CLASS, VAL_PER_CLASS)
-    return root
+def full_run():
+    """The 3-epoch run (digits_runs: started when collection ended, beside the tests before it): its data
+    set, output folder and metrics history."""
+    run = digits_runs.finish("full_run")
+    history = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+    print(f"\n[train] {EPOCHS} epochs of {10 * TRAIN_PER_CLASS} images in {run.seconds:.1f}s: "
+          + "; ".join(f"epoch {r['epoch']} loss {r['train_loss']:.3f} val top-1 {r['val_top1']:.3f} "
+                      f"top-5 {r['val_top5']:.3f}" for r in history))
+    return run.out, history
 
 
-def _data_overrides(root: Path) -> List[str]:
-    return [f"Data.train_root={root}", f"Data.train_list={root / 'train_list.txt'}",
-            f"Data.val_root={root}", f"Data.val_list={root / 'val_list.txt'}"]
+@pytest.fixture(scope="module")
+def digits() -> Path:
+    """The full run's data set (written by digits_runs, whether or not the run is selected)."""
+    return digits_runs.data("full_run")
 
 
 def _run(root: Path, out: Path, *extra: str, resume: str = None) -> int:
     argv = ["-c", "ReXNet_1_0", "--no-progress", "-o", f"Global.output_dir={out}"]
-    for override in [*SMALL_RUN, *_data_overrides(root), *extra]:
+    for override in [*SMALL_RUN, *data_overrides(root), *extra]:
         argv += ["-o", override]
     if resume:
         argv += ["--resume", resume]
@@ -230,19 +203,6 @@ def test_folder_tree_class_names_travel_with_the_model(digits, tmp_path):
 
 
 # -- real training --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def full_run(digits, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full_run")
-    start = time.time()
-    assert _run(digits, out) == 0
-    seconds = time.time() - start
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    print(f"\n[train] {EPOCHS} epochs of {10 * TRAIN_PER_CLASS} images in {seconds:.1f}s: "
-          + "; ".join(f"epoch {r['epoch']} loss {r['train_loss']:.3f} val top-1 {r['val_top1']:.3f} "
-                      f"top-5 {r['val_top5']:.3f}" for r in history))
-    return out, history
-
-
 @pytest.mark.slow
 def test_training_lowers_the_loss_and_beats_chance(full_run):
     import paddle
@@ -324,16 +284,12 @@ def test_trained_weights_export_and_serve_the_same_predictions(full_run, digits,
 def resumed_runs(full_run, digits, tmp_path_factory):
     """Epoch 3 again from the epoch-2 checkpoint, twice at once (training is single-threaded on CPU, so
     the two runs take the machine's two cores): at batch 8 through the rexnet-train command in a child
-    process, and at the run's own batch 16 in this process as the full run was. Returns both output
-    directories."""
+    process, and at the run's own batch 16 in this process. Returns both output directories."""
     out, _ = full_run
     checkpoint = str(out / f"epoch_{EPOCHS - 1:04d}.pdckpt")
     at_batch_16 = tmp_path_factory.mktemp("resumed")
     at_batch_8 = tmp_path_factory.mktemp("resumed_batch_8")
-    cmd = [str(Path(sys.executable).parent / "rexnet-train"), "-c", "ReXNet_1_0", "--no-progress",
-           "--resume", checkpoint]
-    for override in [*SMALL_RUN, *_data_overrides(digits), "Data.batch_size=8", f"Global.output_dir={at_batch_8}"]:
-        cmd += ["-o", override]
+    cmd = train_command(digits, at_batch_8, "Data.batch_size=8", resume=checkpoint)
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         start = time.time()
@@ -395,12 +351,12 @@ def test_two_rank_cpu_launch_keeps_replicas_equal_and_counts_each_sample_once(tm
     from rexnet_serving.models import build_model, load_weights
     from rexnet_serving.preprocess import PreprocessConfig, preprocess
     root = tmp_path / "data"
-    _write_digits(root, train_per_class=3, val_per_class=3)
+    write_digits(root, train_per_class=3, val_per_class=3)
     # 25 validation images: shards of 13 and 12, so any double counting of a padded sample shows.
     lines = (root / "val_list.txt").read_text().splitlines()[:25]
     (root / "val_list.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    overrides = [*SMALL_RUN, *_data_overrides(root), "Global.epochs=1", "Data.batch_size=8",
+    overrides = [*SMALL_RUN, *data_overrides(root), "Global.epochs=1", "Data.batch_size=8",
                  f"Global.output_dir={out}"]
     script = Path(sys.executable).parent / "rexnet-train"
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
