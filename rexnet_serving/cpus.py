@@ -166,7 +166,8 @@ def lone_image_threads(streams: int, threads: int) -> int:
 
     One-thread streams give the most throughput on few cores (size_service), but a request that arrives
     alone would then run on one thread while the others idle: on 2 CPUs its p50 went from 15.6 to 22.3 ms
-    (README, Performance). All the streams' threads, at most MAX_THREADS_PER_STREAM, run it instead.
+    (README, Performance). All the streams' threads, at most MAX_THREADS_PER_STREAM, run it instead (a
+    lone pass of several images is split across the streams instead).
     """
     lone = min(streams * threads, MAX_THREADS_PER_STREAM)
     return lone if streams > 1 and lone > threads else 0

@@ -163,49 +163,57 @@ def test_streams_and_clones_share_one_compiled_model(small_export):
     np.testing.assert_array_equal(twin.run(batch), model.run(batch))
 
 
-def test_a_lone_image_runs_on_every_streams_threads_and_a_busy_model_on_its_streams(small_export):
-    """With one-thread streams, a one-image pass that starts alone takes the one-image model (2 threads);
-    while another pass of the model or a clone runs, and for several images, passes take their streams.
-    Every path gives the same scores."""
+def test_a_lone_pass_uses_every_stream_and_a_busy_model_one_stream_per_pass(small_export, monkeypatch):
+    """With one-thread streams, a pass that starts alone uses all the streams' threads: one image on the
+    one-image model (2 threads), several split across the streams at once. While another pass of the
+    model or a clone runs, a pass takes its own stream. Every path gives the same scores."""
     import threading
+    import openvino as ov
     model = load_model(small_export, runtime="openvino", cpu_threads=1, streams=2)
     clone = model.clone()
     assert model.lone_threads == clone.lone_threads == 2 and clone._passes is model._passes
-    lone = model._passes.lone_request
-    assert lone.get_compiled_model().get_property("INFERENCE_NUM_THREADS") == 2
+    lone, spare = model._passes.lone_request, model._passes.spare
+    assert lone.get_compiled_model().get_property("INFERENCE_NUM_THREADS") == 2 and len(spare) == 1
     assert load_model(small_export, runtime="openvino", cpu_threads=2).lone_threads == 0  # one stream: none
     assert OpenVinoModel(small_export, cpu_threads=1, streams=2, lone_threads=0)._passes.lone_request is None
+    calls = []  # (how, which request, images)
+    for how in ("infer", "start_async"):
+        real = getattr(ov.InferRequest, how)
+        monkeypatch.setattr(ov.InferRequest, how, lambda request, inputs, *a, _real=real, _how=how, **k: (
+            calls.append((_how, request, len(inputs[0]))), _real(request, inputs, *a, **k))[1])
     image, images = _batch(1, seed=3), _batch(3, seed=4)
-    used = []
-    real_infer = type(lone).infer
-    on_lone = lambda request, *a, **k: (used.append(request is lone), real_infer(request, *a, **k))[1]
-    try:
-        type(lone).infer = on_lone
-        alone = model.run(image)
-        several = model.run(images)
-        assert used == [True, False]
-        # A pass of the clone is running: the next one-image pass takes its stream.
-        started, release = threading.Event(), threading.Event()
-        real_clone_request = clone._request
+    alone = model.run(image)
+    assert calls == [("infer", lone, 1)]
+    calls.clear()
+    several = model.run(images)
+    assert calls == [("start_async", model._request, 2), ("start_async", spare[0], 1)]
+    np.testing.assert_allclose(several, OpenVinoModel(small_export, cpu_threads=1).run(images), atol=1e-6)
 
-        class Held:
-            def infer(self, *args, **kwargs):
-                started.set()
-                release.wait(30)
-                return real_clone_request.infer(*args, **kwargs)
-        clone._request = Held()
-        busy = threading.Thread(target=clone.run, args=(images,))
-        busy.start()
+    # A pass of the clone is running: the next passes take their own stream, whole.
+    started, release = threading.Event(), threading.Event()
+    real_clone_request = clone._request
+
+    class Held:  # the clone's request: its (split) pass holds until released
+        def start_async(self, *args, **kwargs):
+            started.set()
+            release.wait(30)
+            return real_clone_request.start_async(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(real_clone_request, name)
+    clone._request = Held()
+    busy = threading.Thread(target=clone.run, args=(images,))
+    busy.start()
+    try:
         assert started.wait(30)
-        used.clear()
-        while_busy = model.run(image)
+        calls.clear()
+        while_busy, several_while_busy = model.run(image), model.run(images)
+        assert calls[:2] == [("infer", model._request, 1), ("infer", model._request, 3)]
+    finally:
         release.set()
         busy.join(30)
-        assert True not in used  # this pass and the clone's both ran on their streams
-    finally:
-        type(lone).infer = real_infer
     np.testing.assert_allclose(while_busy, alone, atol=1e-6)
-    np.testing.assert_allclose(several, OpenVinoModel(small_export, cpu_threads=1).run(images), atol=1e-6)
+    np.testing.assert_allclose(several_while_busy, several, atol=1e-6)
 
 
 def test_missing_files_and_bad_arguments(small_export, tmp_path):

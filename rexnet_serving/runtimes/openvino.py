@@ -16,13 +16,15 @@ Threads: ``streams`` CPU streams (``NUM_STREAMS``) of ``cpu_threads`` threads ea
 ``run`` holds a per-instance lock; ``clone()`` gives another infer request on the same compiled model
 (weights and streams shared), which runs in parallel with the others up to ``streams`` at a time.
 
-A lone image: with one-thread streams (the derived layout on few cores, rexnet_serving.cpus) a request
-that arrives alone would run on one thread while the others idle. So when there are several streams, a
-second model is compiled for exactly one image on all their threads (``lone_threads``, from
-rexnet_serving.cpus.lone_image_threads), and a one-image pass that starts while no other pass of the
-model or its clones runs takes it; under load every pass runs on its own stream. A static one-image
-model is small (measured +78 MB for ReXNet_1_0, against ~130-330 MB for one more stream's buffers at
-batch 8) and faster at batch 1 than the dynamic one. Both give the same scores (the same weights and
+A lone pass: with one-thread streams (the derived layout on few cores, rexnet_serving.cpus) a request
+that arrives alone would run on one thread while the others idle. So with several streams, a pass that
+starts while no other pass of the model or its clones runs uses them all: several images are split
+across the streams (one infer request each, run at once); one image, which cannot be split, runs on a
+second model compiled for exactly one image on all the streams' threads (``lone_threads``, from
+rexnet_serving.cpus.lone_image_threads). Under load every pass runs on its own stream. A static
+one-image model is small (measured +78 MB for ReXNet_1_0, against ~130-330 MB for one more stream's
+buffers) and faster at batch 1 than the dynamic one; an infer request costs only its input and output
+tensors (a stream's buffers belong to the stream). Every path gives the same scores (the same weights and
 precision; only the threads' split of the work differs).
 """
 from __future__ import annotations
@@ -70,21 +72,22 @@ def check_bf16(capabilities: tuple) -> None:
 
 
 class _Passes:
-    """What a model and its clones share: how many of their passes run now, and the one-image model
-    (None without one) with its one infer request, which only a pass that starts alone may use."""
+    """What a model and its clones share: how many of their passes run now; and what only a pass that
+    starts alone may use: the one-image model's infer request (None without one) and ``spare`` infer
+    requests on the streams, one per stream but the pass's own."""
 
-    def __init__(self, lone: Any = None, output_name: str = "") -> None:
+    def __init__(self, compiled: Any, streams: int, lone: Any = None, output_name: str = "") -> None:
         self._lock = threading.Lock()
         self._running = 0
+        self.spare = [compiled.create_infer_request() for _ in range(streams - 1)]
         self.lone_request = lone.create_infer_request() if lone is not None else None
         self.lone_output = lone.output(output_name) if lone is not None else None
 
-    def start(self, images: int) -> bool:
-        """Count a pass in; True when it runs on the one-image model (one image, nothing else running)."""
+    def start(self) -> bool:
+        """Count a pass in; True when it is alone (no other pass of the model or its clones runs)."""
         with self._lock:
-            alone = images == 1 and self._running == 0 and self.lone_request is not None
             self._running += 1
-            return alone
+            return self._running == 1
 
     def end(self) -> None:
         with self._lock:
@@ -122,7 +125,7 @@ class OpenVinoModel:
         self._output = self._compiled.output(self.manifest.fetch.name)
         size = self.manifest.input_size
         lone = self._compile(precision, 1, self.lone_threads, [1, 3, size, size]) if self.lone_threads else None
-        self._passes = _Passes(lone, self.manifest.fetch.name)
+        self._passes = _Passes(self._compiled, streams, lone, self.manifest.fetch.name)
         self._init()
 
     def _compile(self, precision: str, streams: int, threads: int, shape: Optional[list] = None) -> Any:
@@ -162,12 +165,30 @@ class OpenVinoModel:
         check_batch_shape(self.manifest, self.max_batch, batch.shape)
         passes = self._passes
         with self._lock:
-            alone = passes.start(batch.shape[0])
+            alone = passes.start()
             try:
-                request, output = ((passes.lone_request, passes.lone_output) if alone
-                                   else (self._request, self._output))
-                # share_inputs: OpenVINO reads the array in place; the outputs are copied (the default),
-                # so the next run cannot overwrite a result a caller still holds.
-                return np.asarray(request.infer({0: batch}, share_inputs=True)[output])
+                if alone and len(batch) == 1 and passes.lone_request is not None:
+                    return self._infer(passes.lone_request, passes.lone_output, batch)
+                if alone and len(batch) > 1 and passes.spare:
+                    return self._split(batch, [self._request, *passes.spare])
+                return self._infer(self._request, self._output, batch)
             finally:
                 passes.end()
+
+    @staticmethod
+    def _infer(request: Any, output: Any, batch: np.ndarray) -> np.ndarray:
+        # share_inputs: OpenVINO reads the array in place; the outputs are copied (the default), so the
+        # next run cannot overwrite a result a caller still holds.
+        return np.asarray(request.infer({0: batch}, share_inputs=True)[output])
+
+    def _split(self, batch: np.ndarray, requests: list) -> np.ndarray:
+        """``batch`` in about equal parts on ``requests`` (each on its own stream), all at once."""
+        parts = np.array_split(batch, min(len(requests), len(batch)))  # views, still C-contiguous
+        used = requests[:len(parts)]
+        try:
+            for request, part in zip(used, parts):
+                request.start_async({0: part}, share_inputs=True)
+        finally:
+            for request in used:
+                request.wait()
+        return np.concatenate([request.get_tensor(self._output).data for request in used])
