@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -142,6 +142,11 @@ def finish(name: str, timeout: float = 1200) -> Run:
         run.seconds = time.time() - run.started
     assert code == 0, f"rexnet-train {name} exited {code}:\n{run.log.read_text(errors='replace')[-3000:]}"
     return run
+
+
+def pids() -> Set[int]:
+    """The process ids of the runs started (running or ended)."""
+    return {run.process.pid for run in _runs.values()}
 
 
 def stop_all() -> None:
