@@ -220,7 +220,8 @@ class RexnetServer:
 
     def _warm_up_models(self, image: bytes) -> None:
         """One request through the DAG for every served model but the default (warmed up above), and
-        one forward pass of the model's ``max_batch_images`` on every predictor.
+        one forward pass of the model's ``max_batch_images`` on every predictor (OpenVINO: on every
+        stream at once, through the predictor's ``warm_up``).
 
         The full-size pass makes the inference engine grow its memory pool (about 0.5 GB for 32 images
         of ReXNet_1_0 with Paddle Inference) now, while the service is not ready, instead of on the first
@@ -241,8 +242,11 @@ class RexnetServer:
             batch = np.zeros((model.max_batch_images, 3, size, size), np.float32)
             predictors = [model.predictors.get() for _ in range(model.predictors.qsize())]
             try:
-                for predictor in predictors:
-                    model.classifier.probabilities(batch, predictor)
+                if hasattr(predictors[0], "warm_up"):  # OpenVINO: all its streams at once, shared by clones
+                    predictors[0].warm_up(batch)
+                else:
+                    for predictor in predictors:
+                        model.classifier.probabilities(batch, predictor)
             finally:
                 for predictor in predictors:
                     model.predictors.put(predictor)

@@ -214,6 +214,10 @@ def test_a_lone_pass_uses_every_stream_and_a_busy_model_one_stream_per_pass(smal
         busy.join(30)
     np.testing.assert_allclose(while_busy, alone, atol=1e-6)
     np.testing.assert_allclose(several_while_busy, several, atol=1e-6)
+    # The warm-up runs the whole batch on every stream at once, and one image on the one-image model.
+    calls.clear()
+    model.warm_up(_batch(8))
+    assert calls == [("start_async", model._request, 8), ("start_async", spare[0], 8), ("infer", lone, 1)]
 
 
 def test_missing_files_and_bad_arguments(small_export, tmp_path):

@@ -3,8 +3,9 @@
 A predictor (runtimes.paddle.InferenceModel for Paddle Inference, runtimes.openvino.OpenVinoModel for
 OpenVINO, runtimes.brpc_remote.RemotePredictor for a bRPC backend) has ``run(batch) -> float32
 [N, class_num]``, ``clone()`` for another thread, and the attributes ``manifest``, ``max_batch``,
-``device``, ``runtime`` and ``precision`` (what it really runs in). rexnet_serving.runtimes.load_model
-builds the local ones. This module sits below every runtime module so none imports another, and it
+``device``, ``runtime`` and ``precision`` (what it really runs in); optionally ``warm_up(batch)`` where
+one ``run`` would not claim what serving will (OpenVinoModel: every stream at once).
+rexnet_serving.runtimes.load_model builds the local ones. This module sits below every runtime module so none imports another, and it
 imports neither Paddle nor OpenVINO, so config checks and command-line flags stay light.
 """
 from __future__ import annotations

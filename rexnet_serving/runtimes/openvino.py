@@ -175,6 +175,29 @@ class OpenVinoModel:
             finally:
                 passes.end()
 
+    def warm_up(self, batch: Any) -> None:
+        """``batch`` (a full one) on every stream at once, and its first image on the one-image model:
+        each claims its buffers now, as under load, instead of on the first large pass while serving.
+        ``run`` cannot do it: a pass that starts alone is split across the streams. Shared with the
+        clones, so once per model is enough."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        check_batch_shape(self.manifest, self.max_batch, batch.shape)
+        passes = self._passes
+        with self._lock:
+            passes.start()
+            try:
+                requests = [self._request, *passes.spare]
+                try:
+                    for request in requests:
+                        request.start_async({0: batch}, share_inputs=True)
+                finally:
+                    for request in requests:
+                        request.wait()
+                if passes.lone_request is not None:
+                    self._infer(passes.lone_request, passes.lone_output, batch[:1])
+            finally:
+                passes.end()
+
     @staticmethod
     def _infer(request: Any, output: Any, batch: np.ndarray) -> np.ndarray:
         # share_inputs: OpenVINO reads the array in place; the outputs are copied (the default), so the
