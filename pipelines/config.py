@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
@@ -190,7 +191,7 @@ class ServingConfig:
     def rexnet(self) -> Dict[str, Any]:
         return self.data["rexnet"]
 
-    @property
+    @cached_property
     def settings(self) -> RexnetSettings:
         """The ``rexnet`` section, typed (``rexnet`` is the checked dict it is built from)."""
         return RexnetSettings.from_config(self.rexnet)
@@ -203,7 +204,7 @@ class ServingConfig:
     def infer(self) -> Dict[str, Any]:
         return self.data["op"]["infer"]
 
-    @property
+    @cached_property
     def inference(self) -> InferSettings:
         """``op.infer``, typed (``infer`` is the checked dict it is built from)."""
         return InferSettings.from_config(self.infer)

@@ -119,26 +119,27 @@ class OpenVinoModel:
         self.manifest: Manifest = verify_files(model_dir)  # refuses damaged or old exports
         self.max_batch = max_batch
         self.lone_threads = lone_image_threads(streams, cpu_threads) if lone_threads is None else lone_threads
-        # The program's feed is [-1, 3, S, S]: the batch stays dynamic (1..max_batch is checked in run).
-        self._compiled = self._compile(precision, streams, cpu_threads * streams)
+        model_file, params_file = model_files(self.manifest)
+        # The weights file is named, not left to the frontend to find beside the program by name: both
+        # are the paths verify_files checked. The program's feed is [-1, 3, S, S]: the batch stays
+        # dynamic (1..max_batch is checked in run).
+        program = _core().read_model(str(model_file), str(params_file))
+        lone = None
+        if self.lone_threads:  # read once: the one-image model is a reshaped copy of the same program
+            single = program.clone()
+            single.reshape([1, 3, self.manifest.input_size, self.manifest.input_size])
+            lone = self._compile(single, precision, 1, self.lone_threads)
+        self._compiled = self._compile(program, precision, streams, cpu_threads * streams)
         self.precision = _NAMES[self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()]
         self._output = self._compiled.output(self.manifest.fetch.name)
-        size = self.manifest.input_size
-        lone = self._compile(precision, 1, self.lone_threads, [1, 3, size, size]) if self.lone_threads else None
         self._passes = _Passes(self._compiled, streams, lone, self.manifest.fetch.name)
         self._init()
 
-    def _compile(self, precision: str, streams: int, threads: int, shape: Optional[list] = None) -> Any:
-        """The export compiled for the CPU in ``precision`` (RuntimeError if OpenVINO picked another)."""
-        model_file, params_file = model_files(self.manifest)
-        core = _core()
-        # The weights file is named, not left to the frontend to find beside the program by name: both
-        # are the paths verify_files checked.
-        model = core.read_model(str(model_file), str(params_file))
-        if shape is not None:
-            model.reshape(shape)
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": _HINTS[precision],
-                                                      "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads})
+    @staticmethod
+    def _compile(program: Any, precision: str, streams: int, threads: int) -> Any:
+        """``program`` compiled for the CPU in ``precision`` (RuntimeError if OpenVINO picked another)."""
+        compiled = _core().compile_model(program, "CPU", {"INFERENCE_PRECISION_HINT": _HINTS[precision],
+                                                          "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads})
         used = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if used != _HINTS[precision]:
             raise RuntimeError(f"OpenVINO compiled the model in {used}, not the requested {precision}")
@@ -187,12 +188,7 @@ class OpenVinoModel:
             passes.start()
             try:
                 requests = [self._request, *passes.spare]
-                try:
-                    for request in requests:
-                        request.start_async({0: batch}, share_inputs=True)
-                finally:
-                    for request in requests:
-                        request.wait()
+                self._at_once(requests, [batch] * len(requests))
                 if passes.lone_request is not None:
                     self._infer(passes.lone_request, passes.lone_output, batch[:1])
             finally:
@@ -208,10 +204,15 @@ class OpenVinoModel:
         """``batch`` in about equal parts on ``requests`` (each on its own stream), all at once."""
         parts = np.array_split(batch, min(len(requests), len(batch)))  # views, still C-contiguous
         used = requests[:len(parts)]
-        try:
-            for request, part in zip(used, parts):
-                request.start_async({0: part}, share_inputs=True)
-        finally:
-            for request in used:
-                request.wait()
+        self._at_once(used, parts)
         return np.concatenate([request.get_tensor(self._output).data for request in used])
+
+    @staticmethod
+    def _at_once(requests: list, batches: list) -> None:
+        """Each batch on its request, all started before any is waited for (each runs on a stream)."""
+        try:
+            for request, batch in zip(requests, batches):
+                request.start_async({0: batch}, share_inputs=True)
+        finally:
+            for request in requests:
+                request.wait()
